@@ -1,0 +1,72 @@
+"""The boundary between a serving front end (HTTP, gRPC) and a generation engine.
+
+Front ends depend only on this module; the edge engine, the cloud context manager and
+test fakes implement `Engine`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from tandem.runtime.sampling import SamplingParams
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
+class GenerationChunk:
+    """One step of output for one request.
+
+    `text` is the new text since the previous chunk, with stop strings already cut.
+    `exit_layers` holds, per new token, the layer count that produced it (== n_layers
+    for full depth). The last chunk carries `finish_reason`.
+    """
+
+    text: str
+    token_ids: tuple[int, ...]
+    exit_layers: tuple[int, ...]
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: FinishReason | None = None
+
+
+class EngineOverloaded(Exception):
+    """The engine's admission queue is full; the client should retry later."""
+
+
+class PromptTooLong(ValueError):
+    """prompt tokens + max_tokens exceed the model context."""
+
+
+class Engine(Protocol):
+    """What a front end needs from a model engine."""
+
+    model_id: str
+    max_context: int
+    n_layers: int
+
+    def encode_prompt(self, prompt: str) -> tuple[int, ...]: ...
+
+    def encode_chat(self, messages: Sequence[ChatMessage]) -> tuple[int, ...]: ...
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        """Stream chunks. Closing the iterator early (client gone) aborts the request
+        and frees its KV. Raises PromptTooLong or EngineOverloaded before the first chunk."""
+        ...
+
+    def queue_depth(self) -> int: ...

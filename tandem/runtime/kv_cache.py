@@ -1,0 +1,54 @@
+"""Per-sequence KV cache for a range of layers.
+
+Each layer keeps its own length: with deferred early exit, the layers a token skipped
+are filled later, so lengths differ between layers for a while.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class SequenceKV:
+    """K and V for one sequence, layers [first_layer, first_layer + n_layers)."""
+
+    def __init__(
+        self,
+        n_layers: int,
+        n_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        first_layer: int = 0,
+        initial_capacity: int = 64,
+    ) -> None:
+        self.first_layer = first_layer
+        self._k: list[torch.Tensor] = []
+        self._v: list[torch.Tensor] = []
+        self.lengths = [0] * n_layers
+        for _ in range(n_layers):
+            self._k.append(torch.empty(n_kv_heads, initial_capacity, head_dim, dtype=dtype))
+            self._v.append(torch.empty(n_kv_heads, initial_capacity, head_dim, dtype=dtype))
+
+    def length(self, layer: int) -> int:
+        return self.lengths[layer - self.first_layer]
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append k, v of shape [n_kv_heads, n, head_dim]; return views of the full cache."""
+        i = layer - self.first_layer
+        n = k.shape[1]
+        start = self.lengths[i]
+        cap = self._k[i].shape[1]
+        if start + n > cap:
+            new_cap = max(cap * 2, start + n)
+            for bufs in (self._k, self._v):
+                old = bufs[i]
+                grown = torch.empty(old.shape[0], new_cap, old.shape[2], dtype=old.dtype)
+                grown[:, :start] = old[:, :start]
+                bufs[i] = grown
+        self._k[i][:, start : start + n] = k
+        self._v[i][:, start : start + n] = v
+        self.lengths[i] = start + n
+        return self._k[i][:, : start + n], self._v[i][:, : start + n]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._k + self._v)

@@ -1,0 +1,257 @@
+"""A compact decoder runtime for llama, qwen2 and gemma3.
+
+A batch is a flat list of rows (tokens) from several sequences, like vLLM's flattened
+batch: dense layers run on all rows at once; attention runs per sequence segment against
+that sequence's KV cache. Any contiguous layer range [a, b) can run on its own, so a model
+can be split between edge and cloud, and exits can stop early.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tandem.runtime.config import ArchConfig
+from tandem.runtime.kv_cache import SequenceKV
+
+
+@dataclass
+class Segment:
+    """Rows [start, start + count) of the flat batch belong to the sequence owning `kv`.
+
+    Their positions are contiguous and continue that sequence's cache at every layer.
+    """
+
+    kv: SequenceKV
+    start: int
+    count: int
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, unit_offset: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+        self.unit_offset = unit_offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.unit_offset:  # gemma: (x * (1 + w)) in fp32, then cast
+            return (xf * (1.0 + self.weight.float())).type_as(x)
+        return self.weight * xf.to(x.dtype)
+
+
+class Rope:
+    """cos/sin tables per theta, indexed by absolute position (rotate-half layout)."""
+
+    def __init__(self, head_dim: int, thetas: tuple[float, ...], max_pos: int) -> None:
+        self.head_dim = head_dim
+        self.max_pos = max_pos
+        self._tables: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
+        for theta in set(thetas):
+            inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+            freqs = torch.arange(max_pos, dtype=torch.float)[:, None] * inv[None, :]
+            emb = torch.cat((freqs, freqs), dim=-1)
+            self._tables[theta] = (emb.cos(), emb.sin())
+
+    def cos_sin(self, theta: float, positions: torch.Tensor, dtype: torch.dtype):
+        cos, sin = self._tables[theta]
+        return cos[positions].to(dtype)[:, None, :], sin[positions].to(dtype)[:, None, :]
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ArchConfig, index: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.index = index
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(d, cfg.n_heads * hd, bias=cfg.attn_bias)
+        self.k_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=cfg.attn_bias)
+        self.v_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=cfg.attn_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * hd, d, bias=False)
+        self.gate_proj = nn.Linear(d, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(d, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, d, bias=False)
+        norm = lambda dim: RMSNorm(dim, cfg.rms_eps, cfg.norm_unit_offset)  # noqa: E731
+        self.input_layernorm = norm(d)
+        self.post_attention_layernorm = norm(d)
+        if cfg.sandwich_norm:
+            self.pre_feedforward_layernorm = norm(d)
+            self.post_feedforward_layernorm = norm(d)
+        if cfg.qk_norm:
+            self.q_norm = norm(hd)
+            self.k_norm = norm(hd)
+        self.theta = cfg.rope_theta[index]
+        self.window = cfg.sliding_window[index]
+
+    def qkv(self, x: torch.Tensor, positions: torch.Tensor, rope: Rope):
+        """Project normed input to rotated q [T,H,hd], k [T,KVH,hd] and v [T,KVH,hd]."""
+        cfg = self.cfg
+        t = x.shape[0]
+        q = self.q_proj(x).view(t, cfg.n_heads, cfg.head_dim)
+        k = self.k_proj(x).view(t, cfg.n_kv_heads, cfg.head_dim)
+        v = self.v_proj(x).view(t, cfg.n_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = rope.cos_sin(self.theta, positions, q.dtype)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        return q, k, v
+
+    def attend_local(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: list[Segment]
+    ) -> torch.Tensor:
+        """Append k, v to each segment's cache and attend; returns [T, H, hd]."""
+        out = torch.empty_like(q)
+        for seg in segments:
+            rows = slice(seg.start, seg.start + seg.count)
+            kk, vv = seg.kv.append(self.index, k[rows].transpose(0, 1), v[rows].transpose(0, 1))
+            out[rows] = attention(q[rows], kk, vv, self.cfg.attn_scale, self.window)
+        return out
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self.gate_proj(x)
+        act = F.silu(gate) if self.cfg.activation == "silu" else F.gelu(gate, approximate="tanh")
+        return self.down_proj(act * self.up_proj(x))
+
+    def forward(
+        self, h: torch.Tensor, positions: torch.Tensor, segments: list[Segment], rope: Rope
+    ) -> torch.Tensor:
+        t = h.shape[0]
+        q, k, v = self.qkv(self.input_layernorm(h), positions, rope)
+        a = self.o_proj(self.attend_local(q, k, v, segments).reshape(t, -1))
+        if self.cfg.sandwich_norm:
+            h = h + self.post_attention_layernorm(a)
+            return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+        h = h + a
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int | None
+) -> torch.Tensor:
+    """Causal attention of n new queries [n,H,hd] over a cache [KVH,L,hd] whose last n
+    entries are those queries' own keys. Returns [n, H, hd]."""
+    n, length = q.shape[0], k.shape[1]
+    mask = None
+    if n > 1 or (window is not None and length > window):
+        qpos = torch.arange(length - n, length)[:, None]
+        kpos = torch.arange(length)[None, :]
+        mask = kpos <= qpos
+        if window is not None:
+            mask &= qpos - kpos < window
+    o = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], k[None], v[None], attn_mask=mask, scale=scale, enable_gqa=True
+    )
+    return o[0].transpose(0, 1)
+
+
+class DecoderModel(nn.Module):
+    """Embedding, decoder layers and LM head. Layers can be run in any range."""
+
+    def __init__(self, cfg: ArchConfig, max_context: int | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, cfg.norm_unit_offset)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.max_context = min(max_context or cfg.max_position, cfg.max_position)
+        self.rope = Rope(cfg.head_dim, cfg.rope_theta, self.max_context)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def new_kv(self, first_layer: int = 0, last_layer: int | None = None) -> SequenceKV:
+        last = self.cfg.n_layers if last_layer is None else last_layer
+        return SequenceKV(
+            last - first_layer, self.cfg.n_kv_heads, self.cfg.head_dim, self.dtype, first_layer
+        )
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed_tokens(ids)
+        if self.cfg.embed_scale != 1.0:
+            h = h * torch.tensor(self.cfg.embed_scale, dtype=h.dtype)
+        return h
+
+    def run_layers(
+        self,
+        h: torch.Tensor,
+        positions: torch.Tensor,
+        segments: list[Segment],
+        start: int,
+        end: int,
+    ) -> torch.Tensor:
+        for layer in self.layers[start:end]:
+            h = layer(h, positions, segments, self.rope)
+        return h
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        out = self.lm_head(self.norm(h))
+        if self.cfg.final_softcap:
+            out = torch.tanh(out / self.cfg.final_softcap) * self.cfg.final_softcap
+        return out
+
+    @torch.inference_mode()
+    def forward_tokens(
+        self, token_ids: list[list[int]], kvs: list[SequenceKV], start_positions: list[int]
+    ) -> torch.Tensor:
+        """Full-depth forward of new tokens for several sequences; returns the logits of
+        each sequence's last new token, [B, vocab]."""
+        flat, pos, segments, last_rows = [], [], [], []
+        for ids, kv, p0 in zip(token_ids, kvs, start_positions, strict=True):
+            segments.append(Segment(kv, len(flat), len(ids)))
+            flat.extend(ids)
+            pos.extend(range(p0, p0 + len(ids)))
+            last_rows.append(len(flat) - 1)
+        h = self.embed(torch.tensor(flat))
+        h = self.run_layers(h, torch.tensor(pos), segments, 0, self.cfg.n_layers)
+        return self.logits(h[last_rows])
+
+    @staticmethod
+    def load(path: Path, dtype: torch.dtype = torch.bfloat16, max_context: int | None = None):
+        from safetensors.torch import load_file
+
+        cfg = ArchConfig.from_dir(path)
+        return DecoderModel.from_state_dict(
+            cfg, load_file(str(path / "model.safetensors")), dtype, max_context
+        )
+
+    @staticmethod
+    def from_state_dict(
+        cfg: ArchConfig,
+        state: dict[str, torch.Tensor],
+        dtype: torch.dtype = torch.bfloat16,
+        max_context: int | None = None,
+    ) -> DecoderModel:
+        """Build from a transformers-style state dict (model.layers.N..., lm_head)."""
+        with torch.device("meta"):
+            model = DecoderModel(cfg, max_context)
+        model.rope = Rope(cfg.head_dim, cfg.rope_theta, model.max_context)
+        mapped: dict[str, torch.Tensor] = {}
+        for name, tensor in state.items():
+            key = name.removeprefix("model.language_model.").removeprefix("model.")
+            key = key.replace("self_attn.", "").replace("mlp.", "")
+            mapped[key] = tensor.to(dtype)
+        if "lm_head.weight" not in mapped:
+            mapped["lm_head.weight"] = mapped["embed_tokens.weight"]
+        missing, unexpected = model.load_state_dict(mapped, strict=False, assign=True)
+        missing = [m for m in missing if not m.endswith(".bias") or cfg.attn_bias]
+        if missing or unexpected:
+            raise ValueError(f"weights do not match the config: missing={missing} extra={unexpected}")
+        for layer in model.layers:  # o_proj and MLP have no bias; drop meta placeholders
+            for lin in (layer.q_proj, layer.k_proj, layer.v_proj):
+                if lin.bias is not None and lin.bias.is_meta:
+                    lin.bias = None
+        return model.eval()

@@ -1,0 +1,101 @@
+"""Weight-only quantized linear layers on torch's CPU kernels.
+
+- int8: symmetric, one scale per output channel, `aten._weight_int8pack_mm`.
+- int4: asymmetric min/max per group of input channels, packed for
+  `aten._weight_int4pack_mm_for_cpu`, which computes (q - 8) * scale + zero.
+
+Activations stay bf16. `quantize_model` swaps nn.Linear modules in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from torch import nn
+
+QuantMode = Literal["bf16", "int8", "int4"]
+
+
+class Int8Linear(nn.Module):
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        w = linear.weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+        self.register_buffer("qweight", torch.round(w / scale[:, None]).clamp(-128, 127).to(torch.int8))
+        self.register_buffer("scale", scale.to(torch.bfloat16))
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().bfloat16())
+        self.out_features, self.in_features = w.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch.ops.aten._weight_int8pack_mm(
+            x.reshape(-1, shape[-1]).to(torch.bfloat16), self.qweight, self.scale
+        )
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+    def dequantized(self) -> torch.Tensor:
+        return self.qweight.float() * self.scale.float()[:, None]
+
+
+class Int4Linear(nn.Module):
+    def __init__(self, linear: nn.Linear, group_size: int = 32) -> None:
+        super().__init__()
+        w = linear.weight.detach().float()
+        out_f, in_f = w.shape
+        if in_f % group_size:
+            raise ValueError(f"in_features {in_f} is not a multiple of group {group_size}")
+        g = w.reshape(out_f, in_f // group_size, group_size)
+        lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+        scale = ((hi - lo) / 15.0).clamp(min=1e-8)
+        q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
+        q = q.reshape(out_f, in_f)
+        zero = lo + 8.0 * scale  # kernel computes (q - 8) * scale + zero
+        self.register_buffer(
+            "qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        )
+        sz = torch.stack([scale.t(), zero.t()], dim=-1).contiguous().to(torch.bfloat16)
+        self.register_buffer("scales_zeros", sz)  # [in/group, out, 2]
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().bfloat16())
+        self.group_size = group_size
+        self.out_features, self.in_features = out_f, in_f
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.reshape(-1, shape[-1]).to(torch.bfloat16),
+            self.qweight,
+            self.group_size,
+            self.scales_zeros,
+        )
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+
+def make_quantizer(mode: QuantMode, group_size: int = 32) -> Callable[[nn.Linear], nn.Module]:
+    if mode == "int8":
+        return Int8Linear
+    if mode == "int4":
+        return lambda lin: Int4Linear(lin, group_size)
+    raise ValueError(f"no quantizer for {mode!r}")
+
+
+def quantize_model(model: nn.Module, mode: QuantMode, skip: tuple[str, ...] = ()) -> nn.Module:
+    """Replace every nn.Linear (except names containing any of `skip`) in place."""
+    if mode == "bf16":
+        return model
+    quant = make_quantizer(mode)
+    targets = [
+        (name, mod)
+        for name, mod in model.named_modules()
+        if isinstance(mod, nn.Linear) and not any(s in name for s in skip)
+    ]
+    for name, lin in targets:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, quant(lin))
+    return model
