@@ -29,6 +29,7 @@ class Segment:
     kv: SequenceKV
     start: int
     count: int
+    start_pos: int
 
 
 class RMSNorm(nn.Module):
@@ -114,6 +115,11 @@ class DecoderLayer(nn.Module):
         """Append k, v to each segment's cache and attend; returns [T, H, hd]."""
         out = torch.empty_like(q)
         for seg in segments:
+            if seg.kv.length(self.index) != seg.start_pos:
+                raise RuntimeError(
+                    f"layer {self.index}: cache holds {seg.kv.length(self.index)} positions, "
+                    f"rows start at {seg.start_pos}"
+                )
             rows = slice(seg.start, seg.start + seg.count)
             kk, vv = seg.kv.append(self.index, k[rows].transpose(0, 1), v[rows].transpose(0, 1))
             out[rows] = attention(q[rows], kk, vv, self.cfg.attn_scale, self.window)
@@ -211,7 +217,7 @@ class DecoderModel(nn.Module):
         each sequence's last new token, [B, vocab]."""
         flat, pos, segments, last_rows = [], [], [], []
         for ids, kv, p0 in zip(token_ids, kvs, start_positions, strict=True):
-            segments.append(Segment(kv, len(flat), len(ids)))
+            segments.append(Segment(kv, len(flat), len(ids), p0))
             flat.extend(ids)
             pos.extend(range(p0, p0 + len(ids)))
             last_rows.append(len(flat) - 1)

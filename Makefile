@@ -1,0 +1,33 @@
+# Tandem developer entry points. Everything works from a fresh clone: `make test` runs setup first.
+SHELL := /bin/bash
+PY := .venv/bin/python
+PORT ?= 8000
+export PORT
+
+.PHONY: setup run test proto calibrate bench-edge lint fmt
+
+setup:
+	bash scripts/bootstrap.sh
+
+proto: setup
+	bash scripts/gen_proto.sh
+
+run: setup proto
+	$(PY) -m services.edge_node.main
+
+test: setup proto
+	$(PY) -m pytest -q tests
+
+calibrate: setup
+	$(PY) -m tandem.exits.calibrate
+
+bench-edge: setup proto
+	$(PY) -m bench.edge
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+fmt: setup
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .

@@ -1,0 +1,254 @@
+"""The edge node's gRPC front end (service tandem.edge.v1.EdgeNode) over an `Engine`.
+
+Error mapping (the gRPC status, plus a `tandem-error` trailing-metadata key that lets
+`grpc_client.EdgeClient` raise the same exception types a local engine would):
+
+    PromptTooLong     -> INVALID_ARGUMENT    tandem-error: prompt_too_long
+    ValueError        -> INVALID_ARGUMENT    tandem-error: invalid_argument
+    EngineOverloaded  -> RESOURCE_EXHAUSTED  tandem-error: overloaded
+    anything else     -> INTERNAL            tandem-error: internal
+
+A cancelled call (client gone, deadline passed) closes the engine's iterator, which aborts
+the request and frees its KV cache. With a token configured, Generate and Info require the
+metadata `authorization: Bearer <token>`; Health never does (probes carry no credentials).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+
+from tandem.runtime.engine_api import (
+    ChatMessage,
+    Engine,
+    EngineOverloaded,
+    GenerationChunk,
+    GenerationRequest,
+    PromptTooLong,
+)
+from tandem.runtime.sampling import SamplingParams
+from tandem_proto.edge.v1 import edge_pb2, edge_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+ERROR_KEY = "tandem-error"
+AUTH_KEY = "authorization"
+
+_ROLES: dict[int, str] = {
+    edge_pb2.ChatMessage.ROLE_SYSTEM: "system",
+    edge_pb2.ChatMessage.ROLE_USER: "user",
+    edge_pb2.ChatMessage.ROLE_ASSISTANT: "assistant",
+}
+_FINISH: dict[str | None, int] = {
+    None: edge_pb2.FINISH_REASON_UNSPECIFIED,
+    "stop": edge_pb2.FINISH_REASON_STOP,
+    "length": edge_pb2.FINISH_REASON_LENGTH,
+    "abort": edge_pb2.FINISH_REASON_ABORT,
+}
+
+
+def sampling_from_proto(msg: edge_pb2.SamplingParams) -> SamplingParams:
+    """Unset optional fields keep SamplingParams' defaults. Raises ValueError."""
+    defaults = SamplingParams()
+    return SamplingParams(
+        max_tokens=msg.max_tokens if msg.HasField("max_tokens") else defaults.max_tokens,
+        temperature=msg.temperature if msg.HasField("temperature") else defaults.temperature,
+        top_p=msg.top_p if msg.HasField("top_p") else defaults.top_p,
+        seed=msg.seed if msg.HasField("seed") else None,
+        stop=tuple(msg.stop),
+        ignore_eos=msg.ignore_eos,
+    )
+
+
+def chunk_to_proto(chunk: GenerationChunk) -> edge_pb2.GenerateChunk:
+    return edge_pb2.GenerateChunk(
+        text=chunk.text,
+        token_ids=chunk.token_ids,
+        exit_layers=chunk.exit_layers,
+        prompt_tokens=chunk.prompt_tokens,
+        completion_tokens=chunk.completion_tokens,
+        finish_reason=_FINISH[chunk.finish_reason],
+    )
+
+
+def _error_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, PromptTooLong):
+        return grpc.StatusCode.INVALID_ARGUMENT, "prompt_too_long"
+    if isinstance(exc, ValueError):
+        return grpc.StatusCode.INVALID_ARGUMENT, "invalid_argument"
+    if isinstance(exc, EngineOverloaded):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, "overloaded"
+    return grpc.StatusCode.INTERNAL, "internal"
+
+
+async def _aclose(iterator: AsyncIterator[GenerationChunk]) -> None:
+    aclose = getattr(iterator, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+class EdgeServicer(edge_pb2_grpc.EdgeNodeServicer):
+    """Implements tandem.edge.v1.EdgeNode with grpc.aio on top of one engine."""
+
+    def __init__(self, engine: Engine, *, token: str | None = None) -> None:
+        self._engine = engine
+        self._token = token or None
+        self._serving = True
+
+    def set_serving(self, serving: bool) -> None:
+        """False while draining for shutdown: Health answers NOT_SERVING."""
+        self._serving = serving
+
+    async def _authorize(self, context: grpc.aio.ServicerContext) -> None:
+        if self._token is None:
+            return
+        expected = f"Bearer {self._token}".encode()
+        for key, value in context.invocation_metadata() or ():
+            if key == AUTH_KEY:
+                given = value.encode() if isinstance(value, str) else value
+                if hmac.compare_digest(given, expected):
+                    return
+        await context.abort(
+            grpc.StatusCode.UNAUTHENTICATED,
+            "missing or invalid bearer token",
+            trailing_metadata=((ERROR_KEY, "unauthenticated"),),
+        )
+
+    async def _abort(self, context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+        code, kind = _error_status(exc)
+        details = str(exc) or type(exc).__name__
+        if code is grpc.StatusCode.INTERNAL:
+            details = f"internal error: {type(exc).__name__}: {exc}"
+        await context.abort(code, details, trailing_metadata=((ERROR_KEY, kind),))
+
+    def _to_engine_request(self, request: edge_pb2.GenerateRequest) -> GenerationRequest:
+        """Raises ValueError for a malformed request."""
+        params = sampling_from_proto(request.sampling)
+        kind = request.WhichOneof("input")
+        if kind == "prompt":
+            prompt_ids = self._engine.encode_prompt(request.prompt)
+        elif kind == "chat":
+            if not request.chat.messages:
+                raise ValueError("chat must hold at least one message")
+            messages = []
+            for m in request.chat.messages:
+                role = _ROLES.get(m.role)
+                if role is None:
+                    raise ValueError(f"chat message role must be set (got {m.role})")
+                messages.append(ChatMessage(role=role, content=m.content))  # type: ignore[arg-type]
+            prompt_ids = self._engine.encode_chat(messages)
+        elif kind == "token_ids":
+            prompt_ids = tuple(request.token_ids.ids)
+        else:
+            raise ValueError("one of prompt, chat or token_ids is required")
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        return GenerationRequest(
+            request_id=request.request_id or uuid.uuid4().hex,
+            prompt_ids=tuple(prompt_ids),
+            params=params,
+        )
+
+    async def Generate(
+        self, request: edge_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[edge_pb2.GenerateChunk]:
+        await self._authorize(context)
+        error: Exception | None = None
+        try:
+            engine_request = self._to_engine_request(request)
+        except Exception as exc:
+            if not isinstance(exc, ValueError):
+                log.exception("tokenizing request %s failed", request.request_id)
+            error = exc
+        if error is not None:
+            await self._abort(context, error)
+            return
+        stream: AsyncIterator[GenerationChunk] | None = None
+        try:
+            # generate() may raise right away or on the first __anext__; both are handled.
+            stream = self._engine.generate(engine_request)
+            async for chunk in stream:
+                yield chunk_to_proto(chunk)
+        except (ValueError, EngineOverloaded) as exc:
+            error = exc
+        except Exception as exc:
+            log.exception("generate %s failed", engine_request.request_id)
+            error = exc
+        finally:
+            # Runs on normal end, on error, and on cancellation (CancelledError /
+            # GeneratorExit thrown in at the yield or the await): the engine frees the KV.
+            if stream is not None:
+                await _aclose(stream)
+        if error is not None:
+            await self._abort(context, error)
+
+    async def Health(
+        self, request: edge_pb2.HealthRequest, context: grpc.aio.ServicerContext
+    ) -> edge_pb2.HealthReply:
+        status = (
+            edge_pb2.HealthReply.STATUS_SERVING
+            if self._serving
+            else edge_pb2.HealthReply.STATUS_NOT_SERVING
+        )
+        return edge_pb2.HealthReply(status=status, queue_depth=self._engine.queue_depth())
+
+    async def Info(
+        self, request: edge_pb2.InfoRequest, context: grpc.aio.ServicerContext
+    ) -> edge_pb2.InfoReply:
+        await self._authorize(context)
+        return edge_pb2.InfoReply(
+            model_id=self._engine.model_id,
+            n_layers=self._engine.n_layers,
+            max_context=self._engine.max_context,
+            queue_depth=self._engine.queue_depth(),
+        )
+
+
+@dataclass(frozen=True)
+class RunningGrpcServer:
+    """A started server, the port it bound (useful with port 0) and its servicer."""
+
+    server: grpc.aio.Server
+    port: int
+    servicer: EdgeServicer
+
+    async def stop(self, grace: float | None = 5.0) -> None:
+        """Report NOT_SERVING, let running streams finish for `grace` seconds, then cancel
+        the rest (which closes their engine iterators)."""
+        self.servicer.set_serving(False)
+        await self.server.stop(grace)
+
+
+def _address(host: str, port: int) -> str:
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # bare IPv6 literal
+    return f"{host}:{port}"
+
+
+async def start_grpc_server(
+    engine: Engine,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    token: str | None = None,
+    options: list[tuple[str, int | str]] | None = None,
+) -> RunningGrpcServer:
+    """Serve `engine` on host:port (0 picks a free port) and return once listening."""
+    servicer = EdgeServicer(engine, token=token)
+    server = grpc.aio.server(options=options)
+    edge_pb2_grpc.add_EdgeNodeServicer_to_server(servicer, server)
+    address = _address(host, port)
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise OSError(f"gRPC server could not bind {address}: {exc}") from exc
+    if bound == 0:
+        raise OSError(f"gRPC server could not bind {address}")
+    await server.start()
+    log.info("edge gRPC server listening on %s", _address(host, bound))
+    return RunningGrpcServer(server=server, port=bound, servicer=servicer)

@@ -1,0 +1,724 @@
+"""The edge node's OpenAI-compatible HTTP API.
+
+`build_app(engine, served_model_id=..., limits=ApiLimits(), metrics=EdgeMetrics(...))`
+returns a FastAPI app with:
+
+- GET  /health                open; 200 {"status": "ok"}
+- GET  /metrics               open; Prometheus text from `metrics.registry`
+- GET  /v1/models, /v1/models/{id}
+- POST /v1/completions, /v1/chat/completions   (stream or not)
+
+With `api_key` set, every /v1 route needs `Authorization: Bearer <key>` (401 otherwise).
+
+Responses follow OpenAI's shapes. `usage` carries one non-standard field, `usage.tandem`:
+`{"n_layers", "mean_exit_layer", "early_exit_fraction"}` computed from the exit layer of
+every generated token (exit layer == n_layers means the token ran at full depth).
+
+A client that goes away (non-streaming or streaming) gets its engine iterator closed
+(`aclose()`), which aborts the request in the engine. If the engine fails mid-stream the
+stream gets one `data: {"error": {...}}` event and then `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import anyio
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ValidationError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from services.edge_node.errors import (
+    ApiError,
+    BodyTooLarge,
+    body_too_large,
+    context_length_exceeded,
+    install_error_handlers,
+    model_not_found,
+    overloaded,
+    unauthorized,
+    validation_error,
+)
+from services.edge_node.metrics import EdgeMetrics, RequestRecorder
+from services.edge_node.protocol import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessageOut,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    DeltaMessage,
+    ModelCard,
+    ModelList,
+    TandemUsage,
+    Usage,
+)
+from tandem.runtime.engine_api import (
+    ChatMessage,
+    Engine,
+    EngineOverloaded,
+    GenerationChunk,
+    GenerationRequest,
+    PromptTooLong,
+)
+from tandem.runtime.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+ReqT = TypeVar("ReqT", bound=BaseModel)
+
+CLIENT_CLOSED = 499  # status recorded in metrics when the client left (nginx convention)
+
+
+@dataclass(frozen=True)
+class ApiLimits:
+    max_body_bytes: int = 1 << 20
+    max_tokens_cap: int = 2048
+    max_stop: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "max_tokens_cap", "max_stop"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+
+
+# ------------------------------------------------------------------------ body size limit
+
+
+class BodySizeLimitMiddleware:
+    """Reject bodies over `max_bytes`: by Content-Length up front (413 before reading),
+    and by counting the bytes actually received (chunked or lying clients)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                try:
+                    length = int(value)
+                except ValueError:
+                    await _send_error(send, ApiError(400, "Invalid Content-Length header."))
+                    return
+                if length > self.max_bytes:
+                    await _send_error(send, body_too_large(self.max_bytes))
+                    return
+        received = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise BodyTooLarge(self.max_bytes)
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except BodyTooLarge:
+            if started:
+                raise
+            await _send_error(send, body_too_large(self.max_bytes))
+
+
+async def _send_error(send: Send, err: ApiError) -> None:
+    body = json.dumps(err.body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in err.headers.items()]
+    await send({"type": "http.response.start", "status": err.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+# ----------------------------------------------------------------------- disconnects
+
+
+async def _wait_for_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _unless_disconnected(receive: Receive, fn: Callable[[], Awaitable[T]]) -> tuple[bool, T]:
+    """Run `fn()`; cancel it if the client disconnects first. Returns (gone, result);
+    result is meaningless when gone. Exceptions of `fn` propagate unwrapped."""
+    gone = False
+    results: list[T] = []
+    errors: list[Exception] = []
+
+    async with anyio.create_task_group() as tg:
+
+        async def watch() -> None:
+            nonlocal gone
+            await _wait_for_disconnect(receive)
+            gone = True
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(watch)
+        try:
+            results.append(await fn())
+        except Exception as exc:
+            errors.append(exc)
+        finally:
+            tg.cancel_scope.cancel()
+    if errors and not gone:
+        raise errors[0]
+    return gone, (results[0] if results else None)  # type: ignore[return-value]
+
+
+async def _aclose(it: object) -> None:
+    """Close an async iterator (aborts the engine request), never raising."""
+    aclose = getattr(it, "aclose", None)
+    if aclose is None:
+        return
+    with anyio.CancelScope(shield=True):
+        try:
+            await aclose()
+        except Exception:
+            log.exception("closing the engine iterator failed")
+
+
+class EventStreamResponse(Response):
+    """Server-sent events from `events`; stops when the client disconnects, and always
+    closes `events` and runs `cleanup` (shielded) at the end."""
+
+    media_type = "text/event-stream"
+
+    def __init__(
+        self,
+        events: AsyncIterator[bytes],
+        cleanup: Callable[[], Awaitable[None]],
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.status_code = 200
+        self.background = None
+        self.init_headers(
+            {"cache-control": "no-cache", "x-accel-buffering": "no", **(headers or {})}
+        )
+        self._events = events
+        self._cleanup = cleanup
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+
+                async def watch() -> None:
+                    await _wait_for_disconnect(receive)
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(watch)
+                try:
+                    start = {
+                        "type": "http.response.start",
+                        "status": 200,
+                        "headers": self.raw_headers,
+                    }
+                    await send(start)
+                    async for data in self._events:
+                        await send({"type": "http.response.body", "body": data, "more_body": True})
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                except OSError:  # ASGI >= 2.4 servers raise from send() once the client left
+                    pass
+                finally:
+                    tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await _aclose(self._events)
+                await self._cleanup()
+
+
+def _sse(payload: BaseModel | dict[str, Any], *, exclude: set[str] | None = None) -> bytes:
+    if isinstance(payload, BaseModel):
+        text = payload.model_dump_json(exclude=exclude)
+    else:
+        text = json.dumps(payload, separators=(",", ":"))
+    return b"data: " + text.encode() + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+# ------------------------------------------------------------------------ one request
+
+
+@dataclass
+class _Output:
+    """What has come out of the engine for one request so far."""
+
+    prompt_tokens: int
+    text: list[str] = field(default_factory=list)
+    exit_layers: list[int] = field(default_factory=list)
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+
+    def add(self, chunk: GenerationChunk, recorder: RequestRecorder) -> None:
+        recorder.on_tokens(chunk.exit_layers, len(chunk.token_ids) or None)
+        self.text.append(chunk.text)
+        self.exit_layers.extend(chunk.exit_layers)
+        self.prompt_tokens = chunk.prompt_tokens or self.prompt_tokens
+        self.completion_tokens = chunk.completion_tokens
+        if chunk.finish_reason is not None:
+            self.finish_reason = chunk.finish_reason
+
+    def usage(self, n_layers: int) -> Usage:
+        layers = self.exit_layers
+        if layers:
+            mean: float | None = sum(layers) / len(layers)
+            early: float | None = sum(1 for x in layers if x < n_layers) / len(layers)
+        else:
+            mean = early = None
+        return Usage(
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            total_tokens=self.prompt_tokens + self.completion_tokens,
+            tandem=TandemUsage(n_layers=n_layers, mean_exit_layer=mean, early_exit_fraction=early),
+        )
+
+
+@dataclass(frozen=True)
+class _Job:
+    """A validated request, ready for the engine."""
+
+    id: str
+    created: int
+    request: GenerationRequest
+    prompt_param: str
+    max_tokens: int
+    stream: bool
+    include_usage: bool
+
+
+class _Api:
+    def __init__(
+        self,
+        engine: Engine,
+        served_model_id: str,
+        limits: ApiLimits,
+        metrics: EdgeMetrics,
+        api_key: str | None,
+    ) -> None:
+        self.engine = engine
+        self.model_id = served_model_id
+        self.limits = limits
+        self.metrics = metrics
+        self.api_key = api_key
+        self.started = int(time.time())
+
+    # -- dependencies ----------------------------------------------------------------
+
+    async def check_auth(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise unauthorized(provided=bool(header))
+        if not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise unauthorized(provided=True)
+
+    # -- routes ----------------------------------------------------------------------
+
+    async def health(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    async def prometheus(self) -> Response:
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    def _card(self) -> ModelCard:
+        return ModelCard(
+            id=self.model_id, created=self.started, max_model_len=self.engine.max_context
+        )
+
+    async def list_models(self) -> JSONResponse:
+        return JSONResponse(ModelList(data=[self._card()]).model_dump(mode="json"))
+
+    async def get_model(self, model: str) -> JSONResponse:
+        if model != self.model_id:
+            raise model_not_found(model)
+        return JSONResponse(self._card().model_dump(mode="json"))
+
+    async def completions(self, request: Request) -> Response:
+        try:
+            req = await _parse(request, CompletionRequest)
+            self._check_model(req.model)
+            prompt_ids = _encode(lambda: self.engine.encode_prompt(req.prompt_text), "prompt")
+            job = self._job("cmpl", req, prompt_ids, req.max_tokens, "max_tokens", "prompt")
+        except (ApiError, BodyTooLarge) as exc:
+            self.metrics.record_rejected(getattr(exc, "status", 413))
+            raise
+        if job.stream:
+            return await self._stream(request, job, _CompletionFormat(job, self.model_id))
+        return await self._complete(request, job, _CompletionFormat(job, self.model_id))
+
+    async def chat_completions(self, request: Request) -> Response:
+        try:
+            req = await _parse(request, ChatCompletionRequest)
+            self._check_model(req.model)
+            messages = [ChatMessage(role=m.engine_role, content=m.text) for m in req.messages]
+            prompt_ids = _encode(lambda: self.engine.encode_chat(messages), "messages")
+            job = self._job(
+                "chatcmpl",
+                req,
+                prompt_ids,
+                req.requested_max_tokens,
+                req.max_tokens_param,
+                "messages",
+            )
+        except (ApiError, BodyTooLarge) as exc:
+            self.metrics.record_rejected(getattr(exc, "status", 413))
+            raise
+        if job.stream:
+            return await self._stream(request, job, _ChatFormat(job, self.model_id))
+        return await self._complete(request, job, _ChatFormat(job, self.model_id))
+
+    # -- request preparation ---------------------------------------------------------
+
+    def _check_model(self, model: str) -> None:
+        if model != self.model_id:
+            raise model_not_found(model)
+
+    def _job(
+        self,
+        prefix: str,
+        req: CompletionRequest | ChatCompletionRequest,
+        prompt_ids: tuple[int, ...],
+        requested: int | None,
+        max_tokens_param: str,
+        prompt_param: str,
+    ) -> _Job:
+        limits, max_context = self.limits, self.engine.max_context
+        stop = req.stop_list
+        if len(stop) > limits.max_stop:
+            raise ApiError(
+                400, f"At most {limits.max_stop} stop sequences are allowed.", param="stop"
+            )
+        if requested is not None and requested > limits.max_tokens_cap:
+            raise ApiError(
+                400,
+                f"{max_tokens_param} is too large: {requested}. This server allows at most "
+                f"{limits.max_tokens_cap} completion tokens.",
+                param=max_tokens_param,
+            )
+        if not prompt_ids:
+            raise ApiError(400, "The prompt must not be empty.", param=prompt_param)
+        n_prompt = len(prompt_ids)
+        if requested is None:
+            max_tokens = min(limits.max_tokens_cap, max_context - n_prompt)
+            if max_tokens < 1:
+                raise context_length_exceeded(max_context, n_prompt, 1, param=prompt_param)
+        else:
+            max_tokens = requested
+            if n_prompt + max_tokens > max_context:
+                raise context_length_exceeded(max_context, n_prompt, max_tokens, param=prompt_param)
+        temperature = 1.0 if req.temperature is None else req.temperature
+        top_p = 1.0 if req.top_p is None else req.top_p
+        if top_p == 0.0:  # "only the most likely token" == greedy
+            temperature, top_p = 0.0, 1.0
+        try:
+            params = SamplingParams(
+                max_tokens=max_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                seed=req.seed,
+                stop=stop,
+                ignore_eos=req.ignore_eos,
+            )
+        except ValueError as exc:
+            raise ApiError(400, f"Invalid sampling parameters: {exc}") from exc
+        rid = f"{prefix}-{uuid.uuid4().hex}"
+        return _Job(
+            id=rid,
+            created=int(time.time()),
+            request=GenerationRequest(request_id=rid, prompt_ids=prompt_ids, params=params),
+            prompt_param=prompt_param,
+            max_tokens=max_tokens,
+            stream=req.stream,
+            include_usage=req.include_usage,
+        )
+
+    def _engine_error(self, exc: Exception, job: _Job) -> ApiError:
+        if isinstance(exc, PromptTooLong):
+            return context_length_exceeded(
+                self.engine.max_context,
+                len(job.request.prompt_ids),
+                job.max_tokens,
+                param=job.prompt_param,
+            )
+        if isinstance(exc, EngineOverloaded):
+            return overloaded(exc)
+        log.error("engine failed on %s", job.id, exc_info=exc)
+        return ApiError(500, "The engine failed while generating.", type="server_error")
+
+    # -- generation ------------------------------------------------------------------
+
+    async def _complete(self, request: Request, job: _Job, fmt: _Format) -> Response:
+        recorder = self.metrics.start_request()
+        out = _Output(prompt_tokens=len(job.request.prompt_ids))
+        status, finish = 200, "abort"
+        try:
+
+            async def collect() -> None:
+                it = self.engine.generate(job.request)
+                try:
+                    async for chunk in it:
+                        out.add(chunk, recorder)
+                finally:
+                    await _aclose(it)
+
+            try:
+                gone, _ = await _unless_disconnected(request.receive, collect)
+            except Exception as exc:
+                err = self._engine_error(exc, job)
+                status, finish = err.status, "error"
+                raise err from exc
+            if gone:
+                status = CLIENT_CLOSED
+                return Response(status_code=CLIENT_CLOSED)
+            finish = out.finish_reason or "stop"
+            body = fmt.response("".join(out.text), finish, out.usage(self.engine.n_layers))
+            return JSONResponse(body, headers={"x-request-id": job.id})
+        finally:
+            recorder.finish(
+                finish_reason=finish,
+                status=status,
+                prompt_tokens=out.prompt_tokens,
+                completion_tokens=out.completion_tokens,
+            )
+
+    async def _stream(self, request: Request, job: _Job, fmt: _Format) -> Response:
+        recorder = self.metrics.start_request()
+        out = _Output(prompt_tokens=len(job.request.prompt_ids))
+        state = {"finish": "abort", "status": 200}
+
+        async def finish() -> None:
+            recorder.finish(
+                finish_reason=state["finish"],
+                status=int(state["status"]),
+                prompt_tokens=out.prompt_tokens,
+                completion_tokens=out.completion_tokens,
+            )
+
+        it: AsyncIterator[GenerationChunk] | None = None
+
+        async def first() -> GenerationChunk | None:
+            nonlocal it
+            it = self.engine.generate(job.request)
+            return await anext(it, None)
+
+        try:
+            gone, head = await _unless_disconnected(request.receive, first)
+        except Exception as exc:
+            await _aclose(it)
+            err = self._engine_error(exc, job)
+            state.update(finish="error", status=err.status)
+            await finish()
+            raise err from exc
+        if gone:
+            await _aclose(it)
+            state["status"] = CLIENT_CLOSED
+            await finish()
+            return Response(status_code=CLIENT_CLOSED)
+        assert it is not None
+        engine_it = it
+
+        async def events() -> AsyncIterator[bytes]:
+            try:
+                start = fmt.start_event()
+                if start:
+                    yield start
+                chunk = head
+                while chunk is not None:
+                    out.add(chunk, recorder)
+                    if chunk.text:
+                        yield fmt.text_event(chunk.text)
+                    chunk = await anext(engine_it, None)
+                state["finish"] = out.finish_reason or "stop"
+                yield fmt.finish_event(state["finish"])
+                if job.include_usage:
+                    yield fmt.usage_event(out.usage(self.engine.n_layers))
+            except Exception as exc:
+                err = self._engine_error(exc, job)
+                state["finish"] = "error"
+                yield _sse(err.body())
+            finally:
+                await _aclose(engine_it)
+            yield SSE_DONE
+
+        async def cleanup() -> None:
+            await _aclose(engine_it)
+            await finish()
+
+        return EventStreamResponse(events(), cleanup, headers={"x-request-id": job.id})
+
+
+# --------------------------------------------------------------------- response shapes
+
+
+class _Format:
+    """Builds the bodies and SSE events of one endpoint."""
+
+    def __init__(self, job: _Job, model: str) -> None:
+        self.job = job
+        self.model = model
+
+    def _usage_exclude(self) -> set[str] | None:
+        return None if self.job.include_usage else {"usage"}
+
+    def response(self, text: str, finish_reason: str, usage: Usage) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def start_event(self) -> bytes:
+        return b""
+
+    def text_event(self, text: str) -> bytes:
+        raise NotImplementedError
+
+    def finish_event(self, finish_reason: str) -> bytes:
+        raise NotImplementedError
+
+    def usage_event(self, usage: Usage) -> bytes:
+        raise NotImplementedError
+
+
+class _CompletionFormat(_Format):
+    def _body(self, choices: list[CompletionChoice], usage: Usage | None) -> CompletionResponse:
+        j = self.job
+        return CompletionResponse(
+            id=j.id, created=j.created, model=self.model, choices=choices, usage=usage
+        )
+
+    def response(self, text: str, finish_reason: str, usage: Usage) -> dict[str, Any]:
+        choice = CompletionChoice(text=text, finish_reason=finish_reason)
+        return self._body([choice], usage).model_dump(mode="json")
+
+    def text_event(self, text: str) -> bytes:
+        choice = CompletionChoice(text=text, finish_reason=None)
+        return _sse(self._body([choice], None), exclude=self._usage_exclude())
+
+    def finish_event(self, finish_reason: str) -> bytes:
+        choice = CompletionChoice(text="", finish_reason=finish_reason)
+        return _sse(self._body([choice], None), exclude=self._usage_exclude())
+
+    def usage_event(self, usage: Usage) -> bytes:
+        return _sse(self._body([], usage))
+
+
+class _ChatFormat(_Format):
+    def _chunk(self, delta: DeltaMessage, finish_reason: str | None = None) -> bytes:
+        j = self.job
+        choice = ChatChunkChoice(delta=delta, finish_reason=finish_reason)
+        chunk = ChatCompletionChunk(id=j.id, created=j.created, model=self.model, choices=[choice])
+        return _sse(chunk, exclude=self._usage_exclude())
+
+    def response(self, text: str, finish_reason: str, usage: Usage) -> dict[str, Any]:
+        j = self.job
+        choice = ChatChoice(message=ChatMessageOut(content=text), finish_reason=finish_reason)
+        body = ChatCompletionResponse(
+            id=j.id, created=j.created, model=self.model, choices=[choice], usage=usage
+        )
+        return body.model_dump(mode="json")
+
+    def start_event(self) -> bytes:
+        return self._chunk(DeltaMessage(role="assistant", content=""))
+
+    def text_event(self, text: str) -> bytes:
+        return self._chunk(DeltaMessage(content=text))
+
+    def finish_event(self, finish_reason: str) -> bytes:
+        return self._chunk(DeltaMessage(), finish_reason)
+
+    def usage_event(self, usage: Usage) -> bytes:
+        j = self.job
+        chunk = ChatCompletionChunk(id=j.id, created=j.created, model=self.model, choices=[])
+        chunk.usage = usage
+        return _sse(chunk)
+
+
+# ------------------------------------------------------------------------ parsing
+
+
+async def _parse(request: Request, model: type[ReqT]) -> ReqT:
+    raw = await request.body()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError(400, "The request body is not valid UTF-8.") from None
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise ApiError(400, f"The request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "The request body must be a JSON object.")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc.errors()) from None
+    except RecursionError:
+        raise ApiError(400, "The request body is nested too deeply.") from None
+
+
+def _encode(fn: Callable[[], Sequence[int]], param: str) -> tuple[int, ...]:
+    """Tokenize; a ValueError from the tokenizer or chat template is the client's fault."""
+    try:
+        return tuple(fn())
+    except PromptTooLong as exc:
+        raise ApiError(400, str(exc), param=param, code="context_length_exceeded") from exc
+    except ValueError as exc:
+        raise ApiError(400, f"Could not encode the {param}: {exc}", param=param) from exc
+
+
+# ------------------------------------------------------------------------ the app
+
+
+def build_app(
+    engine: Engine,
+    *,
+    served_model_id: str,
+    limits: ApiLimits,
+    metrics: EdgeMetrics,
+    api_key: str | None = None,
+) -> FastAPI:
+    """The edge node's HTTP app. `metrics` is bound to `engine` (queue depth, n_layers)."""
+    api = _Api(engine, served_model_id, limits, metrics, api_key)
+    metrics.bind_engine(engine.queue_depth, engine.n_layers)
+
+    app = FastAPI(title="Tandem edge node", docs_url=None, redoc_url=None)
+    app.state.api = api
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=limits.max_body_bytes)
+
+    app.add_api_route("/health", api.health, methods=["GET"])
+    app.add_api_route("/metrics", api.prometheus, methods=["GET"], include_in_schema=False)
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(api.check_auth)])
+    v1.add_api_route("/models", api.list_models, methods=["GET"])
+    v1.add_api_route("/models/{model:path}", api.get_model, methods=["GET"])
+    v1.add_api_route("/completions", api.completions, methods=["POST"])
+    v1.add_api_route("/chat/completions", api.chat_completions, methods=["POST"])
+    app.include_router(v1)
+    return app

@@ -1,0 +1,65 @@
+"""Assemble a servable model: converted weights, exit heads, quantization, tokenizer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tandem.models.convert import ensure_converted
+from tandem.models.registry import ModelSpec
+from tandem.models.tokenizer import TextCodec
+from tandem.runtime.decoder import ExitDecoder
+from tandem.runtime.exit_head import ExitHead, load_heads
+from tandem.runtime.model import DecoderModel
+from tandem.runtime.quant import QuantMode, quantize_model
+
+EXITS_DIR = Path(__file__).resolve().parents[2] / "artifacts" / "exits"
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    quant: QuantMode = "bf16"
+    exits: bool = True
+    max_context: int = 4096
+    cache_dir: Path = Path("model_cache")
+    exits_dir: Path = EXITS_DIR
+
+
+@dataclass
+class LoadedModel:
+    spec: ModelSpec
+    model: DecoderModel
+    heads: list[ExitHead]
+    codec: TextCodec
+    quant: QuantMode
+
+    def decoder(self, max_deferred: int = 32) -> ExitDecoder:
+        return ExitDecoder(self.model, self.heads, max_deferred)
+
+
+def load_model(spec: ModelSpec, opts: LoadOptions) -> LoadedModel:
+    path = ensure_converted(spec, opts.cache_dir)
+    model = DecoderModel.load(path, torch.bfloat16, opts.max_context)
+    heads: list[ExitHead] = []
+    head_file = opts.exits_dir / f"{spec.id}.pt"
+    if opts.exits:
+        if not head_file.exists():
+            raise FileNotFoundError(
+                f"no exit heads for {spec.id!r} at {head_file}; run `make calibrate` "
+                "or start without exits"
+            )
+        heads, _ = load_heads(
+            head_file,
+            model.lm_head.weight,
+            model.cfg.rms_eps,
+            model.cfg.norm_unit_offset,
+            torch.bfloat16,
+        )
+    if opts.quant != "bf16":
+        quantize_model(model, opts.quant, skip=("embed_tokens",))
+        for head in heads:
+            quantize_model(head, opts.quant, skip=("other", "down", "up"))
+    codec = TextCodec(path, model.cfg.eos_ids)
+    return LoadedModel(spec, model, heads, codec, opts.quant)
