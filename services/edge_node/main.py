@@ -1,0 +1,139 @@
+"""Start one edge node: OpenAI HTTP API + gRPC API over one EdgeEngine.
+
+    python -m services.edge_node.main --model smollm2 --quant int8 --tau 0.9
+
+Every flag has an environment variable (TANDEM_MODEL, TANDEM_QUANT, TANDEM_TAU, HOST, PORT,
+GRPC_PORT, TANDEM_API_KEY, TANDEM_GRPC_TOKEN, TANDEM_MAX_BATCH, TANDEM_MAX_CONTEXT).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import uvicorn
+from prometheus_client import CollectorRegistry
+
+from services.edge_node.engine import EdgeEngine, EngineConfig
+from services.edge_node.grpc_server import start_grpc_server
+from services.edge_node.http_api import ApiLimits, build_app
+from services.edge_node.metrics import EdgeMetrics
+from tandem.models.loader import LoadOptions, load_model
+from tandem.models.registry import ModelRegistry
+from tandem.runtime.quant import QuantMode
+
+# Defaults chosen from `make bench-edge` (docs/bench/edge.md): int8 keeps bits/char within
+# 1% of bf16 on every model and is the fastest safe choice; int4 costs more quality.
+DEFAULT_QUANT: dict[str, QuantMode] = {
+    "smollm2": "int8",
+    "gemma3": "int8",
+    "qwen05": "int8",
+    "qwen15": "int4",
+}
+DEFAULT_TAU = 0.9
+
+
+@dataclass(frozen=True)
+class EdgeSettings:
+    model: str
+    quant: QuantMode
+    tau: float
+    host: str
+    port: int
+    grpc_port: int
+    max_batch: int
+    max_context: int
+    api_key: str | None
+    grpc_token: str | None
+    cache_dir: Path
+
+
+def parse_settings(argv: list[str] | None = None) -> EdgeSettings:
+    env = os.environ.get
+    p = argparse.ArgumentParser(description="Tandem edge node")
+    p.add_argument("--model", default=env("TANDEM_MODEL", "smollm2"))
+    p.add_argument("--quant", choices=["bf16", "int8", "int4"], default=env("TANDEM_QUANT"))
+    p.add_argument("--tau", type=float, default=float(env("TANDEM_TAU", DEFAULT_TAU)))
+    p.add_argument("--host", default=env("HOST", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=int(env("PORT", "8000")))
+    p.add_argument("--grpc-port", type=int, default=int(env("GRPC_PORT", "50051")))
+    p.add_argument("--max-batch", type=int, default=int(env("TANDEM_MAX_BATCH", "8")))
+    p.add_argument("--max-context", type=int, default=int(env("TANDEM_MAX_CONTEXT", "4096")))
+    p.add_argument("--cache-dir", default=env("TANDEM_CACHE", "model_cache"))
+    a = p.parse_args(argv)
+    return EdgeSettings(
+        model=a.model,
+        quant=a.quant or DEFAULT_QUANT.get(a.model, "bf16"),
+        tau=a.tau,
+        host=a.host,
+        port=a.port,
+        grpc_port=a.grpc_port,
+        max_batch=a.max_batch,
+        max_context=a.max_context,
+        api_key=env("TANDEM_API_KEY") or None,
+        grpc_token=env("TANDEM_GRPC_TOKEN") or None,
+        cache_dir=Path(a.cache_dir),
+    )
+
+
+def build_engine(settings: EdgeSettings, registry: ModelRegistry) -> EdgeEngine:
+    spec = registry.get(settings.model)
+    loaded = load_model(
+        spec,
+        LoadOptions(
+            quant=settings.quant,
+            exits=settings.tau < 1.0,
+            max_context=settings.max_context,
+            cache_dir=settings.cache_dir,
+        ),
+    )
+    config = EngineConfig(
+        max_batch=settings.max_batch, max_context=settings.max_context, tau=settings.tau
+    )
+    return EdgeEngine(spec.id, loaded.decoder(config.max_deferred), loaded.codec, config)
+
+
+async def serve(settings: EdgeSettings) -> None:
+    engine = build_engine(settings, ModelRegistry())
+    engine.start()
+    metrics = EdgeMetrics(CollectorRegistry(), model_name=engine.model_id)
+    app = build_app(
+        engine,
+        served_model_id=engine.model_id,
+        limits=ApiLimits(),
+        metrics=metrics,
+        api_key=settings.api_key,
+    )
+    grpc_server = await start_grpc_server(
+        engine, settings.host, settings.grpc_port, token=settings.grpc_token
+    )
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port))
+    base = f"http://{settings.host}:{settings.port}/v1"
+    print(
+        f"Tandem edge node: model={engine.model_id} quant={settings.quant} tau={settings.tau}\n"
+        f"  OpenAI API: {base}   gRPC: {settings.host}:{grpc_server.port}\n"
+        f"  try: curl {base}/chat/completions -H 'Content-Type: application/json' "
+        f"""-d '{{"model": "{engine.model_id}", "messages": [{{"role": "user", """
+        f""""content": "Why is the sky blue?"}}], "max_tokens": 64}}'""",
+        flush=True,
+    )
+    try:
+        await server.serve()
+    finally:
+        await grpc_server.stop()
+        engine.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO)
+    torch.set_num_threads(int(os.environ.get("TANDEM_THREADS", os.cpu_count() or 2)))
+    asyncio.run(serve(parse_settings(argv)))
+
+
+if __name__ == "__main__":
+    main()
