@@ -7,8 +7,8 @@ the same batch as that token, which fills their KV at every layer they skipped. 
 is therefore identical to full-depth computation (no state copying, no approximation).
 
 Invariant: the number of layers computed per position never increases along a sequence,
-so at any layer the rows to run form a contiguous suffix of positions, and at most one
-pending block per exit point exists. Cost: the pending rows' dense compute is paid later,
+so at any layer the rows to run form a contiguous suffix of positions; rows that stop at
+the same exit are merged, so there is at most one pending block per exit point. Cost: the pending rows' dense compute is paid later,
 batched with a new token (cheap on memory-bound decode), plus the memory of the pending
 hidden states; `max_deferred` caps it by forcing a full-depth token.
 """
@@ -99,6 +99,8 @@ class ExitDecoder:
         bounds = [0, *self.exit_layers, self.n_layers]
         use_exits = tau < 1.0
         for head_idx in range(len(bounds) - 1):
+            if not rows:
+                break
             a, b = bounds[head_idx], bounds[head_idx + 1]
             for i in rows:  # pending rows that stopped at layer a join here
                 s = seqs[i]
@@ -130,7 +132,11 @@ class ExitDecoder:
             for j, i in enumerate(candidates):
                 if bool(verdict.confident[j]):
                     start, hi = rows.pop(i)
-                    seqs[i].pending.append(PendingBlock(b, start, hi))
+                    pending = seqs[i].pending
+                    if pending and pending[-1].reached == b:  # rows that stopped here before
+                        prev = pending.pop()
+                        start, hi = prev.start_pos, torch.cat([prev.hidden, hi])
+                    pending.append(PendingBlock(b, start, hi))
                     results[i] = StepResult(b, head_logits[j, :-1], head.shortlist)
         if rows:
             order = list(rows)
