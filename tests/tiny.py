@@ -84,4 +84,21 @@ def tiny_model(arch: str, dtype: torch.dtype = torch.float32, seed: int = 0):
     from tandem.runtime.model import DecoderModel
 
     ref = tiny_reference(arch, seed)
-    return DecoderModel.from_state_dict(ArchConfig.from_hf(ref.config.to_dict()), ref.state_dict(), dtype)
+    return DecoderModel.from_state_dict(
+        ArchConfig.from_hf(ref.config.to_dict()), ref.state_dict(), dtype
+    )
+
+
+class ByteCodec:
+    """A codec for tiny models: one token per byte (+3 offset), id 2 = EOS."""
+
+    eos_ids = frozenset({2})
+
+    def encode(self, text: str) -> list[int]:
+        return [1] + [b + 3 for b in text.encode()][:250]
+
+    def encode_chat(self, messages) -> list[int]:
+        return self.encode("".join(f"{m.role}: {m.content}\n" for m in messages))
+
+    def decode(self, ids) -> str:
+        return bytes(min(i - 3, 255) for i in ids if i >= 3).decode(errors="replace")

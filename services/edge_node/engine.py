@@ -214,7 +214,9 @@ class EdgeEngine:
             self._submitted -= len(batch)
         for a in batch:
             a.seq = self.decoder.new_sequence()
-        steps = self.decoder.prefill([a.seq for a in batch], [list(a.request.prompt_ids) for a in batch])
+        steps = self.decoder.prefill(
+            [a.seq for a in batch], [list(a.request.prompt_ids) for a in batch]
+        )
         for a, step in zip(batch, steps, strict=True):
             self._running.append(a)
             self._emit(a, step)

@@ -49,9 +49,7 @@ class ArchConfig:
         rope = cfg.get("rope_parameters") or {}
         if arch == "gemma3_text":
             types = cfg["layer_types"]
-            thetas = tuple(
-                float(rope[t]["rope_theta"]) for t in types
-            )
+            thetas = tuple(float(rope[t]["rope_theta"]) for t in types)
             windows = tuple(
                 cfg["sliding_window"] if t == "sliding_attention" else None for t in types
             )

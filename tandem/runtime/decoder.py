@@ -8,9 +8,11 @@ is therefore identical to full-depth computation (no state copying, no approxima
 
 Invariant: the number of layers computed per position never increases along a sequence,
 so at any layer the rows to run form a contiguous suffix of positions; rows that stop at
-the same exit are merged, so there is at most one pending block per exit point. Cost: the pending rows' dense compute is paid later,
-batched with a new token (cheap on memory-bound decode), plus the memory of the pending
-hidden states; `max_deferred` caps it by forcing a full-depth token.
+the same exit are merged, so there is at most one pending block per exit point.
+
+Cost: the pending rows' dense compute is paid later, batched with a new token (cheap on
+memory-bound decode), plus the memory of the pending hidden states; `max_deferred` caps
+it by forcing a full-depth token.
 """
 
 from __future__ import annotations

@@ -87,7 +87,10 @@ def save_heads(heads: list[ExitHead], path: Path, meta: dict) -> None:
         {
             "meta": meta,
             "heads": [
-                {"config": vars(h.cfg), "state": {k: v.clone() for k, v in h.trained_state().items()}}
+                {
+                    "config": vars(h.cfg),
+                    "state": {k: v.clone() for k, v in h.trained_state().items()},
+                }
                 for h in heads
             ],
         },

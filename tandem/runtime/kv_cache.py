@@ -32,7 +32,9 @@ class SequenceKV:
     def length(self, layer: int) -> int:
         return self.lengths[layer - self.first_layer]
 
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def append(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append k, v of shape [n_kv_heads, n, head_dim]; return views of the full cache."""
         i = layer - self.first_layer
         n = k.shape[1]

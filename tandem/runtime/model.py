@@ -255,7 +255,9 @@ class DecoderModel(nn.Module):
         missing, unexpected = model.load_state_dict(mapped, strict=False, assign=True)
         missing = [m for m in missing if not m.endswith(".bias") or cfg.attn_bias]
         if missing or unexpected:
-            raise ValueError(f"weights do not match the config: missing={missing} extra={unexpected}")
+            raise ValueError(
+                f"weights do not match the config: missing={missing} extra={unexpected}"
+            )
         for layer in model.layers:  # o_proj and MLP have no bias; drop meta placeholders
             for lin in (layer.q_proj, layer.k_proj, layer.v_proj):
                 if lin.bias is not None and lin.bias.is_meta:

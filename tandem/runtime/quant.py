@@ -23,7 +23,9 @@ class Int8Linear(nn.Module):
         super().__init__()
         w = linear.weight.detach().float()
         scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
-        self.register_buffer("qweight", torch.round(w / scale[:, None]).clamp(-128, 127).to(torch.int8))
+        self.register_buffer(
+            "qweight", torch.round(w / scale[:, None]).clamp(-128, 127).to(torch.int8)
+        )
         self.register_buffer("scale", scale.to(torch.bfloat16))
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().bfloat16())
         self.out_features, self.in_features = w.shape
@@ -54,9 +56,7 @@ class Int4Linear(nn.Module):
         q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
         q = q.reshape(out_f, in_f)
         zero = lo + 8.0 * scale  # kernel computes (q - 8) * scale + zero
-        self.register_buffer(
-            "qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-        )
+        self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
         sz = torch.stack([scale.t(), zero.t()], dim=-1).contiguous().to(torch.bfloat16)
         self.register_buffer("scales_zeros", sz)  # [in/group, out, 2]
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().bfloat16())

@@ -53,7 +53,8 @@ class Sampler:
             probs = torch.softmax(logits, dim=-1)
             tok = int(torch.argmax(logits))
             return tok, float(probs[tok])
-        probs = torch.softmax(logits / self.params.temperature, dim=-1)
+        # shift first: a tiny temperature would overflow logits / T to inf (NaN probs)
+        probs = torch.softmax((logits - logits.max()) / self.params.temperature, dim=-1)
         if self.params.top_p < 1.0:
             sorted_p, idx = torch.sort(probs, descending=True)
             cum = torch.cumsum(sorted_p, dim=-1)

@@ -4,12 +4,12 @@ batched decoding and deferred early exit."""
 from __future__ import annotations
 
 import torch
-from tests.tiny import tiny_model, tiny_reference
 
 from tandem.runtime.config import ArchConfig
 from tandem.runtime.decoder import ExitDecoder
 from tandem.runtime.exit_head import ExitDecision, ExitHead, ExitHeadConfig
 from tandem.runtime.model import DecoderModel, Segment
+from tests.tiny import tiny_model, tiny_reference
 
 
 def _ids(n: int, seed: int = 1) -> list[int]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -10,12 +9,12 @@ from dataclasses import dataclass
 import httpx
 import openai
 import pytest
-import uvicorn
 from prometheus_client import CollectorRegistry
 
 from services.edge_node.http_api import ApiLimits, build_app
 from services.edge_node.metrics import EdgeMetrics
 from tests.services.edge_node.fakes import DEFAULT_REPLY, FakeEngine
+from tests.services.edge_node.live_server import live_server
 
 MODEL = "fake-model"
 API_KEY = "test-key"
@@ -34,21 +33,8 @@ def server() -> Iterator[Server]:
     app = build_app(
         engine, served_model_id=MODEL, limits=ApiLimits(), metrics=metrics, api_key=API_KEY
     )
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, name="uvicorn-test", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not srv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    port = srv.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield Server(f"http://127.0.0.1:{port}", engine)
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=10)
-        assert not thread.is_alive(), "uvicorn did not stop"
+    with live_server(app) as base_url:
+        yield Server(base_url, engine)
 
 
 @pytest.fixture
