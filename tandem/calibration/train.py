@@ -128,7 +128,7 @@ def train_head(
             loss.backward()
             opt.step()
             sched.step()
-            running += float(loss) * idx.shape[0]
+            running += float(loss.detach()) * idx.shape[0]
         train_kl = running / perm.shape[0]
         val = mean_kl(head, hidden, targets, val_rows)
         epochs_run = epoch

@@ -76,12 +76,10 @@ class DecoderLayer(nn.Module):
         self.cfg = cfg
         self.index = index
         d, hd = cfg.hidden_size, cfg.head_dim
-        self.q_proj = nn.Linear(d, cfg.n_heads * hd, bias=cfg.attn_bias)
-        self.k_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=cfg.attn_bias)
-        self.v_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=cfg.attn_bias)
+        # q/k/v and gate/up are fused: fewer, larger matmuls per layer.
+        self.qkv_proj = nn.Linear(d, (cfg.n_heads + 2 * cfg.n_kv_heads) * hd, bias=cfg.attn_bias)
         self.o_proj = nn.Linear(cfg.n_heads * hd, d, bias=False)
-        self.gate_proj = nn.Linear(d, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(d, cfg.intermediate_size, bias=False)
+        self.gate_up_proj = nn.Linear(d, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, d, bias=False)
         norm = lambda dim: RMSNorm(dim, cfg.rms_eps, cfg.norm_unit_offset)  # noqa: E731
         self.input_layernorm = norm(d)
@@ -99,9 +97,11 @@ class DecoderLayer(nn.Module):
         """Project normed input to rotated q [T,H,hd], k [T,KVH,hd] and v [T,KVH,hd]."""
         cfg = self.cfg
         t = x.shape[0]
-        q = self.q_proj(x).view(t, cfg.n_heads, cfg.head_dim)
-        k = self.k_proj(x).view(t, cfg.n_kv_heads, cfg.head_dim)
-        v = self.v_proj(x).view(t, cfg.n_kv_heads, cfg.head_dim)
+        nq, nkv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        q, k, v = self.qkv_proj(x).split((nq, nkv, nkv), dim=-1)
+        q = q.view(t, cfg.n_heads, cfg.head_dim)
+        k = k.view(t, cfg.n_kv_heads, cfg.head_dim)
+        v = v.view(t, cfg.n_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope.cos_sin(self.theta, positions, q.dtype)
@@ -126,9 +126,9 @@ class DecoderLayer(nn.Module):
         return out
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
-        gate = self.gate_proj(x)
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         act = F.silu(gate) if self.cfg.activation == "silu" else F.gelu(gate, approximate="tanh")
-        return self.down_proj(act * self.up_proj(x))
+        return self.down_proj(act * up)
 
     def forward(
         self, h: torch.Tensor, positions: torch.Tensor, segments: list[Segment], rope: Rope
@@ -250,6 +250,14 @@ class DecoderModel(nn.Module):
             key = name.removeprefix("model.language_model.").removeprefix("model.")
             key = key.replace("self_attn.", "").replace("mlp.", "")
             mapped[key] = tensor.to(dtype)
+        for i in range(cfg.n_layers):
+            p = f"layers.{i}."
+            for kind in ("weight", "bias"):
+                parts = [mapped.pop(f"{p}{n}_proj.{kind}", None) for n in "qkv"]
+                if all(t is not None for t in parts):
+                    mapped[f"{p}qkv_proj.{kind}"] = torch.cat(parts)
+            gate, up = mapped.pop(f"{p}gate_proj.weight"), mapped.pop(f"{p}up_proj.weight")
+            mapped[f"{p}gate_up_proj.weight"] = torch.cat([gate, up])
         if "lm_head.weight" not in mapped:
             mapped["lm_head.weight"] = mapped["embed_tokens.weight"]
         missing, unexpected = model.load_state_dict(mapped, strict=False, assign=True)
@@ -258,8 +266,7 @@ class DecoderModel(nn.Module):
             raise ValueError(
                 f"weights do not match the config: missing={missing} extra={unexpected}"
             )
-        for layer in model.layers:  # o_proj and MLP have no bias; drop meta placeholders
-            for lin in (layer.q_proj, layer.k_proj, layer.v_proj):
-                if lin.bias is not None and lin.bias.is_meta:
-                    lin.bias = None
+        for layer in model.layers:
+            if layer.qkv_proj.bias is not None and layer.qkv_proj.bias.is_meta:
+                layer.qkv_proj.bias = None
         return model.eval()
