@@ -40,8 +40,7 @@ class RMSNorm(nn.Module):
         self.unit_offset = unit_offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        xf = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         if self.unit_offset:  # gemma: (x * (1 + w)) in fp32, then cast
             return (xf * (1.0 + self.weight.float())).type_as(x)
         return self.weight * xf.to(x.dtype)
@@ -60,9 +59,25 @@ class Rope:
             emb = torch.cat((freqs, freqs), dim=-1)
             self._tables[theta] = (emb.cos(), emb.sin())
 
-    def cos_sin(self, theta: float, positions: torch.Tensor, dtype: torch.dtype):
-        cos, sin = self._tables[theta]
-        return cos[positions].to(dtype)[:, None, :], sin[positions].to(dtype)[:, None, :]
+    def at(self, positions: torch.Tensor, dtype: torch.dtype) -> Rotary:
+        return Rotary(self, positions, dtype)
+
+
+class Rotary:
+    """cos/sin for one batch's positions, gathered once per theta and shared by layers."""
+
+    def __init__(self, rope: Rope, positions: torch.Tensor, dtype: torch.dtype) -> None:
+        self.rope, self.positions, self.dtype = rope, positions, dtype
+        self._memo: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def cos_sin(self, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+        if theta not in self._memo:
+            cos, sin = self.rope._tables[theta]
+            self._memo[theta] = (
+                cos[self.positions].to(self.dtype)[:, None, :],
+                sin[self.positions].to(self.dtype)[:, None, :],
+            )
+        return self._memo[theta]
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -93,7 +108,7 @@ class DecoderLayer(nn.Module):
         self.theta = cfg.rope_theta[index]
         self.window = cfg.sliding_window[index]
 
-    def qkv(self, x: torch.Tensor, positions: torch.Tensor, rope: Rope):
+    def qkv(self, x: torch.Tensor, rot: Rotary):
         """Project normed input to rotated q [T,H,hd], k [T,KVH,hd] and v [T,KVH,hd]."""
         cfg = self.cfg
         t = x.shape[0]
@@ -104,7 +119,7 @@ class DecoderLayer(nn.Module):
         v = v.view(t, cfg.n_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = rope.cos_sin(self.theta, positions, q.dtype)
+        cos, sin = rot.cos_sin(self.theta)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         return q, k, v
@@ -131,10 +146,10 @@ class DecoderLayer(nn.Module):
         return self.down_proj(act * up)
 
     def forward(
-        self, h: torch.Tensor, positions: torch.Tensor, segments: list[Segment], rope: Rope
+        self, h: torch.Tensor, rot: Rotary, segments: list[Segment]
     ) -> torch.Tensor:
         t = h.shape[0]
-        q, k, v = self.qkv(self.input_layernorm(h), positions, rope)
+        q, k, v = self.qkv(self.input_layernorm(h), rot)
         a = self.o_proj(self.attend_local(q, k, v, segments).reshape(t, -1))
         if self.cfg.sandwich_norm:
             h = h + self.post_attention_layernorm(a)
@@ -199,8 +214,9 @@ class DecoderModel(nn.Module):
         start: int,
         end: int,
     ) -> torch.Tensor:
+        rot = self.rope.at(positions, h.dtype)
         for layer in self.layers[start:end]:
-            h = layer(h, positions, segments, self.rope)
+            h = layer(h, rot, segments)
         return h
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
