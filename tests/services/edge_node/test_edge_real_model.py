@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from pathlib import Path
 
 import openai
 import pytest
 from prometheus_client import CollectorRegistry
 
+from services.edge_node.engine import EdgeEngine
+from services.edge_node.grpc_client import EdgeClient
+from services.edge_node.grpc_server import start_grpc_server
 from services.edge_node.http_api import ApiLimits, build_app
 from services.edge_node.main import EdgeSettings, build_engine
 from services.edge_node.metrics import EdgeMetrics
@@ -20,9 +24,7 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def base_url() -> Iterator[str]:
-    from pathlib import Path
-
+def engine() -> Iterator[EdgeEngine]:
     settings = EdgeSettings(
         model="smollm2",
         quant="int8",
@@ -36,15 +38,20 @@ def base_url() -> Iterator[str]:
         grpc_token=None,
         cache_dir=Path("model_cache"),
     )
-    engine = build_engine(settings, ModelRegistry())
-    engine.start()
+    eng = build_engine(settings, ModelRegistry())
+    eng.start()
+    try:
+        yield eng
+    finally:
+        eng.stop()
+
+
+@pytest.fixture(scope="module")
+def base_url(engine: EdgeEngine) -> Iterator[str]:
     metrics = EdgeMetrics(CollectorRegistry(), model_name="smollm2")
     app = build_app(engine, served_model_id="smollm2", limits=ApiLimits(), metrics=metrics)
-    try:
-        with live_server(app) as url:
-            yield url
-    finally:
-        engine.stop()
+    with live_server(app) as url:
+        yield url
 
 
 def test_chat_answers_and_reports_exits(base_url: str) -> None:
@@ -101,3 +108,33 @@ def test_metrics_exported(base_url: str) -> None:
         "queue_depth",
     ):
         assert name in body
+
+
+def test_grpc_generate_matches_http(engine: EdgeEngine, base_url: str) -> None:
+    from tandem.runtime.sampling import SamplingParams
+
+    client = openai.OpenAI(base_url=base_url + "/v1", api_key="none", max_retries=0, timeout=60)
+    http_text = (
+        client.completions.create(
+            model="smollm2", prompt="The capital of France is", temperature=0, max_tokens=10
+        )
+        .choices[0]
+        .text
+    )
+
+    async def main() -> str:
+        server = await start_grpc_server(engine, "127.0.0.1", 0)
+        try:
+            async with EdgeClient(f"127.0.0.1:{server.port}") as edge:
+                params = SamplingParams(max_tokens=10, temperature=0.0)
+                chunks = [
+                    c
+                    async for c in edge.generate(
+                        prompt="The capital of France is", params=params, timeout=60
+                    )
+                ]
+            return "".join(c.text for c in chunks)
+        finally:
+            await server.stop()
+
+    assert asyncio.run(asyncio.wait_for(main(), 90)) == http_text
