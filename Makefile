@@ -19,7 +19,7 @@ test: setup proto
 	$(PY) -m pytest -q tests
 
 calibrate: setup
-	$(PY) -m tandem.exits.calibrate
+	$(PY) -m tandem.calibration --models smollm2,gemma3,qwen05,qwen15 --out artifacts/exits --report docs/bench
 
 bench-edge: setup proto
 	$(PY) -m bench.edge

@@ -136,7 +136,9 @@ def collect_activations(
         segments = []
         for i in batch:
             ids = seqs[i]
-            segments.append(Segment(kv=model.new_kv(), start=len(flat), count=len(ids), start_pos=0))
+            segments.append(
+                Segment(kv=model.new_kv(), start=len(flat), count=len(ids), start_pos=0)
+            )
             flat.extend(ids)
             pos.extend(range(len(ids)))
             nxt.extend([*ids[1:], -1])
@@ -201,7 +203,9 @@ def choose_shortlist(acts: Activations, k: int, eos_ids: Sequence[int]) -> torch
 
 
 @torch.inference_mode()
-def shortlist_targets(model: DecoderModel, acts: Activations, shortlist: torch.Tensor) -> torch.Tensor:
+def shortlist_targets(
+    model: DecoderModel, acts: Activations, shortlist: torch.Tensor
+) -> torch.Tensor:
     """[N, K + 1] fp16: final-softmax probabilities of the shortlisted tokens, then "other"."""
     w = model.lm_head.weight[shortlist]
     cap = model.cfg.final_softcap

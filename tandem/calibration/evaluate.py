@@ -46,7 +46,7 @@ def evaluate_heads(
     exits, confident_p, tokens, is_token = [], [], [], []
     for head, hidden in zip(heads, acts.hidden, strict=True):
         k = head.shortlist.shape[0]
-        top_p, top_tok, top_is_tok, lens = [], [], [], []
+        top_p, top_tok, top_is_tok, lens, best_tok = [], [], [], [], []
         for s in range(0, n, chunk):
             h = hidden[s : s + chunk]
             logits = head(h)
@@ -55,8 +55,11 @@ def evaluate_heads(
             top_p.append(d.prob)
             top_is_tok.append(is_tok)
             top_tok.append(torch.where(is_tok, d.token, torch.full_like(d.token, -1)))
+            best_tok.append(head.shortlist[logits[:, :k].argmax(-1)])
             lens.append(model.logits(h).float().argmax(-1))
-        p, tok, tok_ok, lens_tok = (torch.cat(x) for x in (top_p, top_tok, top_is_tok, lens))
+        p, tok, tok_ok, lens_tok, best = (
+            torch.cat(x) for x in (top_p, top_tok, top_is_tok, lens, best_tok)
+        )
         correct = tok == ref
         bins = []
         for i, (lo, hi) in enumerate(zip(BIN_EDGES[:-1], BIN_EDGES[1:], strict=True)):
@@ -75,6 +78,7 @@ def evaluate_heads(
             {
                 "layer": head.cfg.layer,
                 "head_top1": _r(correct.float().mean()),
+                "head_top1_tokens": _r((best == ref).float().mean()),
                 "lens_top1": _r((lens_tok == ref).float().mean()),
                 "shortlist_coverage": _r(torch.isin(ref, head.shortlist).float().mean()),
                 "head_top_is_other": _r((~tok_ok).float().mean()),
@@ -157,7 +161,8 @@ def render_markdown(report: dict) -> str:
         "  The reference is the final layer's argmax, i.e. what full-depth greedy decoding",
         "  would emit at that position. Free-running agreement can differ.",
         "- *head top-1*: trained exit head's top class equals the final argmax (an `other`",
-        "  top class counts as a miss). *logit lens*: the model's own final norm + full LM head",
+        "  top class counts as a miss); *(tokens)*: the same, ignoring `other`, i.e. the head's",
+        "  best shortlisted token. *logit lens*: the model's own final norm + full LM head",
         "  on the exit hidden state, untrained. *coverage*: final argmax is in the shortlist",
         "  (upper bound for the head).",
         "- Exit policy as in `ExitDecoder`: a token leaves at the first exit whose top class is a",
@@ -186,13 +191,15 @@ def render_markdown(report: dict) -> str:
                 [
                     ex["layer"],
                     f"**{_pct(ex['head_top1'])}**",
+                    _pct(ex["head_top1_tokens"]),
                     _pct(ex["lens_top1"]),
                     _pct(ex["shortlist_coverage"]),
                     _pct(ex["head_top_is_other"]),
                     f"{hs['val_kl_init']:.3f} → {hs['val_kl']:.3f}",
                 ]
             )
-        header = ["exit layer", "head top-1", "logit lens top-1", "coverage", "top = other"]
+        header = ["exit layer", "head top-1", "head top-1 (tokens)", "logit lens top-1"]
+        header += ["coverage", "top = other"]
         lines += _table([*header, "val KL (init → trained)"], rows)
         lines += ["", "Calibration (head top probability vs agreement with the final argmax):", ""]
         header = ["confidence"] + [f"L{ex['layer']}: n / conf / acc" for ex in ev["exits"]]

@@ -22,7 +22,9 @@ from tandem.runtime.model import DecoderModel
 @dataclass(frozen=True)
 class TrainConfig:
     rank: int = 256
-    lr: float = 1e-3
+    # 1e-2, not 1e-3: the adapter's up-projection starts at zero and must grow to the scale
+    # of the residual stream (rms 5-25); at 1e-3 smollm2's heads end ~0.7 nats worse.
+    lr: float = 1e-2
     weight_decay: float = 0.01  # adapter matrices only; never the norms or "other"
     max_epochs: int = 8
     batch_size: int = 256
@@ -133,7 +135,10 @@ def train_head(
         val = mean_kl(head, hidden, targets, val_rows)
         epochs_run = epoch
         if log_prefix is not None:
-            print(f"{log_prefix} epoch {epoch}: train KL {train_kl:.4f} val KL {val:.4f}", file=sys.stderr)
+            print(
+                f"{log_prefix} epoch {epoch}: train KL {train_kl:.4f} val KL {val:.4f}",
+                file=sys.stderr,
+            )
         if val < best_val - 1e-4:
             best_val, best_epoch, bad = val, epoch, 0
             best_state = {k: v.clone() for k, v in head.trained_state().items()}
