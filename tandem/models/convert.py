@@ -50,7 +50,9 @@ def ensure_converted(spec: ModelSpec, cache_dir: Path) -> Path:
     if "lm_head.weight" in state and getattr(model.config, "tie_word_embeddings", False):
         del state["lm_head.weight"]
     save_file(state, str(out / "model.safetensors"))
-    model.config.to_json_file(str(out / "config.json"))
+    config = json.loads(model.config.to_json_string(use_diff=False))
+    config.pop("quantization_config", None)  # plain bf16 weights now, not packed GGUF
+    (out / "config.json").write_text(json.dumps(config, indent=2))
     tok.save_pretrained(str(out))
     done.write_text(json.dumps({"version": CACHE_VERSION, "model": spec.id}))
     return out

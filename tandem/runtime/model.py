@@ -40,6 +40,8 @@ class RMSNorm(nn.Module):
         self.unit_offset = unit_offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32 and not self.unit_offset:  # one fused op (fp32 inside)
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         xf = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         if self.unit_offset:  # gemma: (x * (1 + w)) in fp32, then cast
             return (xf * (1.0 + self.weight.float())).type_as(x)
@@ -56,8 +58,9 @@ class Rope:
         for theta in set(thetas):
             inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
             freqs = torch.arange(max_pos, dtype=torch.float)[:, None] * inv[None, :]
-            emb = torch.cat((freqs, freqs), dim=-1)
-            self._tables[theta] = (emb.cos(), emb.sin())
+            # rotate_half(x) * sin == roll(x, half) * signed_sin
+            sin = freqs.sin()
+            self._tables[theta] = (torch.cat((freqs, freqs), -1).cos(), torch.cat((-sin, sin), -1))
 
     def at(self, positions: torch.Tensor, dtype: torch.dtype) -> Rotary:
         return Rotary(self, positions, dtype)
@@ -80,9 +83,8 @@ class Rotary:
         return self._memo[theta]
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 class DecoderLayer(nn.Module):
@@ -112,17 +114,16 @@ class DecoderLayer(nn.Module):
         """Project normed input to rotated q [T,H,hd], k [T,KVH,hd] and v [T,KVH,hd]."""
         cfg = self.cfg
         t = x.shape[0]
-        nq, nkv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-        q, k, v = self.qkv_proj(x).split((nq, nkv, nkv), dim=-1)
-        q = q.view(t, cfg.n_heads, cfg.head_dim)
-        k = k.view(t, cfg.n_kv_heads, cfg.head_dim)
-        v = v.view(t, cfg.n_kv_heads, cfg.head_dim)
-        if cfg.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
+        nh, nkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        qkv = self.qkv_proj(x).view(t, nh + 2 * nkv, hd)
         cos, sin = rot.cos_sin(self.theta)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        return q, k, v
+        v = qkv[:, nh + nkv :]
+        if cfg.qk_norm:
+            q = _rotate(self.q_norm(qkv[:, :nh]), cos, sin)
+            k = _rotate(self.k_norm(qkv[:, nh : nh + nkv]), cos, sin)
+            return q, k, v
+        qk = _rotate(qkv[:, : nh + nkv], cos, sin)  # q and k heads rotated in one go
+        return qk[:, :nh], qk[:, nh:], v
 
     def attend_local(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: list[Segment]
@@ -145,9 +146,7 @@ class DecoderLayer(nn.Module):
         act = F.silu(gate) if self.cfg.activation == "silu" else F.gelu(gate, approximate="tanh")
         return self.down_proj(act * up)
 
-    def forward(
-        self, h: torch.Tensor, rot: Rotary, segments: list[Segment]
-    ) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, rot: Rotary, segments: list[Segment]) -> torch.Tensor:
         t = h.shape[0]
         q, k, v = self.qkv(self.input_layernorm(h), rot)
         a = self.o_proj(self.attend_local(q, k, v, segments).reshape(t, -1))
