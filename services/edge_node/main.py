@@ -27,16 +27,6 @@ from tandem.models.loader import LoadOptions, load_model
 from tandem.models.registry import ModelRegistry
 from tandem.runtime.quant import QuantMode
 
-# Defaults chosen from `make bench-edge` (docs/bench/edge.md): int8 keeps bits/char within
-# 1% of bf16 on every model and is the fastest safe choice; int4 costs more quality.
-DEFAULT_QUANT: dict[str, QuantMode] = {
-    "smollm2": "int8",
-    "gemma3": "int8",
-    "qwen05": "int8",
-    "qwen15": "int4",
-}
-DEFAULT_TAU = 0.9
-
 
 @dataclass(frozen=True)
 class EdgeSettings:
@@ -53,12 +43,12 @@ class EdgeSettings:
     cache_dir: Path
 
 
-def parse_settings(argv: list[str] | None = None) -> EdgeSettings:
+def parse_settings(registry: ModelRegistry, argv: list[str] | None = None) -> EdgeSettings:
     env = os.environ.get
     p = argparse.ArgumentParser(description="Tandem edge node")
     p.add_argument("--model", default=env("TANDEM_MODEL", "smollm2"))
     p.add_argument("--quant", choices=["bf16", "int8", "int4"], default=env("TANDEM_QUANT"))
-    p.add_argument("--tau", type=float, default=float(env("TANDEM_TAU", DEFAULT_TAU)))
+    p.add_argument("--tau", type=float, default=env("TANDEM_TAU"))
     p.add_argument("--host", default=env("HOST", "127.0.0.1"))
     p.add_argument("--port", type=int, default=int(env("PORT", "8000")))
     p.add_argument("--grpc-port", type=int, default=int(env("GRPC_PORT", "50051")))
@@ -66,10 +56,14 @@ def parse_settings(argv: list[str] | None = None) -> EdgeSettings:
     p.add_argument("--max-context", type=int, default=int(env("TANDEM_MAX_CONTEXT", "4096")))
     p.add_argument("--cache-dir", default=env("TANDEM_CACHE", "model_cache"))
     a = p.parse_args(argv)
+    try:
+        spec = registry.get(a.model)  # per-model defaults for quant and tau
+    except KeyError as exc:
+        p.error(str(exc))
     return EdgeSettings(
         model=a.model,
-        quant=a.quant or DEFAULT_QUANT.get(a.model, "bf16"),
-        tau=a.tau,
+        quant=a.quant or spec.default_quant,
+        tau=float(a.tau) if a.tau is not None else spec.default_tau,
         host=a.host,
         port=a.port,
         grpc_port=a.grpc_port,
@@ -98,8 +92,8 @@ def build_engine(settings: EdgeSettings, registry: ModelRegistry) -> EdgeEngine:
     return EdgeEngine(spec.id, loaded.decoder(config.max_deferred), loaded.codec, config)
 
 
-async def serve(settings: EdgeSettings) -> None:
-    engine = build_engine(settings, ModelRegistry())
+async def serve(settings: EdgeSettings, registry: ModelRegistry) -> None:
+    engine = build_engine(settings, registry)
     engine.start()
     metrics = EdgeMetrics(CollectorRegistry(), model_name=engine.model_id)
     app = build_app(
@@ -132,7 +126,8 @@ async def serve(settings: EdgeSettings) -> None:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO)
     torch.set_num_threads(int(os.environ.get("TANDEM_THREADS", os.cpu_count() or 2)))
-    asyncio.run(serve(parse_settings(argv)))
+    registry = ModelRegistry()
+    asyncio.run(serve(parse_settings(registry, argv), registry))
 
 
 if __name__ == "__main__":

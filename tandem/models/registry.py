@@ -46,6 +46,11 @@ class ModelSpec:
     chat_template: Literal["builtin", "plain"]
     license: str
     exit_layers: tuple[int, ...]
+    # Serving defaults, picked from `make bench-edge` (docs/bench/edge.md): int4 where it
+    # costs <= 3% bits/char against bf16, else int8; exits on (tau < 1) only where they
+    # were faster than full depth at the same greedy agreement.
+    default_quant: Literal["bf16", "int8", "int4"] = "int8"
+    default_tau: float = 1.0
 
     @property
     def cache_name(self) -> str:
@@ -76,6 +81,7 @@ DEFAULT_MODELS: tuple[ModelSpec, ...] = (
         chat_template="builtin",
         license="Apache-2.0",
         exit_layers=(8, 15, 23),
+        default_quant="int4",
     ),
     ModelSpec(
         id="gemma3",
@@ -92,6 +98,8 @@ DEFAULT_MODELS: tuple[ModelSpec, ...] = (
         chat_template="plain",
         license="Gemma Terms of Use",
         exit_layers=(5, 9, 14),
+        default_quant="int8",
+        default_tau=0.9,
     ),
     ModelSpec(
         id="qwen05",
@@ -108,6 +116,7 @@ DEFAULT_MODELS: tuple[ModelSpec, ...] = (
         chat_template="builtin",
         license="Apache-2.0 (upstream)",
         exit_layers=(6, 12, 18),
+        default_quant="int4",
     ),
     ModelSpec(
         id="qwen15",
@@ -124,6 +133,7 @@ DEFAULT_MODELS: tuple[ModelSpec, ...] = (
         chat_template="builtin",
         license="Apache-2.0 (upstream)",
         exit_layers=(7, 14, 21),
+        default_quant="int4",
     ),
 )
 
