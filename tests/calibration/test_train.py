@@ -11,42 +11,16 @@ from tandem.calibration.collect import (
 )
 from tandem.calibration.evaluate import evaluate_heads, render_markdown
 from tandem.calibration.train import TrainConfig, make_head, mean_kl, split_by_text, train_head
-from tandem.runtime.config import ArchConfig
 from tandem.runtime.exit_head import load_heads, save_heads
 from tandem.runtime.model import DecoderModel
+from tests.tiny import tiny_model
 
 EXITS = (1, 2, 3)
-EOS = 1
+EOS = 2  # tests.tiny's llama config
 
 
-def tiny_model() -> DecoderModel:
-    cfg = ArchConfig(
-        arch="llama",
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        n_layers=4,
-        n_heads=4,
-        n_kv_heads=2,
-        head_dim=16,
-        rms_eps=1e-6,
-        rope_theta=(10000.0,) * 4,
-        sliding_window=(None,) * 4,
-        tie_embeddings=False,
-        attn_bias=False,
-        qk_norm=False,
-        sandwich_norm=False,
-        norm_unit_offset=False,
-        embed_scale=1.0,
-        activation="silu",
-        attn_scale=16**-0.5,
-        final_softcap=None,
-        max_position=256,
-        bos_id=None,
-        eos_ids=(EOS,),
-    )
-    torch.manual_seed(0)
-    model = DecoderModel(cfg).eval()
+def peaky_tiny_model() -> DecoderModel:
+    model = tiny_model("llama")
     with torch.no_grad():  # a peakier final distribution than the default init gives
         model.lm_head.weight.mul_(4.0)
     return model
@@ -56,7 +30,7 @@ def tiny_data(model: DecoderModel, n_texts: int = 40):
     gen = torch.Generator().manual_seed(1)
     seqs = [
         torch.randint(
-            0, 512, (int(torch.randint(12, 30, (1,), generator=gen)),), generator=gen
+            0, 256, (int(torch.randint(12, 30, (1,), generator=gen)),), generator=gen
         ).tolist()
         for _ in range(n_texts)
     ]
@@ -66,7 +40,7 @@ def tiny_data(model: DecoderModel, n_texts: int = 40):
 
 
 def test_collect_shapes_and_shortlist() -> None:
-    model = tiny_model()
+    model = peaky_tiny_model()
     seqs, acts, shortlist, targets = tiny_data(model)
     n = acts.n_tokens
     assert n == sum(len(s) - 1 for s in seqs)  # every position but the first
@@ -83,7 +57,7 @@ def test_collect_shapes_and_shortlist() -> None:
 
 
 def test_training_reduces_kl_and_round_trips(tmp_path) -> None:
-    model = tiny_model()
+    model = peaky_tiny_model()
     _, acts, shortlist, targets = tiny_data(model)
     cfg = TrainConfig(rank=16, max_epochs=6, batch_size=64, patience=6, warmup_steps=5)
     train_rows, val_rows = split_by_text(acts.text_index, cfg.val_fraction, cfg.seed)
@@ -141,7 +115,7 @@ def test_training_reduces_kl_and_round_trips(tmp_path) -> None:
 
 
 def test_training_is_reproducible() -> None:
-    model = tiny_model()
+    model = peaky_tiny_model()
     _, acts, shortlist, targets = tiny_data(model, n_texts=16)
     cfg = TrainConfig(rank=8, max_epochs=2, batch_size=32, warmup_steps=2)
     rows = split_by_text(acts.text_index, cfg.val_fraction, cfg.seed)
