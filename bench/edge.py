@@ -201,7 +201,7 @@ def render(rows: list[Row], machine: str) -> str:
     lines = [
         "# Edge decode benchmark (`make bench-edge`)",
         "",
-        f"Machine: {machine}. 2 threads, greedy, {NEW_TOKENS} new tokens per prompt "
+        f"Machine: {machine}, 2 threads. Greedy, {NEW_TOKENS} new tokens per prompt "
         f"({len(PROMPTS)} prompts, prefill included, best of 2). Bits/char: teacher-forced on "
         "held-out corpus text (fortunes, wordnet, stdlib). Agreement: mean fraction of "
         "tokens before the first divergence from tandem bf16 full depth. All rows of one "
@@ -297,7 +297,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--models", default="smollm2,gemma3,qwen05")
     p.add_argument("--texts", type=int, default=8, help="held-out texts per source")
     p.add_argument("--taus", default="0.9,0.8,0.6")
+    p.add_argument("--render-only", action="store_true", help="rewrite the reports from edge.json")
     a = p.parse_args(argv)
+    if a.render_only:
+        data = json.loads((OUT / "edge.json").read_text())
+        write_reports([Row(**r) for r in data["rows"]], data["machine"])
+        return
     torch.set_num_threads(2)
     texts = [s.text for s in load_corpus("heldout", a.texts)]
     rows: list[Row] = []
@@ -305,13 +310,16 @@ def main(argv: list[str] | None = None) -> None:
         rows.extend(bench_model(m, texts, tuple(float(t) for t in a.taus.split(","))))
         for r in rows[-9:]:
             print(r)
-    machine = (
-        f"{platform.machine()} {platform.processor() or 'CPU'}, {torch.get_num_threads()} threads"
-    )
+    write_reports(rows, f"{_cpu_name()}, torch {torch.__version__}")
+
+
+def write_reports(rows: list[Row], machine: str) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     md = render(rows, machine)
     (OUT / "edge.md").write_text(md)
-    (OUT / "edge.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    (OUT / "edge.json").write_text(
+        json.dumps({"machine": machine, "rows": [asdict(r) for r in rows]}, indent=1)
+    )
     plot(rows, OUT / "edge.png")
     update_exit_report(rows, machine)
     print(md)
