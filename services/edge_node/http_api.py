@@ -26,21 +26,19 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import anyio
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from services.edge_node.body_limit import BodySizeLimitMiddleware
 from services.edge_node.errors import (
     ApiError,
     BodyTooLarge,
-    body_too_large,
     context_length_exceeded,
     install_error_handlers,
     model_not_found,
@@ -64,6 +62,13 @@ from services.edge_node.protocol import (
     ModelList,
     TandemUsage,
     Usage,
+)
+from services.edge_node.sse import (
+    SSE_DONE,
+    EventStreamResponse,
+    aclose_quietly,
+    sse_event,
+    unless_disconnected,
 )
 from tandem.runtime.engine_api import (
     ChatMessage,
@@ -93,174 +98,6 @@ class ApiLimits:
         for name in ("max_body_bytes", "max_tokens_cap", "max_stop"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
-
-
-# ------------------------------------------------------------------------ body size limit
-
-
-class BodySizeLimitMiddleware:
-    """Reject bodies over `max_bytes`: by Content-Length up front (413 before reading),
-    and by counting the bytes actually received (chunked or lying clients)."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        for name, value in scope.get("headers", ()):
-            if name == b"content-length":
-                try:
-                    length = int(value)
-                except ValueError:
-                    await _send_error(send, ApiError(400, "Invalid Content-Length header."))
-                    return
-                if length > self.max_bytes:
-                    await _send_error(send, body_too_large(self.max_bytes))
-                    return
-        received = 0
-        started = False
-
-        async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise BodyTooLarge(self.max_bytes)
-            return message
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except BodyTooLarge:
-            if started:
-                raise
-            await _send_error(send, body_too_large(self.max_bytes))
-
-
-async def _send_error(send: Send, err: ApiError) -> None:
-    body = json.dumps(err.body()).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    headers += [(k.lower().encode(), v.encode()) for k, v in err.headers.items()]
-    await send({"type": "http.response.start", "status": err.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
-
-
-# ----------------------------------------------------------------------- disconnects
-
-
-async def _wait_for_disconnect(receive: Receive) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-async def _unless_disconnected(receive: Receive, fn: Callable[[], Awaitable[T]]) -> tuple[bool, T]:
-    """Run `fn()`; cancel it if the client disconnects first. Returns (gone, result);
-    result is meaningless when gone. Exceptions of `fn` propagate unwrapped."""
-    gone = False
-    results: list[T] = []
-    errors: list[Exception] = []
-
-    async with anyio.create_task_group() as tg:
-
-        async def watch() -> None:
-            nonlocal gone
-            await _wait_for_disconnect(receive)
-            gone = True
-            tg.cancel_scope.cancel()
-
-        tg.start_soon(watch)
-        try:
-            results.append(await fn())
-        except Exception as exc:
-            errors.append(exc)
-        finally:
-            tg.cancel_scope.cancel()
-    if errors and not gone:
-        raise errors[0]
-    return gone, (results[0] if results else None)  # type: ignore[return-value]
-
-
-async def _aclose(it: object) -> None:
-    """Close an async iterator (aborts the engine request), never raising."""
-    aclose = getattr(it, "aclose", None)
-    if aclose is None:
-        return
-    with anyio.CancelScope(shield=True):
-        try:
-            await aclose()
-        except Exception:
-            log.exception("closing the engine iterator failed")
-
-
-class EventStreamResponse(Response):
-    """Server-sent events from `events`; stops when the client disconnects, and always
-    closes `events` and runs `cleanup` (shielded) at the end."""
-
-    media_type = "text/event-stream"
-
-    def __init__(
-        self,
-        events: AsyncIterator[bytes],
-        cleanup: Callable[[], Awaitable[None]],
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        self.status_code = 200
-        self.background = None
-        self.init_headers(
-            {"cache-control": "no-cache", "x-accel-buffering": "no", **(headers or {})}
-        )
-        self._events = events
-        self._cleanup = cleanup
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            async with anyio.create_task_group() as tg:
-
-                async def watch() -> None:
-                    await _wait_for_disconnect(receive)
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(watch)
-                try:
-                    start = {
-                        "type": "http.response.start",
-                        "status": 200,
-                        "headers": self.raw_headers,
-                    }
-                    await send(start)
-                    async for data in self._events:
-                        await send({"type": "http.response.body", "body": data, "more_body": True})
-                    await send({"type": "http.response.body", "body": b"", "more_body": False})
-                except OSError:  # ASGI >= 2.4 servers raise from send() once the client left
-                    pass
-                finally:
-                    tg.cancel_scope.cancel()
-        finally:
-            with anyio.CancelScope(shield=True):
-                await _aclose(self._events)
-                await self._cleanup()
-
-
-def _sse(payload: BaseModel | dict[str, Any], *, exclude: set[str] | None = None) -> bytes:
-    if isinstance(payload, BaseModel):
-        text = payload.model_dump_json(exclude=exclude)
-    else:
-        text = json.dumps(payload, separators=(",", ":"))
-    return b"data: " + text.encode() + b"\n\n"
-
-
-SSE_DONE = b"data: [DONE]\n\n"
 
 
 # ------------------------------------------------------------------------ one request
@@ -488,10 +325,10 @@ class _Api:
                     async for chunk in it:
                         out.add(chunk, recorder)
                 finally:
-                    await _aclose(it)
+                    await aclose_quietly(it)
 
             try:
-                gone, _ = await _unless_disconnected(request.receive, collect)
+                gone, _ = await unless_disconnected(request.receive, collect)
             except Exception as exc:
                 err = self._engine_error(exc, job)
                 status, finish = err.status, "error"
@@ -531,15 +368,15 @@ class _Api:
             return await anext(it, None)
 
         try:
-            gone, head = await _unless_disconnected(request.receive, first)
+            gone, head = await unless_disconnected(request.receive, first)
         except Exception as exc:
-            await _aclose(it)
+            await aclose_quietly(it)
             err = self._engine_error(exc, job)
             state.update(finish="error", status=err.status)
             await finish()
             raise err from exc
         if gone:
-            await _aclose(it)
+            await aclose_quietly(it)
             state["status"] = CLIENT_CLOSED
             await finish()
             return Response(status_code=CLIENT_CLOSED)
@@ -564,13 +401,13 @@ class _Api:
             except Exception as exc:
                 err = self._engine_error(exc, job)
                 state["finish"] = "error"
-                yield _sse(err.body())
+                yield sse_event(err.body())
             finally:
-                await _aclose(engine_it)
+                await aclose_quietly(engine_it)
             yield SSE_DONE
 
         async def cleanup() -> None:
-            await _aclose(engine_it)
+            await aclose_quietly(engine_it)
             await finish()
 
         return EventStreamResponse(events(), cleanup, headers={"x-request-id": job.id})
@@ -618,14 +455,14 @@ class _CompletionFormat(_Format):
 
     def text_event(self, text: str) -> bytes:
         choice = CompletionChoice(text=text, finish_reason=None)
-        return _sse(self._body([choice], None), exclude=self._usage_exclude())
+        return sse_event(self._body([choice], None), exclude=self._usage_exclude())
 
     def finish_event(self, finish_reason: str) -> bytes:
         choice = CompletionChoice(text="", finish_reason=finish_reason)
-        return _sse(self._body([choice], None), exclude=self._usage_exclude())
+        return sse_event(self._body([choice], None), exclude=self._usage_exclude())
 
     def usage_event(self, usage: Usage) -> bytes:
-        return _sse(self._body([], usage))
+        return sse_event(self._body([], usage))
 
 
 class _ChatFormat(_Format):
@@ -633,7 +470,7 @@ class _ChatFormat(_Format):
         j = self.job
         choice = ChatChunkChoice(delta=delta, finish_reason=finish_reason)
         chunk = ChatCompletionChunk(id=j.id, created=j.created, model=self.model, choices=[choice])
-        return _sse(chunk, exclude=self._usage_exclude())
+        return sse_event(chunk, exclude=self._usage_exclude())
 
     def response(self, text: str, finish_reason: str, usage: Usage) -> dict[str, Any]:
         j = self.job
@@ -656,7 +493,7 @@ class _ChatFormat(_Format):
         j = self.job
         chunk = ChatCompletionChunk(id=j.id, created=j.created, model=self.model, choices=[])
         chunk.usage = usage
-        return _sse(chunk)
+        return sse_event(chunk)
 
 
 # ------------------------------------------------------------------------ parsing
