@@ -1,8 +1,9 @@
 """The edge engine: continuous batching of requests on one model, with early exit.
 
 A worker thread owns the model. Each loop it takes new requests and aborts from
-thread-safe queues, prefills newly admitted sequences together, then runs one batched
-decode step for every running sequence. Output goes back to each request's asyncio
+thread-safe queues, admits waiting requests up to `max_batch`, prefills prompt chunks
+within a token budget (chunked prefill), then runs one batched decode step for every
+sequence whose prompt is in. Output goes back to each request's asyncio
 queue. Closing a request's iterator (client gone) aborts it and frees its KV.
 """
 
@@ -46,7 +47,7 @@ class Codec(Protocol):
 class EngineConfig:
     max_batch: int = 8  # sequences decoded together
     max_waiting: int = 64  # admitted but not yet running; beyond this: EngineOverloaded
-    max_prefill_tokens: int = 4096  # prompt tokens prefilled in one loop
+    max_prefill_tokens: int = 512  # prompt tokens per loop; longer prompts go in chunks
     max_context: int = 4096
     tau: float = 1.0  # early-exit confidence threshold; 1.0 = always full depth
     max_deferred: int = 32
@@ -60,8 +61,13 @@ class _Active:
     sampler: Sampler
     stop: StopMatcher
     seq: SequenceState | None = None
+    prefilled: int = 0  # prompt tokens already in the KV cache
     ids: list[int] = field(default_factory=list)
     done: bool = False
+
+    @property
+    def decoding(self) -> bool:
+        return self.prefilled == len(self.request.prompt_ids)
 
 
 class _Abort:
@@ -166,8 +172,8 @@ class EdgeEngine:
                 break
             try:
                 self._admit()
-                if self._running:
-                    self._step()
+                self._prefill()
+                self._step()
             except Exception as exc:  # a bug or OOM: fail the affected requests, keep serving
                 log.exception("engine step failed")
                 for a in self._running:
@@ -200,36 +206,50 @@ class EdgeEngine:
                     return
 
     def _admit(self) -> None:
-        batch: list[_Active] = []
+        """Move waiting requests into the running batch, up to max_batch."""
+        n = min(len(self._waiting), self.config.max_batch - len(self._running))
+        if n <= 0:
+            return
+        admitted, self._waiting = self._waiting[:n], self._waiting[n:]
+        with self._lock:
+            self._submitted -= n
+        for a in admitted:
+            a.seq = self.decoder.new_sequence()
+        self._running.extend(admitted)
+
+    def _prefill(self) -> None:
+        """Prefill prompt chunks within the per-loop token budget (chunked prefill keeps
+        running sequences decoding while a long prompt comes in). A sequence whose prompt
+        is complete samples its first token."""
         budget = self.config.max_prefill_tokens
-        while self._waiting and len(self._running) + len(batch) < self.config.max_batch:
-            n = len(self._waiting[0].request.prompt_ids)
-            if batch and n > budget:
-                break
-            budget -= n
-            batch.append(self._waiting.pop(0))
+        batch, chunks = [], []
+        for a in self._running:
+            if a.decoding or budget <= 0:
+                continue
+            prompt = a.request.prompt_ids
+            chunk = list(prompt[a.prefilled : a.prefilled + budget])
+            budget -= len(chunk)
+            batch.append(a)
+            chunks.append(chunk)
         if not batch:
             return
-        with self._lock:
-            self._submitted -= len(batch)
-        for a in batch:
-            a.seq = self.decoder.new_sequence()
-        steps = self.decoder.prefill(
-            [a.seq for a in batch], [list(a.request.prompt_ids) for a in batch]
-        )
-        for a, step in zip(batch, steps, strict=True):
-            self._running.append(a)
-            self._emit(a, step)
+        steps = self.decoder.prefill([a.seq for a in batch], chunks)
+        for a, chunk, step in zip(batch, chunks, steps, strict=True):
+            a.prefilled += len(chunk)
+            if a.decoding:
+                self._emit(a, step)
         self._running = [a for a in self._running if not a.done]
 
     def _step(self) -> None:
-        running = self._running
+        ready = [a for a in self._running if a.decoding and a.ids]
+        if not ready:
+            return
         steps = self.decoder.decode(
-            [a.seq for a in running], [a.ids[-1] for a in running], self.config.tau
+            [a.seq for a in ready], [a.ids[-1] for a in ready], self.config.tau
         )
-        for a, step in zip(running, steps, strict=True):
+        for a, step in zip(ready, steps, strict=True):
             self._emit(a, step)
-        self._running = [a for a in running if not a.done]
+        self._running = [a for a in self._running if not a.done]
 
     def _emit(self, a: _Active, step: StepResult) -> None:
         token, _ = pick(a.sampler, step)

@@ -141,3 +141,37 @@ def test_engine_stop_is_prompt(engine):
     t = time.monotonic()
     engine.stop()
     assert time.monotonic() - t < 5
+
+
+class RecordingDecoder(ExitDecoder):
+    """Records prefill chunk sizes."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.chunks: list[list[int]] = []
+
+    def prefill(self, seqs, prompts):
+        self.chunks.append([len(p) for p in prompts])
+        return super().prefill(seqs, prompts)
+
+
+def test_long_prompts_are_prefilled_in_chunks_with_the_same_output():
+    prompt = "a long prompt " * 8  # 113 tokens with the byte codec
+
+    def run(budget: int) -> tuple[list[int], list[list[int]]]:
+        dec = RecordingDecoder(tiny_model("llama"))
+        eng = EdgeEngine(
+            "tiny", dec, ByteCodec(), EngineConfig(max_context=256, max_prefill_tokens=budget)
+        )
+        eng.start()
+        try:
+            chunks = asyncio.run(asyncio.wait_for(_collect(eng, _req("p", prompt)), 30))
+        finally:
+            eng.stop()
+        return [t for c in chunks for t in c.token_ids], dec.chunks
+
+    whole, whole_chunks = run(4096)
+    chunked, chunk_sizes = run(16)
+    assert whole_chunks == [[113]]
+    assert chunk_sizes == [[16]] * 7 + [[1]]
+    assert chunked == whole
