@@ -52,5 +52,10 @@ class SequenceKV:
         self.lengths[i] = start + n
         return self._k[i][:, : start + n], self._v[i][:, : start + n]
 
+    def view(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The filled part of one layer's K and V, [n_kv_heads, length, head_dim]."""
+        i = layer - self.first_layer
+        return self._k[i][:, : self.lengths[i]], self._v[i][:, : self.lengths[i]]
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._k + self._v)
