@@ -4,7 +4,7 @@ PY := .venv/bin/python
 PORT ?= 8000
 export PORT
 
-.PHONY: setup run test proto calibrate bench-edge lint fmt
+.PHONY: setup run test proto calibrate bench-edge bench-batch lint fmt
 
 setup:
 	bash scripts/bootstrap.sh
@@ -23,6 +23,9 @@ calibrate: setup
 
 bench-edge: setup proto
 	$(PY) -m bench.edge
+
+bench-batch: setup
+	$(PY) -m bench.batch
 
 lint: setup
 	$(PY) -m ruff check .
