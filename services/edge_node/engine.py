@@ -169,6 +169,9 @@ class EdgeEngine:
         while True:
             idle = not self._running and not self._waiting
             if not self._drain_inbox(block=idle):
+                for a in self._running + self._waiting:  # shutting down: nobody waits forever
+                    self._send(a, RuntimeError("the engine is shutting down"))
+                self._running, self._waiting = [], []
                 break
             try:
                 self._admit()

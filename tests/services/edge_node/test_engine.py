@@ -175,3 +175,18 @@ def test_long_prompts_are_prefilled_in_chunks_with_the_same_output():
     assert whole_chunks == [[113]]
     assert chunk_sizes == [[16]] * 7 + [[1]]
     assert chunked == whole
+
+
+def test_stop_fails_in_flight_requests_instead_of_hanging():
+    eng = EdgeEngine("tiny", ExitDecoder(tiny_model("llama")), ByteCodec(), EngineConfig())
+
+    async def main():
+        eng.start()
+        it = eng.generate(_req("z", max_tokens=200))
+        await it.__anext__()
+        await asyncio.get_running_loop().run_in_executor(None, eng.stop)
+        with pytest.raises(RuntimeError, match="shutting down"):
+            async for _ in it:
+                pass
+
+    asyncio.run(asyncio.wait_for(main(), 30))
