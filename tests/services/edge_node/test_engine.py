@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -14,17 +15,20 @@ from tandem.runtime.sampling import SamplingParams
 from tests.tiny import ByteCodec, tiny_model
 
 
+@contextmanager
+def running_engine(config: EngineConfig, decoder: ExitDecoder | None = None):
+    eng = EdgeEngine("tiny", decoder or ExitDecoder(tiny_model("llama")), ByteCodec(), config)
+    eng.start()
+    try:
+        yield eng
+    finally:
+        eng.stop()
+
+
 @pytest.fixture
 def engine():
-    eng = EdgeEngine(
-        "tiny",
-        ExitDecoder(tiny_model("llama")),
-        ByteCodec(),
-        EngineConfig(max_batch=4, max_waiting=6, max_context=128),
-    )
-    eng.start()
-    yield eng
-    eng.stop()
+    with running_engine(EngineConfig(max_batch=4, max_waiting=6, max_context=128)) as eng:
+        yield eng
 
 
 def _req(rid: str, prompt: str = "hello", **kw) -> GenerationRequest:
@@ -96,26 +100,16 @@ def test_limits(engine):
 
 
 def test_overload_is_refused_not_queued_forever():
-    eng = EdgeEngine(
-        "tiny",
-        ExitDecoder(tiny_model("llama")),
-        ByteCodec(),
-        EngineConfig(max_batch=1, max_waiting=2, max_context=128),
-    )
-    eng.start()
-    try:
+    async def main(eng):
+        its = [eng.generate(_req(f"r{i}", max_tokens=60)) for i in range(8)]
+        firsts = await asyncio.gather(*[it.__anext__() for it in its], return_exceptions=True)
+        refused = [f for f in firsts if isinstance(f, EngineOverloaded)]
+        for it in its:
+            await it.aclose()
+        return len(refused)
 
-        async def main():
-            its = [eng.generate(_req(f"r{i}", max_tokens=60)) for i in range(8)]
-            firsts = await asyncio.gather(*[it.__anext__() for it in its], return_exceptions=True)
-            refused = [f for f in firsts if isinstance(f, EngineOverloaded)]
-            for it in its:
-                await it.aclose()
-            return len(refused)
-
-        assert asyncio.run(asyncio.wait_for(main(), 60)) >= 1
-    finally:
-        eng.stop()
+    with running_engine(EngineConfig(max_batch=1, max_waiting=2, max_context=128)) as eng:
+        assert asyncio.run(asyncio.wait_for(main(eng), 60)) >= 1
 
 
 def test_stop_string_and_seeded_sampling(engine):
@@ -160,14 +154,9 @@ def test_long_prompts_are_prefilled_in_chunks_with_the_same_output():
 
     def run(budget: int) -> tuple[list[int], list[list[int]]]:
         dec = RecordingDecoder(tiny_model("llama"))
-        eng = EdgeEngine(
-            "tiny", dec, ByteCodec(), EngineConfig(max_context=256, max_prefill_tokens=budget)
-        )
-        eng.start()
-        try:
+        config = EngineConfig(max_context=256, max_prefill_tokens=budget)
+        with running_engine(config, dec) as eng:
             chunks = asyncio.run(asyncio.wait_for(_collect(eng, _req("p", prompt)), 30))
-        finally:
-            eng.stop()
         return [t for c in chunks for t in c.token_ids], dec.chunks
 
     whole, whole_chunks = run(4096)
