@@ -1,0 +1,123 @@
+"""In-memory cloud sessions with an explicit memory cap, idle TTL and LRU eviction.
+
+A session holds, for the cloud's layers [split, L): the KV cache of computed positions and
+the uploaded split-layer hidden states not yet run (pending). An evicted or unknown
+session raises `UnknownSession`; the edge recovers by uploading its context again.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from tandem.runtime.kv_cache import SequenceKV
+
+
+class UnknownSession(KeyError):
+    """The session does not exist (never created, released or evicted): re-upload."""
+
+
+class SessionTooLarge(RuntimeError):
+    """One session alone would exceed the store's memory cap."""
+
+
+@dataclass
+class CloudSession:
+    session_id: str
+    kv: SequenceKV
+    pending: list[torch.Tensor] = field(default_factory=list)  # rows after `computed`
+    computed: int = 0  # positions whose KV is filled
+    uploaded: int = 0  # positions received (computed + pending rows)
+    last_used: float = 0.0
+
+    def pending_rows(self) -> int:
+        return self.uploaded - self.computed
+
+    def nbytes(self) -> int:
+        return self.kv.nbytes() + sum(t.numel() * t.element_size() for t in self.pending)
+
+
+@dataclass(frozen=True)
+class StoreLimits:
+    max_bytes: int = 2 << 30
+    ttl_s: float = 600.0
+    max_sessions: int = 256
+
+
+class SessionStore:
+    def __init__(
+        self,
+        new_kv: Callable[[], SequenceKV],
+        limits: StoreLimits,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._new_kv = new_kv
+        self.limits = limits
+        self._clock = clock
+        self._sessions: OrderedDict[str, CloudSession] = OrderedDict()  # LRU first
+        self.evictions: dict[str, int] = {"ttl": 0, "lru": 0, "release": 0}
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def nbytes(self) -> int:
+        return sum(s.nbytes() for s in self._sessions.values())
+
+    def get(self, session_id: str) -> CloudSession:
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise UnknownSession(session_id)
+        self._touch(session)
+        return session
+
+    def get_or_create(self, session_id: str) -> CloudSession:
+        if session_id in self._sessions:
+            return self.get(session_id)
+        self.evict_idle()
+        while len(self._sessions) >= self.limits.max_sessions:
+            self._evict_lru("lru")
+        session = CloudSession(session_id, self._new_kv())
+        self._sessions[session_id] = session
+        self._touch(session)
+        return session
+
+    def release(self, session_id: str) -> bool:
+        if self._sessions.pop(session_id, None) is None:
+            return False
+        self.evictions["release"] += 1
+        return True
+
+    def evict_idle(self) -> list[str]:
+        deadline = self._clock() - self.limits.ttl_s
+        gone = [sid for sid, s in self._sessions.items() if s.last_used < deadline]
+        for sid in gone:
+            del self._sessions[sid]
+            self.evictions["ttl"] += 1
+        return gone
+
+    def enforce_cap(self, keep: str) -> list[str]:
+        """Evict least-recently-used sessions other than `keep` until under the cap."""
+        gone = []
+        while self.nbytes() > self.limits.max_bytes:
+            victim = next((sid for sid in self._sessions if sid != keep), None)
+            if victim is None:
+                raise SessionTooLarge(
+                    f"session {keep!r} needs {self.nbytes()} bytes; the cap is "
+                    f"{self.limits.max_bytes}"
+                )
+            del self._sessions[victim]
+            self.evictions["lru"] += 1
+            gone.append(victim)
+        return gone
+
+    def _evict_lru(self, reason: str) -> None:
+        self._sessions.popitem(last=False)
+        self.evictions[reason] += 1
+
+    def _touch(self, session: CloudSession) -> None:
+        session.last_used = self._clock()
+        self._sessions.move_to_end(session.session_id)
