@@ -14,7 +14,7 @@ import torch
 
 from services.cloud_ctx.session_store import SessionStore
 from tandem.runtime.model import DecoderModel, Segment
-from tandem.runtime.sampling import Sampler
+from tandem.runtime.sampling import Sampler, SamplingParams
 
 
 class PositionMismatch(ValueError):
@@ -59,10 +59,16 @@ class CloudContextManager:
 
     @torch.inference_mode()
     def next_token(
-        self, session_id: str, position: int, sampler: Sampler, hidden: torch.Tensor | None = None
+        self,
+        session_id: str,
+        position: int,
+        params: SamplingParams,
+        hidden: torch.Tensor | None = None,
     ) -> CloudToken:
         """The token after `position`, which must be the session's newest position. Its
-        hidden state comes with the request (`hidden`, [1, d]) or was uploaded before."""
+        hidden state comes with the request (`hidden`, [1, d]) or was uploaded before.
+        The session keeps the sampler made from its first request's `params` (a seed then
+        reproduces the whole stream)."""
         if hidden is not None:
             self.upload(session_id, position, hidden)
         session = self.store.get(session_id)
@@ -81,7 +87,9 @@ class CloudContextManager:
         )
         session.pending.clear()
         session.computed = session.uploaded
-        token, prob = sampler.sample(self.model.logits(h[-1:])[0])
+        if session.sampler is None:
+            session.sampler = Sampler(params)
+        token, prob = session.sampler.sample(self.model.logits(h[-1:])[0])
         self.store.enforce_cap(keep=session_id)
         return CloudToken(token, prob, n)
 

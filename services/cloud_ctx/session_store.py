@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tandem.runtime.kv_cache import SequenceKV
+from tandem.runtime.sampling import Sampler
 
 
 class UnknownSession(KeyError):
@@ -33,6 +34,7 @@ class CloudSession:
     computed: int = 0  # positions whose KV is filled
     uploaded: int = 0  # positions received (computed + pending rows)
     last_used: float = 0.0
+    sampler: Sampler | None = None
 
     def pending_rows(self) -> int:
         return self.uploaded - self.computed

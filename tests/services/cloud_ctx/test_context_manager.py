@@ -11,7 +11,7 @@ from services.cloud_ctx.session_store import SessionStore, StoreLimits, UnknownS
 from tandem.runtime.decoder import ExitDecoder
 from tandem.runtime.generate import generate
 from tandem.runtime.model import DecoderModel, Segment
-from tandem.runtime.sampling import Sampler, SamplingParams
+from tandem.runtime.sampling import SamplingParams
 from tandem.transport.hidden import decode_hidden, encode_hidden
 from tests.tiny import tiny_model
 
@@ -48,7 +48,7 @@ def _prompt() -> list[int]:
 def _collaborate(model, cloud, carry_in_request: bool = True, wire=None) -> list[int]:
     """Every token from the cloud (tau = 1.0). The newest position's hidden state either
     rides in the request or was uploaded just before it."""
-    edge, sampler, prompt = Edge(model), Sampler(GREEDY), _prompt()
+    edge, sampler, prompt = Edge(model), GREEDY, _prompt()
     h = edge.hidden(prompt)
     cloud.upload("s", 0, h[:-1])
     out = [cloud.next_token("s", len(prompt) - 1, sampler, h[-1:]).token]
@@ -79,7 +79,7 @@ def test_catch_up_runs_pending_rows_in_one_batch():
     h = edge.hidden(_prompt())
     cloud.upload("s", 0, h[:2])
     cloud.upload("s", 2, h[2:5])
-    result = cloud.next_token("s", 5, Sampler(GREEDY), h[5:])
+    result = cloud.next_token("s", 5, GREEDY, h[5:])
     assert result.catch_up_rows == 6
     assert cloud.store.get("s").pending_rows() == 0
 
@@ -102,12 +102,12 @@ def test_position_errors_and_recovery_after_eviction():
         cloud.upload("s", 4, h[4:])
     assert gap.value.expected == 3
     with pytest.raises(PositionMismatch):
-        cloud.next_token("s", 1, Sampler(GREEDY))
+        cloud.next_token("s", 1, GREEDY)
     cloud.release("s")
     with pytest.raises(UnknownSession):
-        cloud.next_token("s", 5, Sampler(GREEDY))
+        cloud.next_token("s", 5, GREEDY)
     cloud.upload("s", 0, h[:-1])  # the edge re-uploads its context
-    again = cloud.next_token("s", 5, Sampler(GREEDY), h[-1:]).token
+    again = cloud.next_token("s", 5, GREEDY, h[-1:]).token
     expected = generate(ExitDecoder(model), _prompt(), GREEDY).token_ids[0]
     assert again == expected
 

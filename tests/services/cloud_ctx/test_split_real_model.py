@@ -15,7 +15,7 @@ from tandem.models.loader import LoadOptions, load_model
 from tandem.models.registry import ModelRegistry
 from tandem.runtime.generate import generate
 from tandem.runtime.model import Segment
-from tandem.runtime.sampling import Sampler, SamplingParams
+from tandem.runtime.sampling import SamplingParams
 from tandem.transport.hidden import decode_hidden, encode_hidden
 
 pytestmark = pytest.mark.slow
@@ -35,7 +35,7 @@ def test_split_smollm2_greedy_equals_full_model():
     cloud = CloudContextManager(
         model, split, SessionStore(lambda: model.new_kv(first_layer=split), StoreLimits())
     )
-    edge_kv, length, sampler, out = model.new_kv(0, split), 0, Sampler(params), []
+    edge_kv, length, sampler, out = model.new_kv(0, split), 0, params, []
     ids = prompt
     while len(out) < params.max_tokens:
         n = len(ids)

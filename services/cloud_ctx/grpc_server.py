@@ -1,0 +1,120 @@
+"""gRPC front of the cloud context manager (tandem.cloud.v1.CloudContext).
+
+Model work runs on one dedicated thread, so calls from many edges are serialised against
+the model and never block the event loop. Errors map to status codes the edge can act on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+
+from services.cloud_ctx.context_manager import CloudContextManager, PositionMismatch
+from services.cloud_ctx.session_store import SessionTooLarge, UnknownSession
+from tandem.runtime.sampling import SamplingParams
+from tandem.transport.hidden import HiddenPayload, decode_hidden
+from tandem_proto.cloud.v1 import cloud_pb2, cloud_pb2_grpc
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+EXPECTED_POSITION_KEY = "tandem-expected-position"
+
+
+def hidden_from_proto(msg: cloud_pb2.HiddenStates) -> HiddenPayload:
+    if msg.encoding not in ("fp16", "int8"):
+        raise ValueError(f"unknown hidden-state encoding {msg.encoding!r}")
+    return HiddenPayload(msg.encoding, msg.n_tokens, msg.hidden_size, msg.data, msg.scales)
+
+
+def sampling_from_proto(msg: cloud_pb2.Sampling) -> SamplingParams:
+    return SamplingParams(
+        temperature=msg.temperature if msg.HasField("temperature") else 0.0,
+        top_p=msg.top_p if msg.HasField("top_p") else 1.0,
+        seed=msg.seed if msg.HasField("seed") else None,
+    )
+
+
+class CloudServicer(cloud_pb2_grpc.CloudContextServicer):
+    def __init__(self, manager: CloudContextManager) -> None:
+        self.manager = manager
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cloud-model")
+
+    async def _run(self, context: grpc.aio.ServicerContext, fn: Callable[[], T]) -> T:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._worker, fn)
+        except UnknownSession as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown session {exc}; re-upload")
+        except PositionMismatch as exc:
+            context.set_trailing_metadata(((EXPECTED_POSITION_KEY, str(exc.expected)),))
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except SessionTooLarge as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        raise AssertionError("unreachable")
+
+    def _hidden(self, msg: cloud_pb2.HiddenStates):
+        payload = hidden_from_proto(msg)
+        if payload.hidden_size != self.manager.model.cfg.hidden_size:
+            raise ValueError(
+                f"hidden_size {payload.hidden_size} != model's {self.manager.model.cfg.hidden_size}"
+            )
+        return decode_hidden(payload, self.manager.model.dtype)
+
+    async def Upload(self, request_iterator, context):
+        positions = 0
+        async for req in request_iterator:
+            positions = await self._run(
+                context,
+                lambda r=req: self.manager.upload(
+                    r.session_id, r.start_pos, self._hidden(r.hidden)
+                ),
+            )
+        return cloud_pb2.UploadReply(positions=positions)
+
+    async def NextToken(self, request, context):
+        def work():
+            hidden = self._hidden(request.hidden) if request.HasField("hidden") else None
+            return self.manager.next_token(
+                request.session_id, request.position, sampling_from_proto(request.sampling), hidden
+            )
+
+        result = await self._run(context, work)
+        return cloud_pb2.TokenReply(
+            token_id=result.token, prob=result.prob, catch_up_rows=result.catch_up_rows
+        )
+
+    async def Release(self, request, context):
+        released = await self._run(context, lambda: self.manager.release(request.session_id))
+        return cloud_pb2.ReleaseReply(released=released)
+
+
+@dataclass
+class RunningCloudServer:
+    server: grpc.aio.Server
+    port: int
+
+    async def stop(self, grace: float = 5.0) -> None:
+        await self.server.stop(grace)
+
+
+async def start_cloud_server(
+    manager: CloudContextManager, host: str = "127.0.0.1", port: int = 0
+) -> RunningCloudServer:
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", 64 << 20),
+            ("grpc.max_send_message_length", 64 << 20),
+        ]
+    )
+    cloud_pb2_grpc.add_CloudContextServicer_to_server(CloudServicer(manager), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    log.info("cloud context gRPC server listening on %s:%d", host, bound)
+    return RunningCloudServer(server, bound)

@@ -1,0 +1,94 @@
+"""The cloud context manager over real gRPC on 127.0.0.1, tiny model: split inference
+equals full-model greedy; errors map to status codes the edge can act on."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+import torch
+
+from services.cloud_ctx.context_manager import CloudContextManager
+from services.cloud_ctx.grpc_server import EXPECTED_POSITION_KEY, start_cloud_server
+from services.cloud_ctx.session_store import SessionStore, StoreLimits
+from tandem.runtime.decoder import ExitDecoder
+from tandem.runtime.generate import generate
+from tandem.runtime.model import Segment
+from tandem.runtime.sampling import SamplingParams
+from tandem.transport.hidden import encode_hidden
+from tandem_proto.cloud.v1 import cloud_pb2, cloud_pb2_grpc
+from tests.tiny import tiny_model
+
+SPLIT = 3
+GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+PROMPT = [5, 9, 17, 33, 65, 129]
+
+
+def _wire(h: torch.Tensor) -> cloud_pb2.HiddenStates:
+    p = encode_hidden(h, "fp16")
+    return cloud_pb2.HiddenStates(
+        encoding=p.encoding, n_tokens=p.n_tokens, hidden_size=p.hidden_size, data=p.data
+    )
+
+
+def _edge_hidden(model, kv, start: int, ids: list[int]) -> torch.Tensor:
+    n = len(ids)
+    with torch.inference_mode():
+        return model.run_layers(
+            model.embed(torch.tensor(ids)),
+            torch.arange(start, start + n),
+            [Segment(kv, 0, n, start)],
+            0,
+            SPLIT,
+        )
+
+
+def test_split_generation_over_grpc_and_errors():
+    model = tiny_model("llama")
+    expected = list(generate(ExitDecoder(model), PROMPT, GREEDY).token_ids)
+    manager = CloudContextManager(
+        model, SPLIT, SessionStore(lambda: model.new_kv(first_layer=SPLIT), StoreLimits())
+    )
+
+    async def main():
+        server = await start_cloud_server(manager)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+                stub = cloud_pb2_grpc.CloudContextStub(ch)
+                kv = model.new_kv(0, SPLIT)
+                h = _edge_hidden(model, kv, 0, PROMPT)
+                up = await stub.Upload(
+                    iter(
+                        [cloud_pb2.UploadRequest(session_id="s", start_pos=0, hidden=_wire(h[:-1]))]
+                    )
+                )
+                assert up.positions == len(PROMPT) - 1
+                out, pos, hidden = [], len(PROMPT) - 1, h[-1:]
+                while len(out) < GREEDY.max_tokens:
+                    reply = await stub.NextToken(
+                        cloud_pb2.TokenRequest(session_id="s", position=pos, hidden=_wire(hidden))
+                    )
+                    out.append(reply.token_id)
+                    pos += 1
+                    hidden = _edge_hidden(model, kv, pos, [reply.token_id])
+                with pytest.raises(grpc.aio.AioRpcError) as gap:
+                    await stub.NextToken(cloud_pb2.TokenRequest(session_id="s", position=2))
+                assert gap.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+                meta = dict(gap.value.trailing_metadata() or ())
+                assert meta[EXPECTED_POSITION_KEY] == str(pos - 1)
+                assert (await stub.Release(cloud_pb2.ReleaseRequest(session_id="s"))).released
+                with pytest.raises(grpc.aio.AioRpcError) as gone:
+                    await stub.NextToken(cloud_pb2.TokenRequest(session_id="s", position=0))
+                assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+                bad = cloud_pb2.HiddenStates(encoding="fp16", n_tokens=1, hidden_size=7, data=b"")
+                with pytest.raises(grpc.aio.AioRpcError) as invalid:
+                    await stub.NextToken(
+                        cloud_pb2.TokenRequest(session_id="t", position=0, hidden=bad)
+                    )
+                assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                return out
+        finally:
+            await server.stop()
+
+    assert asyncio.run(asyncio.wait_for(main(), 60)) == expected
