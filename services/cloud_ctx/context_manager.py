@@ -40,9 +40,6 @@ class CloudContextManager:
         self.split = split
         self.store = store
 
-    def new_kv(self):
-        return self.model.new_kv(first_layer=self.split)
-
     def upload(self, session_id: str, start_pos: int, hidden: torch.Tensor) -> int:
         """Append hidden states [n, d] for positions start_pos.. ; returns positions held."""
         session = self.store.get_or_create(session_id)
