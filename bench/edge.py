@@ -32,7 +32,6 @@ from tandem.models.registry import ModelRegistry
 from tandem.runtime.decoder import ExitDecoder
 from tandem.runtime.exit_head import decide
 from tandem.runtime.generate import generate
-from tandem.runtime.model import Segment
 from tandem.runtime.sampling import SamplingParams
 
 OUT = Path("docs/bench")
@@ -91,11 +90,10 @@ def bits_per_char(lm: LoadedModel, texts: list[str], tau: float = 1.0) -> tuple[
         targets = torch.tensor(ids[1:])
         kv = model.new_kv()
         h = model.embed(torch.tensor(ids))
-        pos = torch.arange(n)
         logp = torch.empty(n - 1)
         decided = torch.zeros(n - 1, dtype=torch.bool)
         for i, head in enumerate(heads):
-            h = model.run_layers(h, pos, [Segment(kv, 0, n, 0)], bounds[i], bounds[i + 1])
+            h = model.run_sequence(h, kv, 0, bounds[i], bounds[i + 1])
             logits = head(h[:-1])
             d = decide(logits, head.shortlist, tau)
             take = d.confident & ~decided
@@ -107,7 +105,7 @@ def bits_per_char(lm: LoadedModel, texts: list[str], tau: float = 1.0) -> tuple[
             lp_target = torch.where(has, tok_lp, other_lp)
             logp[take] = lp_target[take]
             decided |= take
-        h = model.run_layers(h, pos, [Segment(kv, 0, n, 0)], bounds[-2], bounds[-1])
+        h = model.run_sequence(h, kv, 0, bounds[-2], bounds[-1])
         final = torch.log_softmax(model.logits(h[:-1]).float(), dim=-1)
         final_lp = final.gather(1, targets[:, None])[:, 0]
         logp[~decided] = final_lp[~decided]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from services.cloud_ctx.session_store import SessionStore
-from tandem.runtime.model import DecoderModel, Segment
+from tandem.runtime.model import DecoderModel
 from tandem.runtime.sampling import Sampler, SamplingParams
 
 
@@ -78,10 +78,7 @@ class CloudContextManager:
         rows = torch.cat(session.pending)
         n = rows.shape[0]
         start = session.computed
-        seg = Segment(session.kv, 0, n, start)
-        h = self.model.run_layers(
-            rows, torch.arange(start, start + n), [seg], self.split, self.model.cfg.n_layers
-        )
+        h = self.model.run_sequence(rows, session.kv, start, self.split, self.model.cfg.n_layers)
         session.pending.clear()
         session.computed = session.uploaded
         if session.sampler is None:

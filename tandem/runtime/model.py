@@ -52,8 +52,6 @@ class Rope:
     """cos/sin tables per theta, indexed by absolute position (rotate-half layout)."""
 
     def __init__(self, head_dim: int, thetas: tuple[float, ...], max_pos: int) -> None:
-        self.head_dim = head_dim
-        self.max_pos = max_pos
         self._tables: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
         for theta in set(thetas):
             inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
@@ -217,6 +215,15 @@ class DecoderModel(nn.Module):
         for layer in self.layers[start:end]:
             h = layer(h, rot, segments)
         return h
+
+    def run_sequence(
+        self, h: torch.Tensor, kv: SequenceKV, start_pos: int, start: int, end: int
+    ) -> torch.Tensor:
+        """Layers [start, end) for the rows [n, d] of one sequence, at positions
+        start_pos.. (they continue `kv` at every layer)."""
+        n = h.shape[0]
+        positions = torch.arange(start_pos, start_pos + n)
+        return self.run_layers(h, positions, [Segment(kv, 0, n, start_pos)], start, end)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         out = self.lm_head(self.norm(h))

@@ -10,30 +10,14 @@ from services.cloud_ctx.context_manager import CloudContextManager, PositionMism
 from services.cloud_ctx.session_store import SessionStore, StoreLimits, UnknownSession
 from tandem.runtime.decoder import ExitDecoder
 from tandem.runtime.generate import generate
-from tandem.runtime.model import DecoderModel, Segment
+from tandem.runtime.model import DecoderModel
 from tandem.runtime.sampling import SamplingParams
 from tandem.transport.hidden import decode_hidden, encode_hidden
+from tests.services.cloud_ctx.edge_half import EdgeHalf
 from tests.tiny import tiny_model
 
 SPLIT = 3
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
-
-
-class Edge:
-    """The edge half: embeds tokens and runs layers [0, SPLIT) with its own KV."""
-
-    def __init__(self, model: DecoderModel) -> None:
-        self.model = model
-        self.kv = model.new_kv(0, SPLIT)
-        self.length = 0
-
-    @torch.inference_mode()
-    def hidden(self, ids: list[int]) -> torch.Tensor:
-        n, start = len(ids), self.length
-        h = self.model.embed(torch.tensor(ids))
-        seg = Segment(self.kv, 0, n, start)
-        self.length += n
-        return self.model.run_layers(h, torch.arange(start, start + n), [seg], 0, SPLIT)
 
 
 def _cloud(model: DecoderModel, **limits) -> CloudContextManager:
@@ -48,7 +32,7 @@ def _prompt() -> list[int]:
 def _collaborate(model, cloud, carry_in_request: bool = True, wire=None) -> list[int]:
     """Every token from the cloud (tau = 1.0). The newest position's hidden state either
     rides in the request or was uploaded just before it."""
-    edge, sampler, prompt = Edge(model), GREEDY, _prompt()
+    edge, sampler, prompt = EdgeHalf(model, SPLIT), GREEDY, _prompt()
     h = edge.hidden(prompt)
     cloud.upload("s", 0, h[:-1])
     out = [cloud.next_token("s", len(prompt) - 1, sampler, h[-1:]).token]
@@ -75,7 +59,7 @@ def test_cloud_tokens_equal_full_model_greedy(arch):
 def test_catch_up_runs_pending_rows_in_one_batch():
     model = tiny_model("llama")
     cloud = _cloud(model)
-    edge = Edge(model)
+    edge = EdgeHalf(model, SPLIT)
     h = edge.hidden(_prompt())
     cloud.upload("s", 0, h[:2])
     cloud.upload("s", 2, h[2:5])
@@ -95,7 +79,7 @@ def test_int8_transport_runs_and_mostly_agrees():
 def test_position_errors_and_recovery_after_eviction():
     model = tiny_model("llama")
     cloud = _cloud(model)
-    edge = Edge(model)
+    edge = EdgeHalf(model, SPLIT)
     h = edge.hidden(_prompt())
     cloud.upload("s", 0, h[:3])
     with pytest.raises(PositionMismatch) as gap:
@@ -115,11 +99,11 @@ def test_position_errors_and_recovery_after_eviction():
 def test_memory_cap_evicts_least_recently_used_sessions():
     model = tiny_model("llama")
     probe = _cloud(model)
-    probe.upload("a", 0, Edge(model).hidden(_prompt()))
+    probe.upload("a", 0, EdgeHalf(model, SPLIT).hidden(_prompt()))
     one = probe.store.nbytes()
     cloud = _cloud(model, max_bytes=int(one * 2.5))
     for sid in ("a", "b", "c"):
-        cloud.upload(sid, 0, Edge(model).hidden(_prompt()))
+        cloud.upload(sid, 0, EdgeHalf(model, SPLIT).hidden(_prompt()))
     assert len(cloud.store) == 2 and cloud.store.evictions["lru"] == 1
     with pytest.raises(UnknownSession):
         cloud.store.get("a")

@@ -14,10 +14,10 @@ from services.cloud_ctx.grpc_server import EXPECTED_POSITION_KEY, start_cloud_se
 from services.cloud_ctx.session_store import SessionStore, StoreLimits
 from tandem.runtime.decoder import ExitDecoder
 from tandem.runtime.generate import generate
-from tandem.runtime.model import Segment
 from tandem.runtime.sampling import SamplingParams
 from tandem.transport.hidden import encode_hidden
 from tandem_proto.cloud.v1 import cloud_pb2, cloud_pb2_grpc
+from tests.services.cloud_ctx.edge_half import EdgeHalf
 from tests.tiny import tiny_model
 
 SPLIT = 3
@@ -32,18 +32,6 @@ def _wire(h: torch.Tensor) -> cloud_pb2.HiddenStates:
     )
 
 
-def _edge_hidden(model, kv, start: int, ids: list[int]) -> torch.Tensor:
-    n = len(ids)
-    with torch.inference_mode():
-        return model.run_layers(
-            model.embed(torch.tensor(ids)),
-            torch.arange(start, start + n),
-            [Segment(kv, 0, n, start)],
-            0,
-            SPLIT,
-        )
-
-
 def test_split_generation_over_grpc_and_errors():
     model = tiny_model("llama")
     expected = list(generate(ExitDecoder(model), PROMPT, GREEDY).token_ids)
@@ -56,8 +44,8 @@ def test_split_generation_over_grpc_and_errors():
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
                 stub = cloud_pb2_grpc.CloudContextStub(ch)
-                kv = model.new_kv(0, SPLIT)
-                h = _edge_hidden(model, kv, 0, PROMPT)
+                edge = EdgeHalf(model, SPLIT)
+                h = edge.hidden(PROMPT)
                 up = await stub.Upload(
                     iter(
                         [cloud_pb2.UploadRequest(session_id="s", start_pos=0, hidden=_wire(h[:-1]))]
@@ -71,7 +59,7 @@ def test_split_generation_over_grpc_and_errors():
                     )
                     out.append(reply.token_id)
                     pos += 1
-                    hidden = _edge_hidden(model, kv, pos, [reply.token_id])
+                    hidden = edge.hidden([reply.token_id])
                 with pytest.raises(grpc.aio.AioRpcError) as gap:
                     await stub.NextToken(cloud_pb2.TokenRequest(session_id="s", position=2))
                 assert gap.value.code() == grpc.StatusCode.FAILED_PRECONDITION

@@ -14,9 +14,9 @@ from services.cloud_ctx.session_store import SessionStore, StoreLimits
 from tandem.models.loader import LoadOptions, load_model
 from tandem.models.registry import ModelRegistry
 from tandem.runtime.generate import generate
-from tandem.runtime.model import Segment
 from tandem.runtime.sampling import SamplingParams
 from tandem.transport.hidden import decode_hidden, encode_hidden
+from tests.services.cloud_ctx.edge_half import EdgeHalf
 
 pytestmark = pytest.mark.slow
 
@@ -35,21 +35,12 @@ def test_split_smollm2_greedy_equals_full_model():
     cloud = CloudContextManager(
         model, split, SessionStore(lambda: model.new_kv(first_layer=split), StoreLimits())
     )
-    edge_kv, length, sampler, out = model.new_kv(0, split), 0, params, []
-    ids = prompt
+    edge, out, ids = EdgeHalf(model, split), [], prompt
     while len(out) < params.max_tokens:
-        n = len(ids)
-        h = model.run_layers(
-            model.embed(torch.tensor(ids)),
-            torch.arange(length, length + n),
-            [Segment(edge_kv, 0, n, length)],
-            0,
-            split,
-        )
-        h = decode_hidden(encode_hidden(h, "fp16"), model.dtype)
-        if n > 1:
-            cloud.upload("s", length, h[:-1])
-        out.append(cloud.next_token("s", length + n - 1, sampler, h[-1:]).token)
-        length += n
+        start = edge.length
+        h = decode_hidden(encode_hidden(edge.hidden(ids), "fp16"), model.dtype)
+        if len(ids) > 1:
+            cloud.upload("s", start, h[:-1])
+        out.append(cloud.next_token("s", edge.length - 1, params, h[-1:]).token)
         ids = [out[-1]]
     assert out == expected
