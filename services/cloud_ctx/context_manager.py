@@ -41,17 +41,23 @@ class CloudContextManager:
         self.store = store
 
     def upload(self, session_id: str, start_pos: int, hidden: torch.Tensor) -> int:
-        """Append hidden states [n, d] for positions start_pos.. ; returns positions held."""
+        """Append hidden states [n, d] for positions start_pos.. ; returns positions held.
+        Idempotent: rows for positions already held are skipped (an edge resends from its
+        last acknowledged position after a failure); a gap raises PositionMismatch."""
+        if start_pos < 0:
+            raise ValueError(f"upload starts at negative position {start_pos}")
         session = self.store.get_or_create(session_id)
-        if start_pos != session.uploaded:
+        if start_pos > session.uploaded:
             raise PositionMismatch(
                 f"session {session_id!r} holds {session.uploaded} positions; "
                 f"upload starts at {start_pos}",
                 session.uploaded,
             )
-        session.pending.append(hidden.to(self.model.dtype))
-        session.uploaded += hidden.shape[0]
-        self.store.enforce_cap(keep=session_id)
+        fresh = hidden[session.uploaded - start_pos :]
+        if fresh.shape[0]:
+            session.pending.append(fresh.to(self.model.dtype))
+            session.uploaded += fresh.shape[0]
+            self.store.enforce_cap(keep=session_id)
         return session.uploaded
 
     @torch.inference_mode()
@@ -63,11 +69,12 @@ class CloudContextManager:
         hidden: torch.Tensor | None = None,
     ) -> CloudToken:
         """The token after `position`, which must be the session's newest position. Its
-        hidden state comes with the request (`hidden`, [1, d]) or was uploaded before.
+        hidden state was uploaded before or comes with the request: `hidden` [n, d] holds
+        the states of positions position-n+1 .. position.
         The session keeps the sampler made from its first request's `params` (a seed then
         reproduces the whole stream)."""
         if hidden is not None:
-            self.upload(session_id, position, hidden)
+            self.upload(session_id, position + 1 - hidden.shape[0], hidden)
         session = self.store.get(session_id)
         if position != session.uploaded - 1:
             raise PositionMismatch(

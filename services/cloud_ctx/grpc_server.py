@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ class CloudServicer(cloud_pb2_grpc.CloudContextServicer):
     def __init__(self, manager: CloudContextManager) -> None:
         self.manager = manager
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cloud-model")
+        self._in_flight = 0  # token requests accepted and not answered (event-loop only)
 
     async def _run(self, context: grpc.aio.ServicerContext, fn: Callable[[], T]) -> T:
         try:
@@ -79,15 +81,30 @@ class CloudServicer(cloud_pb2_grpc.CloudContextServicer):
         return cloud_pb2.UploadReply(positions=positions)
 
     async def NextToken(self, request, context):
+        queued = time.perf_counter()
+        started = queued
+
         def work():
+            nonlocal started
+            started = time.perf_counter()
             hidden = self._hidden(request.hidden) if request.HasField("hidden") else None
             return self.manager.next_token(
                 request.session_id, request.position, sampling_from_proto(request.sampling), hidden
             )
 
-        result = await self._run(context, work)
+        self._in_flight += 1
+        try:
+            result = await self._run(context, work)
+        finally:
+            self._in_flight -= 1
+        done = time.perf_counter()
         return cloud_pb2.TokenReply(
-            token_id=result.token, prob=result.prob, catch_up_rows=result.catch_up_rows
+            token_id=result.token,
+            prob=result.prob,
+            catch_up_rows=result.catch_up_rows,
+            compute_ms=(done - started) * 1e3,
+            queue_ms=(started - queued) * 1e3,
+            load=self._in_flight + 1,
         )
 
     async def Release(self, request, context):
