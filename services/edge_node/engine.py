@@ -5,18 +5,30 @@ thread-safe queues, admits waiting requests up to `max_batch`, prefills prompt c
 within a token budget (chunked prefill), then runs one batched decode step for every
 sequence whose prompt is in. Output goes back to each request's asyncio
 queue. Closing a request's iterator (client gone) aborts it and frees its KV.
+
+Collaborative mode (CE-CoLLM): the decoder runs layers [0, split) only and a `CloudLink`
+is given. Split-layer states of every position go to the cloud as they are computed; a
+token that no edge exit is confident about (latency-aware tau, see `tau_policy`) is asked
+of the cloud, all such tokens of one step in parallel. When the cloud is unreachable or
+slower than its timeout, the edge's own token from the split head is used instead
+(`source == "fallback"`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from services.edge_node.cloud_link import CloudLink, CloudUnavailable
+from services.edge_node.tau_policy import TauPolicy
 from tandem.runtime.decoder import ExitDecoder, SequenceState, StepResult
 from tandem.runtime.engine_api import (
     ChatMessage,
@@ -25,6 +37,7 @@ from tandem.runtime.engine_api import (
     GenerationChunk,
     GenerationRequest,
     PromptTooLong,
+    TokenSource,
 )
 from tandem.runtime.generate import pick
 from tandem.runtime.sampling import Sampler
@@ -51,6 +64,18 @@ class EngineConfig:
     max_context: int = 4096
     tau: float = 1.0  # early-exit confidence threshold; 1.0 = always full depth
     max_deferred: int = 32
+    # Emulated slower device (benchmarks): every model step takes `slowdown` times its
+    # measured time (the engine sleeps the difference). 1.0 = the real speed.
+    slowdown: float = 1.0
+
+
+@dataclass
+class EngineStats:
+    """Totals since start (read by benchmarks and metrics)."""
+
+    model_s: float = 0.0  # edge model time, emulated slowdown included
+    cloud_wait_s: float = 0.0  # time the engine waited for cloud answers
+    steps: int = 0
 
 
 @dataclass
@@ -79,12 +104,24 @@ class EdgeEngine:
     """Implements tandem.runtime.engine_api.Engine."""
 
     def __init__(
-        self, model_id: str, decoder: ExitDecoder, codec: Codec, config: EngineConfig
+        self,
+        model_id: str,
+        decoder: ExitDecoder,
+        codec: Codec,
+        config: EngineConfig,
+        cloud: CloudLink | None = None,
+        tau_policy: TauPolicy | None = None,
     ) -> None:
+        if decoder.split and cloud is None:
+            log.warning("split decoder without a cloud link: edge-standalone mode")
         self.model_id = model_id
         self.decoder = decoder
         self.codec = codec
         self.config = config
+        self.cloud = cloud if decoder.split else None
+        self.tau_policy = tau_policy or TauPolicy(config.tau, min(config.tau, 0.5))
+        self.tau_now = config.tau  # the latency-aware threshold of the last step
+        self.stats = EngineStats()
         self.max_context = min(config.max_context, decoder.model.max_context)
         self.n_layers = decoder.n_layers
         self._inbox: queue.SimpleQueue[_Active | _Abort | None] = queue.SimpleQueue()
@@ -203,6 +240,7 @@ class EdgeEngine:
                 if a.request.request_id == request_id:
                     group.remove(a)
                     a.seq = None  # drops the KV cache
+                    self._release_cloud(a)
                     if group is self._waiting:
                         with self._lock:
                             self._submitted -= 1
@@ -236,26 +274,77 @@ class EdgeEngine:
             chunks.append(chunk)
         if not batch:
             return
-        steps = self.decoder.prefill([a.seq for a in batch], chunks)
-        for a, chunk, step in zip(batch, chunks, steps, strict=True):
+        tau = self._tau()
+        with self._timed():
+            steps = self.decoder.prefill([a.seq for a in batch], chunks, tau)
+        for a, chunk in zip(batch, chunks, strict=True):
             a.prefilled += len(chunk)
-            if a.decoding:
-                self._emit(a, step)
-        self._running = [a for a in self._running if not a.done]
+        self._finish_steps(batch, steps, sample=[a.decoding for a in batch])
 
     def _step(self) -> None:
         ready = [a for a in self._running if a.decoding and a.ids]
         if not ready:
             return
-        steps = self.decoder.decode(
-            [a.seq for a in ready], [a.ids[-1] for a in ready], self.config.tau
-        )
-        for a, step in zip(ready, steps, strict=True):
-            self._emit(a, step)
+        tau = self._tau()
+        with self._timed():
+            steps = self.decoder.decode([a.seq for a in ready], [a.ids[-1] for a in ready], tau)
+        self._finish_steps(ready, steps, sample=[True] * len(ready))
+
+    @contextmanager
+    def _timed(self) -> Iterator[None]:
+        t0 = time.perf_counter()
+        yield
+        spent = time.perf_counter() - t0
+        if self.config.slowdown > 1.0:
+            time.sleep(spent * (self.config.slowdown - 1.0))
+        self.stats.model_s += time.perf_counter() - t0
+        self.stats.steps += 1
+
+    def _tau(self) -> float:
+        if self.cloud is not None and self.cloud.available():
+            self.tau_now = self.tau_policy.effective(self.cloud.expected_ms())
+        else:
+            self.tau_now = self.config.tau
+        return self.tau_now
+
+    def _finish_steps(
+        self, batch: list[_Active], steps: list[StepResult], sample: list[bool]
+    ) -> None:
+        """Hand split-layer states to the cloud, ask it for the tokens the edge is not
+        confident about (in parallel, bounded by the link's timeout), emit the rest."""
+        cloud = self.cloud
+        asks: dict[int, concurrent.futures.Future] = {}
+        for i, (a, step, want) in enumerate(zip(batch, steps, sample, strict=True)):
+            ask = want and step.reached is not None and not step.confident
+            if cloud is not None and step.reached is not None:
+                cloud.append(a.request.request_id, step.reached, upload=not ask)
+                if ask and cloud.available():
+                    position = step.reached.start_pos + step.reached.hidden.shape[0] - 1
+                    asks[i] = cloud.ask(a.request.request_id, position, a.request.params)
+        if asks:
+            t0 = time.perf_counter()
+            concurrent.futures.wait(asks.values(), timeout=cloud.config.timeout_s + 5)
+            self.stats.cloud_wait_s += time.perf_counter() - t0
+        for i, (a, step, want) in enumerate(zip(batch, steps, sample, strict=True)):
+            if not want:
+                continue
+            if i in asks:
+                try:
+                    answer = asks[i].result(timeout=0)
+                    self._emit(a, answer.token, self.n_layers, "cloud")
+                    continue
+                except (CloudUnavailable, concurrent.futures.TimeoutError) as exc:
+                    log.debug("request %s: %s", a.request.request_id, exc)
+            fallback = step.reached is not None and not step.confident and cloud is not None
+            token, _ = pick(a.sampler, step)
+            self._emit(a, token, step.exit_layer, "fallback" if fallback else "edge")
         self._running = [a for a in self._running if not a.done]
 
-    def _emit(self, a: _Active, step: StepResult) -> None:
-        token, _ = pick(a.sampler, step)
+    def _release_cloud(self, a: _Active) -> None:
+        if self.cloud is not None:
+            self.cloud.release(a.request.request_id)
+
+    def _emit(self, a: _Active, token: int, exit_layer: int, source: TokenSource) -> None:
         a.ids.append(token)
         params = a.request.params
         finish: FinishReason | None = None
@@ -275,12 +364,14 @@ class EdgeEngine:
         if finish is not None:
             a.done = True
             a.seq = None
+            self._release_cloud(a)
         self._send(
             a,
             GenerationChunk(
                 text=text,
                 token_ids=(token,),
-                exit_layers=(step.exit_layer,),
+                exit_layers=(exit_layer,),
+                sources=(source,),
                 prompt_tokens=len(a.request.prompt_ids),
                 completion_tokens=len(a.ids),
                 finish_reason=finish,

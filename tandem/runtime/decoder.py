@@ -13,6 +13,11 @@ the same exit are merged, so there is at most one pending block per exit point.
 Cost: the pending rows' dense compute is paid later, batched with a new token (cheap on
 memory-bound decode), plus the memory of the pending hidden states; `max_deferred` caps
 it by forcing a full-depth token.
+
+Split mode (`depth` < n_layers, CE-CoLLM's edge): only layers [0, depth) run here. A token
+that reaches `depth` is judged by the head at `depth` (or the logit lens when there is
+none) and its result carries the split-layer states of every position that reached
+`depth` in this step (`StepResult.reached`), for upload to the cloud, which runs the rest.
 """
 
 from __future__ import annotations
@@ -45,14 +50,27 @@ class SequenceState:
 
 
 @dataclass(frozen=True)
+class Reached:
+    """Split-layer hidden states of positions start_pos.. that reached the split."""
+
+    start_pos: int
+    hidden: torch.Tensor  # [n, d]
+
+
+@dataclass(frozen=True)
 class StepResult:
     """Full depth: `logits` over the vocabulary and exit_layer == n_layers.
     Early exit: `logits` over the head's shortlist (without "other") and `shortlist`
-    maps an index to its vocabulary id."""
+    maps an index to its vocabulary id.
+    Split mode, token reached the split: exit_layer == depth, `logits` from the head at
+    the split (or the logit lens), `confident` says whether they pass tau, and `reached`
+    holds the split-layer states to upload."""
 
     exit_layer: int
     logits: torch.Tensor
     shortlist: torch.Tensor | None = None
+    confident: bool = True
+    reached: Reached | None = None
 
 
 ExitRule = Callable[[torch.Tensor, torch.Tensor, float], ExitDecision]
@@ -65,27 +83,48 @@ class ExitDecoder:
         heads: list[ExitHead] | None = None,
         max_deferred: int = 32,
         exit_rule: ExitRule = decide,
+        depth: int | None = None,
     ) -> None:
         self.model = model
         self.exit_rule = exit_rule
-        self.heads = sorted(heads or [], key=lambda h: h.cfg.layer)
-        self.max_deferred = max_deferred
         self.n_layers = model.cfg.n_layers
+        self.depth = self.n_layers if depth is None else depth
+        if not 0 < self.depth <= self.n_layers:
+            raise ValueError(f"depth {self.depth} must be in (0, {self.n_layers}]")
+        heads = sorted(heads or [], key=lambda h: h.cfg.layer)
+        self.heads = [h for h in heads if h.cfg.layer < self.depth]
+        self.split_head = next((h for h in heads if h.cfg.layer == self.depth), None)
+        self.max_deferred = max_deferred
         self.exit_layers = tuple(h.cfg.layer for h in self.heads)
 
+    @property
+    def split(self) -> bool:
+        return self.depth < self.n_layers
+
     def new_sequence(self) -> SequenceState:
-        return SequenceState(kv=self.model.new_kv())
+        return SequenceState(kv=self.model.new_kv(0, self.depth))
 
     @torch.inference_mode()
-    def prefill(self, seqs: list[SequenceState], prompts: list[list[int]]) -> list[StepResult]:
-        """Full-depth forward of prompt tokens; logits of each prompt's last token."""
+    def prefill(
+        self, seqs: list[SequenceState], prompts: list[list[int]], tau: float = 1.0
+    ) -> list[StepResult]:
+        """Forward of prompt tokens to `depth` (no early exit); the result for each
+        prompt's last token (`tau` only judges it in split mode)."""
         for s in seqs:
             if s.pending:
                 raise RuntimeError("prefill on a sequence with pending rows")
-        logits = self.model.forward_tokens(prompts, [s.kv for s in seqs], [s.length for s in seqs])
+        starts = [s.length for s in seqs]
         for s, p in zip(seqs, prompts, strict=True):
             s.length += len(p)
-        return [StepResult(self.n_layers, row) for row in logits]
+        if not self.split:
+            logits = self.model.forward_tokens(prompts, [s.kv for s in seqs], starts)
+            return [StepResult(self.n_layers, row) for row in logits]
+        rows = [
+            (start, self.model.embed(torch.tensor(p)))
+            for start, p in zip(starts, prompts, strict=True)
+        ]
+        out = self._run(seqs, rows, 0, self.depth)
+        return self._at_split(out, tau)
 
     @torch.inference_mode()
     def decode(
@@ -98,7 +137,7 @@ class ExitDecoder:
             i: (s.length, emb[i : i + 1]) for i, s in enumerate(seqs)
         }
         results: dict[int, StepResult] = {}
-        bounds = [0, *self.exit_layers, self.n_layers]
+        bounds = [0, *self.exit_layers, self.depth]
         use_exits = tau < 1.0
         for head_idx in range(len(bounds) - 1):
             if not rows:
@@ -111,18 +150,9 @@ class ExitDecoder:
                     start, h = rows[i]
                     rows[i] = (block.start_pos, torch.cat([block.hidden, h]))
             order = list(rows)
-            h, positions, segments, off = [], [], [], 0
-            for i in order:
-                start, hi = rows[i]
-                n = hi.shape[0]
-                h.append(hi)
-                positions.append(torch.arange(start, start + n))
-                segments.append(Segment(seqs[i].kv, off, n, start))
-                off += n
-            out = model.run_layers(torch.cat(h), torch.cat(positions), segments, a, b)
-            for i, seg in zip(order, segments, strict=True):
-                rows[i] = (rows[i][0], out[seg.start : seg.start + seg.count])
-            if b == self.n_layers or not use_exits:
+            out = self._run([seqs[i] for i in order], [rows[i] for i in order], a, b)
+            rows = dict(zip(order, out, strict=True))
+            if b == self.depth or not use_exits:
                 continue
             candidates = [i for i in order if seqs[i].pending_rows() < self.max_deferred]
             if not candidates:
@@ -140,7 +170,10 @@ class ExitDecoder:
                         start, hi = prev.start_pos, torch.cat([prev.hidden, hi])
                     pending.append(PendingBlock(b, start, hi))
                     results[i] = StepResult(b, head_logits[j, :-1], head.shortlist)
-        if rows:
+        if rows and self.split:
+            order = list(rows)
+            results.update(zip(order, self._at_split([rows[i] for i in order], tau), strict=True))
+        elif rows:
             order = list(rows)
             logits = model.logits(torch.cat([rows[i][1][-1:] for i in order]))
             for j, i in enumerate(order):
@@ -148,3 +181,46 @@ class ExitDecoder:
         for s in seqs:
             s.length += 1
         return [results[i] for i in range(len(seqs))]
+
+    def _run(
+        self,
+        seqs: list[SequenceState],
+        rows: list[tuple[int, torch.Tensor]],
+        a: int,
+        b: int,
+    ) -> list[tuple[int, torch.Tensor]]:
+        """Layers [a, b) for each sequence's rows (start position, [n, d]), batched."""
+        h, positions, segments, off = [], [], [], 0
+        for s, (start, hi) in zip(seqs, rows, strict=True):
+            n = hi.shape[0]
+            h.append(hi)
+            positions.append(torch.arange(start, start + n))
+            segments.append(Segment(s.kv, off, n, start))
+            off += n
+        out = self.model.run_layers(torch.cat(h), torch.cat(positions), segments, a, b)
+        return [
+            (start, out[seg.start : seg.start + seg.count])
+            for (start, _), seg in zip(rows, segments, strict=True)
+        ]
+
+    def _at_split(self, rows: list[tuple[int, torch.Tensor]], tau: float) -> list[StepResult]:
+        """Results for rows that reached the split: the split head's (or the logit
+        lens's) verdict on each last row, plus the states to upload."""
+        last = torch.cat([h[-1:] for _, h in rows])
+        if self.split_head is not None:
+            logits, shortlist = self.split_head(last), self.split_head.shortlist
+            confident = self.exit_rule(logits, shortlist, tau).confident
+            logits = logits[:, :-1]
+        else:
+            logits, shortlist = self.model.logits(last).float(), None
+            confident = logits.softmax(-1).amax(-1) >= tau
+        return [
+            StepResult(
+                self.depth,
+                logits[j],
+                shortlist,
+                confident=tau < 1.0 and bool(confident[j]),
+                reached=Reached(start, h),
+            )
+            for j, (start, h) in enumerate(rows)
+        ]

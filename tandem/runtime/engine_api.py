@@ -13,6 +13,9 @@ from typing import Literal, Protocol
 from tandem.runtime.sampling import SamplingParams
 
 FinishReason = Literal["stop", "length", "abort"]
+# Who produced a token: the edge (an exit, or full depth on a standalone model), the cloud
+# (collaborative mode), or the edge because the cloud was unreachable or too slow.
+TokenSource = Literal["edge", "cloud", "fallback"]
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,7 @@ class GenerationChunk:
 
     `text` is the new text since the previous chunk, with stop strings already cut.
     `exit_layers` holds, per new token, the layer count that produced it (== n_layers
-    for full depth). The last chunk carries `finish_reason`.
+    for full depth) and `sources` who produced it. The last chunk carries `finish_reason`.
     """
 
     text: str
@@ -43,6 +46,7 @@ class GenerationChunk:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: FinishReason | None = None
+    sources: tuple[TokenSource, ...] = ()
 
 
 class EngineOverloaded(Exception):

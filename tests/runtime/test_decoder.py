@@ -163,3 +163,32 @@ def test_confidence_rule_exits_only_above_tau():
     assert d.confident.tolist() == [True, False, False]  # row 2's top class is "other"
     assert int(d.token[0]) == 10
     assert not decide(logits, shortlist, 1.0).confident.any()
+
+
+def test_split_mode_uploads_every_position_exactly_once(arch):
+    """Split mode (edge half of CE-CoLLM): tokens exit early, at the split head, or reach
+    the split unconfident. The split-layer states reported as `reached` cover every
+    position once, in order, and equal running layers [0, split) over the whole text."""
+    model = tiny_model(arch)
+    depth, layers = 4, (2, 4)
+    script = [None, 2, 4, None, 2, 2, 4, None, 2, None]
+    rule = ScriptedExits(script, layers)
+    dec = ExitDecoder(model, _heads(model, layers), max_deferred=100, exit_rule=rule, depth=depth)
+    assert dec.split and dec.exit_layers == (2,) and dec.split_head is not None
+    prompt, tokens = _ids(5, 3), _ids(len(script) - 1, 4)
+    s = dec.new_sequence()
+    steps = [dec.prefill([s], [prompt], tau=0.5)[0]]
+    rule.next_step()
+    for tok in tokens:
+        steps.append(dec.decode([s], [tok], tau=0.5)[0])
+        rule.next_step()
+    exits = [st.exit_layer if st.confident else None for st in steps]
+    assert exits == script
+    reached = [st.reached for st in steps if st.reached is not None]
+    assert [r.start_pos for r in reached] == sorted(r.start_pos for r in reached)
+    got = torch.cat([r.hidden for r in reached])
+    last = reached[-1]
+    assert last.start_pos + last.hidden.shape[0] == len(prompt) + len(tokens)
+    kv = model.new_kv(0, depth)
+    want = model.run_sequence(model.embed(torch.tensor(prompt + tokens)), kv, 0, 0, depth)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

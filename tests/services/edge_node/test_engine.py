@@ -144,9 +144,9 @@ class RecordingDecoder(ExitDecoder):
         super().__init__(*args, **kwargs)
         self.chunks: list[list[int]] = []
 
-    def prefill(self, seqs, prompts):
+    def prefill(self, seqs, prompts, tau=1.0):
         self.chunks.append([len(p) for p in prompts])
-        return super().prefill(seqs, prompts)
+        return super().prefill(seqs, prompts, tau)
 
 
 def test_long_prompts_are_prefilled_in_chunks_with_the_same_output():

@@ -1,0 +1,373 @@
+"""The edge's link to the cloud context manager (CE-CoLLM collaborative mode).
+
+The engine thread hands over split-layer states as they are computed (`append`) and asks
+for tokens (`ask`, a concurrent future). Everything else runs on the link's own asyncio
+loop thread:
+
+- Upload: asynchronous and incremental. At most one upload per session is in flight; it
+  sends every position the cloud has not acknowledged yet, so uploads coalesce while the
+  edge keeps generating.
+- Token request: carries the states of the positions not yet acknowledged, ending at the
+  asked one (normally just that one; more after a failure or while an upload is still in
+  flight, which the cloud's idempotent upload makes harmless). No request ever waits for
+  an upload.
+- Recovery: NOT_FOUND (the cloud lost the session and has no log to rebuild it from) or
+  FAILED_PRECONDITION (a gap; the cloud says where it ends) resets the acknowledged
+  position and the request is resent with the missing states, which the edge keeps.
+- Failure: a timeout or an unreachable cloud raises `CloudUnavailable` (the engine falls
+  back to the edge's own token) and opens a circuit: no cloud calls for `backoff_s`,
+  doubling up to `max_backoff_s`, then one probe.
+- `context="full"` is the naive baseline of the CE-CoLLM paper: no uploads, every token
+  request sends the full context to a fresh cloud session.
+- An optional `EmulatedLink` delays every message by the link's bandwidth and RTT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import grpc
+import torch
+
+from tandem.runtime.decoder import Reached
+from tandem.runtime.sampling import SamplingParams
+from tandem.transport.hidden import Encoding, encode_hidden
+from tandem.transport.network import EmulatedLink, LinkProfile
+from tandem_proto.cloud.v1 import cloud_pb2, cloud_pb2_grpc
+
+log = logging.getLogger(__name__)
+EXPECTED_POSITION_KEY = "tandem-expected-position"
+_TRIPPING = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.CANCELLED,
+}
+
+
+@dataclass(frozen=True)
+class CloudLinkConfig:
+    target: str  # host:port of cloud_ctx's gRPC server
+    encoding: Encoding = "fp16"
+    timeout_s: float = 2.0  # a token request slower than this falls back to the edge
+    backoff_s: float = 1.0  # no cloud calls for this long after a failure (doubles)
+    max_backoff_s: float = 30.0
+    context: Literal["incremental", "full"] = "incremental"
+    link: LinkProfile | None = None  # emulated network; None = the real one
+    client_id: str = "edge"  # prefix of this edge's cloud session ids
+    token: str | None = None  # internal bearer token, sent as `authorization` metadata
+
+
+@dataclass(frozen=True)
+class CloudAnswer:
+    token: int
+    prob: float
+    round_trip_s: float  # from ask() to the answer, retries included
+    compute_s: float  # the cloud's model time for the last attempt
+    rows_sent: int  # split-layer states this request carried
+    bytes_up: int
+
+
+class CloudUnavailable(Exception):
+    """The cloud did not answer in time (or at all); use the edge's own token."""
+
+
+@dataclass
+class LinkCounters:
+    """Totals since start; read by the metrics exporter and the benchmark."""
+
+    token_requests: int = 0
+    token_failures: int = 0
+    skipped_circuit_open: int = 0
+    uploads: int = 0
+    upload_failures: int = 0
+    bytes_up: int = 0  # every message the edge sent (uploads + token requests)
+    bytes_down: int = 0
+    positions_sent: int = 0  # split-layer states sent (resends included)
+    recoveries: int = 0  # NOT_FOUND / FAILED_PRECONDITION answered by resending
+    round_trip_s: float = 0.0  # summed over answered token requests
+    cloud_s: float = 0.0  # of which the cloud's model + queue time
+
+
+@dataclass
+class _Session:
+    cloud_id: str
+    chunks: list[torch.Tensor] = field(default_factory=list)  # the edge's copy, in order
+    length: int = 0  # positions held here
+    acked: int = 0  # positions the cloud confirmed holding
+    uploading: bool = False
+    requests: int = 0
+    closed: bool = False
+
+    def rows(self, start: int, end: int) -> torch.Tensor:
+        """States of positions [start, end)."""
+        out, pos = [], self.length
+        for chunk in reversed(self.chunks):
+            if pos <= start:
+                break
+            lo = pos - chunk.shape[0]
+            out.append(chunk[max(start, lo) - lo : min(end, pos) - lo])
+            pos = lo
+        return torch.cat(out[::-1])
+
+
+class CloudLink:
+    def __init__(self, config: CloudLinkConfig) -> None:
+        self.config = config
+        self.counters = LinkCounters()
+        self.emulated = EmulatedLink(config.link) if config.link is not None else None
+        self._sessions: dict[str, _Session] = {}
+        self._metadata = (("authorization", f"Bearer {config.token}"),) if config.token else ()
+        self._down_until = 0.0
+        self._backoff = config.backoff_s
+        self._network_ms: float | None = None  # EWMA of round trip minus cloud time
+        self._compute_ms: float | None = None  # EWMA of the cloud's model + queue time
+        self._load = 1
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="cloud-link")
+        self._thread.daemon = True
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: cloud_pb2_grpc.CloudContextStub | None = None
+
+    # -- lifecycle (any thread) --------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._connect(), self._loop).result(10)
+
+    def close(self) -> None:
+        if not self._thread.is_alive():
+            return
+        asyncio.run_coroutine_threadsafe(self._disconnect(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    async def _connect(self) -> None:
+        opts = [
+            ("grpc.max_send_message_length", 64 << 20),
+            ("grpc.max_receive_message_length", 64 << 20),
+        ]
+        self._channel = grpc.aio.insecure_channel(self.config.target, options=opts)
+        self._stub = cloud_pb2_grpc.CloudContextStub(self._channel)
+
+    async def _disconnect(self) -> None:
+        for s in list(self._sessions.values()):
+            await self._release(s)
+        if self._channel is not None:
+            await self._channel.close()
+
+    # -- engine-thread API ---------------------------------------------------------------
+
+    def available(self) -> bool:
+        """False while the circuit is open after a failure."""
+        return time.monotonic() >= self._down_until
+
+    def expected_ms(self) -> float | None:
+        """Predicted time of the next token request: network EWMA + cloud time EWMA
+        scaled by the cloud's last reported load. None before the first answer."""
+        if self._network_ms is None or self._compute_ms is None:
+            return None
+        return self._network_ms + self._compute_ms * max(1, self._load)
+
+    def append(self, session_id: str, reached: Reached, upload: bool) -> None:
+        """Keep the states of positions that reached the split; upload them now unless
+        a token request for them follows (`upload=False`), which carries them."""
+        self._loop.call_soon_threadsafe(self._append, session_id, reached, upload)
+
+    def ask(
+        self, session_id: str, position: int, params: SamplingParams
+    ) -> concurrent.futures.Future[CloudAnswer]:
+        """The cloud's token after `position` (whose state was appended)."""
+        return asyncio.run_coroutine_threadsafe(
+            self._ask_in_time(session_id, position, params), self._loop
+        )
+
+    def release(self, session_id: str) -> None:
+        self._loop.call_soon_threadsafe(self._release_later, session_id)
+
+    # -- loop thread ---------------------------------------------------------------------
+
+    def _session(self, session_id: str) -> _Session:
+        s = self._sessions.get(session_id)
+        if s is None:
+            s = self._sessions[session_id] = _Session(f"{self.config.client_id}:{session_id}")
+        return s
+
+    def _append(self, session_id: str, reached: Reached, upload: bool) -> None:
+        s = self._session(session_id)
+        if reached.start_pos != s.length:
+            log.error(
+                "session %s: states at %d, expected %d", session_id, reached.start_pos, s.length
+            )
+            return
+        s.chunks.append(reached.hidden.detach())
+        s.length += reached.hidden.shape[0]
+        if upload and self.config.context == "incremental" and not s.uploading:
+            self._loop.create_task(self._upload(s))
+
+    def _release_later(self, session_id: str) -> None:
+        s = self._sessions.pop(session_id, None)
+        if s is not None:
+            s.closed = True
+            if self.config.context == "incremental" and (s.acked or s.uploading or s.requests):
+                self._loop.create_task(self._release(s))
+
+    async def _release(self, s: _Session) -> None:
+        try:
+            await self._stub.Release(
+                cloud_pb2.ReleaseRequest(session_id=s.cloud_id),
+                timeout=self.config.timeout_s,
+                metadata=self._metadata,
+            )
+        except grpc.aio.AioRpcError as exc:  # the cloud's TTL cleans up after us
+            log.debug("release of %s failed: %s", s.cloud_id, exc.code())
+
+    def _hidden(self, s: _Session, start: int, end: int) -> cloud_pb2.HiddenStates:
+        p = encode_hidden(s.rows(start, end), self.config.encoding)
+        return cloud_pb2.HiddenStates(
+            encoding=p.encoding,
+            n_tokens=p.n_tokens,
+            hidden_size=p.hidden_size,
+            data=p.data,
+            scales=p.scales,
+        )
+
+    async def _cross(self, nbytes: int, direction: Literal["up", "down"]) -> None:
+        if direction == "up":
+            self.counters.bytes_up += nbytes
+        else:
+            self.counters.bytes_down += nbytes
+        if self.emulated is not None:
+            await self.emulated.send(nbytes, direction)
+
+    async def _upload(self, s: _Session) -> None:
+        s.uploading = True
+        try:
+            while s.acked < s.length and not s.closed and self.available():
+                start, end = s.acked, s.length
+                req = cloud_pb2.UploadRequest(
+                    session_id=s.cloud_id, start_pos=start, hidden=self._hidden(s, start, end)
+                )
+                await self._cross(req.ByteSize(), "up")
+                try:
+                    reply = await self._stub.Upload(
+                        iter([req]), timeout=self.config.timeout_s, metadata=self._metadata
+                    )
+                except grpc.aio.AioRpcError as exc:
+                    self.counters.upload_failures += 1
+                    if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                        s.acked = min(s.acked, _expected(exc, s.acked))
+                        self.counters.recoveries += 1
+                        continue
+                    if exc.code() in _TRIPPING:
+                        self._trip()
+                    return
+                await self._cross(reply.ByteSize(), "down")
+                self.counters.uploads += 1
+                self.counters.positions_sent += end - start
+                s.acked = max(s.acked, reply.positions)
+        finally:
+            s.uploading = False
+
+    async def _ask_in_time(
+        self, session_id: str, position: int, params: SamplingParams
+    ) -> CloudAnswer:
+        if not self.available():
+            self.counters.skipped_circuit_open += 1
+            raise CloudUnavailable("cloud circuit open after a recent failure")
+        self.counters.token_requests += 1
+        try:
+            return await asyncio.wait_for(
+                self._ask(self._session(session_id), position, params), self.config.timeout_s
+            )
+        except TimeoutError as exc:
+            self._fail(trip=True)
+            raise CloudUnavailable(f"no cloud answer in {self.config.timeout_s} s") from exc
+        except grpc.aio.AioRpcError as exc:
+            self._fail(trip=exc.code() in _TRIPPING)
+            raise CloudUnavailable(f"cloud error {exc.code().name}: {exc.details()}") from exc
+
+    async def _ask(self, s: _Session, position: int, params: SamplingParams) -> CloudAnswer:
+        t0 = time.perf_counter()
+        sampling = cloud_pb2.Sampling(temperature=params.temperature, top_p=params.top_p)
+        if params.seed is not None:
+            sampling.seed = params.seed
+        full = self.config.context == "full"
+        for attempt in range(3):
+            start = 0 if full else min(s.acked, position)
+            cloud_id = f"{s.cloud_id}#{s.requests}" if full else s.cloud_id
+            s.requests += 1
+            req = cloud_pb2.TokenRequest(
+                session_id=cloud_id,
+                position=position,
+                hidden=self._hidden(s, start, position + 1),
+                sampling=sampling,
+            )
+            await self._cross(req.ByteSize(), "up")
+            self.counters.positions_sent += position + 1 - start
+            try:
+                reply = await self._stub.NextToken(req, metadata=self._metadata)
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                if attempt < 2 and code == grpc.StatusCode.NOT_FOUND:
+                    s.acked = 0
+                elif attempt < 2 and code == grpc.StatusCode.FAILED_PRECONDITION:
+                    s.acked = min(s.acked, _expected(exc, 0))
+                else:
+                    raise
+                self.counters.recoveries += 1
+                continue
+            await self._cross(reply.ByteSize(), "down")
+            if full:
+                self._loop.create_task(self._release(_Session(cloud_id)))
+            else:
+                s.acked = max(s.acked, position + 1)
+            elapsed = time.perf_counter() - t0
+            self.counters.round_trip_s += elapsed
+            self.counters.cloud_s += (reply.compute_ms + reply.queue_ms) / 1e3
+            self._observe(elapsed * 1e3, reply)
+            return CloudAnswer(
+                token=reply.token_id,
+                prob=reply.prob,
+                round_trip_s=elapsed,
+                compute_s=reply.compute_ms / 1e3,
+                rows_sent=position + 1 - start,
+                bytes_up=req.ByteSize(),
+            )
+        raise AssertionError("unreachable")
+
+    def _observe(self, round_trip_ms: float, reply: cloud_pb2.TokenReply) -> None:
+        cloud_ms = reply.compute_ms + reply.queue_ms
+        network_ms = max(0.0, round_trip_ms - cloud_ms)
+        self._network_ms = _ewma(self._network_ms, network_ms)
+        self._compute_ms = _ewma(self._compute_ms, reply.compute_ms)
+        self._load = max(1, reply.load)
+        self._backoff = self.config.backoff_s
+
+    def _fail(self, trip: bool) -> None:
+        self.counters.token_failures += 1
+        if trip:
+            self._trip()
+
+    def _trip(self) -> None:
+        self._down_until = time.monotonic() + self._backoff
+        log.warning("cloud unreachable or slow; edge-standalone for %.1f s", self._backoff)
+        self._backoff = min(self._backoff * 2, self.config.max_backoff_s)
+
+
+def _expected(exc: grpc.aio.AioRpcError, default: int) -> int:
+    for key, value in exc.trailing_metadata() or ():
+        if key == EXPECTED_POSITION_KEY:
+            return int(value)
+    return default
+
+
+def _ewma(old: float | None, new: float, alpha: float = 0.2) -> float:
+    return new if old is None else (1 - alpha) * old + alpha * new
