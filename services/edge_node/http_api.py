@@ -110,13 +110,15 @@ class _Output:
     prompt_tokens: int
     text: list[str] = field(default_factory=list)
     exit_layers: list[int] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
     completion_tokens: int = 0
     finish_reason: str | None = None
 
     def add(self, chunk: GenerationChunk, recorder: RequestRecorder) -> None:
-        recorder.on_tokens(chunk.exit_layers, len(chunk.token_ids) or None)
+        recorder.on_tokens(chunk.exit_layers, len(chunk.token_ids) or None, chunk.sources)
         self.text.append(chunk.text)
         self.exit_layers.extend(chunk.exit_layers)
+        self.sources.extend(chunk.sources)
         self.prompt_tokens = chunk.prompt_tokens or self.prompt_tokens
         self.completion_tokens = chunk.completion_tokens
         if chunk.finish_reason is not None:
@@ -133,8 +135,21 @@ class _Output:
             prompt_tokens=self.prompt_tokens,
             completion_tokens=self.completion_tokens,
             total_tokens=self.prompt_tokens + self.completion_tokens,
-            tandem=TandemUsage(n_layers=n_layers, mean_exit_layer=mean, early_exit_fraction=early),
+            tandem=TandemUsage(
+                n_layers=n_layers,
+                mean_exit_layer=mean,
+                early_exit_fraction=early,
+                mode=self.mode,
+                cloud_tokens=self.sources.count("cloud"),
+                fallback_tokens=self.sources.count("fallback"),
+            ),
         )
+
+    @property
+    def mode(self) -> str:
+        if "fallback" in self.sources:
+            return "fallback"
+        return "collaborative" if "cloud" in self.sources else "edge"
 
 
 @dataclass(frozen=True)
@@ -338,7 +353,8 @@ class _Api:
                 return Response(status_code=CLIENT_CLOSED)
             finish = out.finish_reason or "stop"
             body = fmt.response("".join(out.text), finish, out.usage(self.engine.n_layers))
-            return JSONResponse(body, headers={"x-request-id": job.id})
+            headers = {"x-request-id": job.id, "x-tandem-mode": out.mode}
+            return JSONResponse(body, headers=headers)
         finally:
             recorder.finish(
                 finish_reason=finish,

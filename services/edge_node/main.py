@@ -2,8 +2,15 @@
 
     python -m services.edge_node.main --model smollm2 --quant int8 --tau 0.9
 
+Collaborative mode (CE-CoLLM): run layers [0, split) here and ask a cloud context manager
+(services.cloud_ctx) for the tokens no edge exit is confident about:
+
+    python -m services.edge_node.main --model qwen15 --split auto --cloud 127.0.0.1:50061
+
 Every flag has an environment variable (TANDEM_MODEL, TANDEM_QUANT, TANDEM_TAU, HOST, PORT,
-GRPC_PORT, TANDEM_API_KEY, TANDEM_GRPC_TOKEN, TANDEM_MAX_BATCH, TANDEM_MAX_CONTEXT).
+GRPC_PORT, TANDEM_API_KEY, TANDEM_GRPC_TOKEN, TANDEM_MAX_BATCH, TANDEM_MAX_CONTEXT,
+TANDEM_SPLIT, TANDEM_CLOUD, TANDEM_CLOUD_ENCODING, TANDEM_CLOUD_TIMEOUT, TANDEM_TAU_MIN,
+TANDEM_CLOUD_BUDGET_MS).
 """
 
 from __future__ import annotations
@@ -19,10 +26,12 @@ import torch
 import uvicorn
 from prometheus_client import CollectorRegistry
 
+from services.edge_node.cloud_link import CloudLink, CloudLinkConfig
 from services.edge_node.engine import EdgeEngine, EngineConfig
 from services.edge_node.grpc_server import start_grpc_server
 from services.edge_node.http_api import ApiLimits, build_app
 from services.edge_node.metrics import EdgeMetrics
+from services.edge_node.tau_policy import TauPolicy
 from tandem.models.loader import LoadOptions, load_model
 from tandem.models.registry import ModelRegistry
 from tandem.runtime.quant import QuantMode
@@ -41,6 +50,12 @@ class EdgeSettings:
     api_key: str | None
     grpc_token: str | None
     cache_dir: Path
+    split: int | None = None  # collaborative mode: run layers [0, split) only
+    cloud: str | None = None  # host:port of the cloud context manager
+    cloud_encoding: str = "fp16"
+    cloud_timeout_s: float = 2.0
+    tau_min: float = 0.5
+    cloud_budget_ms: float = 200.0
 
 
 def parse_settings(registry: ModelRegistry, argv: list[str] | None = None) -> EdgeSettings:
@@ -55,11 +70,33 @@ def parse_settings(registry: ModelRegistry, argv: list[str] | None = None) -> Ed
     p.add_argument("--max-batch", type=int, default=int(env("TANDEM_MAX_BATCH", "8")))
     p.add_argument("--max-context", type=int, default=int(env("TANDEM_MAX_CONTEXT", "4096")))
     p.add_argument("--cache-dir", default=env("TANDEM_CACHE", "model_cache"))
+    p.add_argument(
+        "--split",
+        default=env("TANDEM_SPLIT"),
+        help="collaborative mode: edge layers [0, split); 'auto' = the middle exit layer",
+    )
+    p.add_argument("--cloud", default=env("TANDEM_CLOUD"), help="cloud_ctx host:port")
+    p.add_argument(
+        "--cloud-encoding", choices=["fp16", "int8"], default=env("TANDEM_CLOUD_ENCODING", "fp16")
+    )
+    p.add_argument("--cloud-timeout", type=float, default=float(env("TANDEM_CLOUD_TIMEOUT", "2.0")))
+    p.add_argument("--tau-min", type=float, default=float(env("TANDEM_TAU_MIN", "0.5")))
+    p.add_argument(
+        "--cloud-budget-ms", type=float, default=float(env("TANDEM_CLOUD_BUDGET_MS", "200"))
+    )
     a = p.parse_args(argv)
     try:
         spec = registry.get(a.model)  # per-model defaults for quant and tau
     except KeyError as exc:
         p.error(str(exc))
+    split = None
+    if a.split:
+        exits = spec.exit_layers
+        split = exits[len(exits) // 2] if a.split == "auto" else int(a.split)
+        if split not in exits:
+            p.error(f"--split {split}: must be one of {spec.id}'s exit layers {exits}")
+    if a.cloud and split is None:
+        p.error("--cloud needs --split (collaborative mode runs the edge half of the model)")
     return EdgeSettings(
         model=a.model,
         quant=a.quant or spec.default_quant,
@@ -72,6 +109,12 @@ def parse_settings(registry: ModelRegistry, argv: list[str] | None = None) -> Ed
         api_key=env("TANDEM_API_KEY") or None,
         grpc_token=env("TANDEM_GRPC_TOKEN") or None,
         cache_dir=Path(a.cache_dir),
+        split=split,
+        cloud=a.cloud or None,
+        cloud_encoding=a.cloud_encoding,
+        cloud_timeout_s=a.cloud_timeout,
+        tau_min=a.tau_min,
+        cloud_budget_ms=a.cloud_budget_ms,
     )
 
 
@@ -81,7 +124,7 @@ def build_engine(settings: EdgeSettings, registry: ModelRegistry) -> EdgeEngine:
         spec,
         LoadOptions(
             quant=settings.quant,
-            exits=settings.tau < 1.0,
+            exits=settings.tau < 1.0 or settings.split is not None,
             max_context=settings.max_context,
             cache_dir=settings.cache_dir,
         ),
@@ -89,13 +132,36 @@ def build_engine(settings: EdgeSettings, registry: ModelRegistry) -> EdgeEngine:
     config = EngineConfig(
         max_batch=settings.max_batch, max_context=settings.max_context, tau=settings.tau
     )
-    return EdgeEngine(spec.id, loaded.decoder(config.max_deferred), loaded.codec, config)
+    cloud = None
+    if settings.cloud is not None:
+        cloud = CloudLink(
+            CloudLinkConfig(
+                target=settings.cloud,
+                encoding=settings.cloud_encoding,
+                timeout_s=settings.cloud_timeout_s,
+                client_id=f"{spec.id}-{os.getpid()}",
+                token=settings.grpc_token,
+            )
+        )
+        cloud.start()
+    return EdgeEngine(
+        spec.id,
+        loaded.decoder(config.max_deferred, depth=settings.split),
+        loaded.codec,
+        config,
+        cloud=cloud,
+        tau_policy=TauPolicy(
+            settings.tau, min(settings.tau_min, settings.tau), settings.cloud_budget_ms
+        ),
+    )
 
 
 async def serve(settings: EdgeSettings, registry: ModelRegistry) -> None:
     engine = build_engine(settings, registry)
     engine.start()
     metrics = EdgeMetrics(CollectorRegistry(), model_name=engine.model_id)
+    if engine.cloud is not None:
+        metrics.bind_cloud_link(engine.cloud, lambda: engine.tau_now)
     app = build_app(
         engine,
         served_model_id=engine.model_id,
@@ -108,8 +174,12 @@ async def serve(settings: EdgeSettings, registry: ModelRegistry) -> None:
     )
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port))
     base = f"http://{settings.host}:{settings.port}/v1"
+    mode = "standalone" if settings.split is None else f"split at {settings.split}"
+    if engine.cloud is not None:
+        mode += f", cloud {settings.cloud} ({settings.cloud_encoding})"
     print(
-        f"Tandem edge node: model={engine.model_id} quant={settings.quant} tau={settings.tau}\n"
+        f"Tandem edge node: model={engine.model_id} quant={settings.quant} tau={settings.tau} "
+        f"({mode})\n"
         f"  OpenAI API: {base}   gRPC: {settings.host}:{grpc_server.port}\n"
         f"  try: curl {base}/chat/completions -H 'Content-Type: application/json' "
         f"""-d '{{"model": "{engine.model_id}", "messages": [{{"role": "user", """
@@ -121,6 +191,8 @@ async def serve(settings: EdgeSettings, registry: ModelRegistry) -> None:
     finally:
         await grpc_server.stop()
         engine.stop()
+        if engine.cloud is not None:
+            engine.cloud.close()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -12,8 +12,17 @@ several apps in one process never clash. Every metric carries a `model` label. N
   (none: rejected before generation), status the HTTP status sent
 - `_generated_tokens_by_exit_layer_total{exit_layer}`: tokens produced at each exit layer;
   the share at `exit_layer == model_layers` is the full-depth fraction
+- `_generated_tokens_by_source_total{source}`: edge | cloud | fallback (collaborative mode:
+  cloud tokens over all tokens is the cloud request rate; fallback tokens were produced by
+  the edge because the cloud was unreachable or too slow)
 - `_model_layers` (gauge, n_layers of the engine), `_queue_depth` (gauge read from
   `engine.queue_depth()` at scrape time), `_requests_in_flight` (gauge)
+- collaborative mode only (`bind_cloud_link`, read from the link at scrape time):
+  `_cloud_token_requests_total`, `_cloud_token_failures_total`, `_cloud_uploads_total`,
+  `_cloud_recoveries_total`, `_cloud_bytes_up_total`, `_cloud_bytes_down_total`,
+  `_cloud_positions_sent_total` (bytes_up / positions_sent = bytes uploaded per token),
+  `_cloud_round_trip_seconds_total`, `_cloud_available` (0 while the circuit is open),
+  `_cloud_expected_ms` and `_tau_effective` (the latency-aware threshold in use)
 """
 
 from __future__ import annotations
@@ -24,6 +33,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 TTFT_BUCKETS = (
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5,
@@ -92,6 +103,13 @@ class EdgeMetrics:
             namespace=ns,
             registry=registry,
         )
+        self.source_tokens = Counter(
+            "generated_tokens_by_source",
+            "Generated tokens by who produced them (edge, cloud, fallback).",
+            [*labels, "source"],
+            namespace=ns,
+            registry=registry,
+        )
         self.model_layers = Gauge(
             "model_layers",
             "Number of layers of the served model (full depth).",
@@ -139,6 +157,10 @@ class EdgeMetrics:
         self.queue_depth.labels(self.model_name).set_function(read)
         self.model_layers.labels(self.model_name).set(n_layers)
 
+    def bind_cloud_link(self, link: Any, tau_now: Callable[[], float]) -> None:
+        """Export a CloudLink's counters (collaborative mode) at every scrape."""
+        self.registry.register(_CloudLinkCollector(link, tau_now, self.model_name))
+
     def start_request(self) -> RequestRecorder:
         return RequestRecorder(self)
 
@@ -158,7 +180,12 @@ class RequestRecorder:
         self._finished = False
         metrics.in_flight.labels(self._model).inc()
 
-    def on_tokens(self, exit_layers: Sequence[int], n_tokens: int | None = None) -> None:
+    def on_tokens(
+        self,
+        exit_layers: Sequence[int],
+        n_tokens: int | None = None,
+        sources: Sequence[str] = (),
+    ) -> None:
         """Record a chunk of `n_tokens` new tokens (default: len(exit_layers)).
 
         A chunk with k tokens observes its gap to the previous chunk as k inter-token
@@ -180,6 +207,8 @@ class RequestRecorder:
         self._last_token = now
         for layer in exit_layers:
             self._m._exit_layer_child(layer).inc()
+        for source in sources:
+            self._m.source_tokens.labels(self._model, source).inc()
 
     def finish(
         self, *, finish_reason: str, status: int, prompt_tokens: int, completion_tokens: int
@@ -193,3 +222,36 @@ class RequestRecorder:
         m.prompt_tokens.labels(model).inc(max(0, prompt_tokens))
         m.generation_tokens.labels(model).inc(max(0, completion_tokens))
         m.requests.labels(model, finish_reason, str(status)).inc()
+
+
+class _CloudLinkCollector(Collector):
+    _COUNTERS = (
+        ("token_requests", "Token requests sent to the cloud."),
+        ("token_failures", "Token requests that failed or timed out (edge fell back)."),
+        ("uploads", "Incremental context uploads acknowledged by the cloud."),
+        ("recoveries", "Requests resent after the cloud lost a session or position."),
+        ("bytes_up", "Bytes sent to the cloud (uploads + token requests)."),
+        ("bytes_down", "Bytes received from the cloud."),
+        ("positions_sent", "Split-layer states sent to the cloud (resends included)."),
+        ("round_trip_s", "Time spent in answered token requests."),
+    )
+
+    def __init__(self, link: Any, tau_now: Callable[[], float], model: str) -> None:
+        self._link, self._tau_now, self._model = link, tau_now, model
+
+    def collect(self):
+        c = self._link.counters
+        for name, doc in self._COUNTERS:
+            metric = name.replace("round_trip_s", "round_trip_seconds")
+            family = CounterMetricFamily(f"tandem_edge_cloud_{metric}", doc, labels=["model"])
+            family.add_metric([self._model], float(getattr(c, name)))
+            yield family
+        expected = self._link.expected_ms()
+        for name, doc, value in (
+            ("cloud_available", "1 unless the cloud circuit is open.", self._link.available()),
+            ("cloud_expected_ms", "Predicted cloud round trip.", expected or math.nan),
+            ("tau_effective", "Latency-aware exit threshold in use.", self._tau_now()),
+        ):
+            family = GaugeMetricFamily(f"tandem_edge_{name}", doc, labels=["model"])
+            family.add_metric([self._model], float(value))
+            yield family

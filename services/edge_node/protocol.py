@@ -253,11 +253,18 @@ class TandemUsage(BaseModel):
     mean_exit_layer: mean of the per-token exit layer (n_layers == full depth).
     early_exit_fraction: share of tokens that exited before the last layer.
     Both are null when no token was generated.
+    mode: "edge" (every token from this node's own model or exits), "collaborative" (some
+    tokens from the cloud, CE-CoLLM), "fallback" (the cloud was unreachable or too slow for
+    at least one token, which the edge produced on its own).
+    cloud_tokens / fallback_tokens: how many tokens each of those produced.
     """
 
     n_layers: int
     mean_exit_layer: float | None
     early_exit_fraction: float | None
+    mode: Literal["edge", "collaborative", "fallback"] = "edge"
+    cloud_tokens: int = 0
+    fallback_tokens: int = 0
 
 
 class Usage(BaseModel):

@@ -35,8 +35,9 @@ class LoadedModel:
     codec: TextCodec
     quant: QuantMode
 
-    def decoder(self, max_deferred: int = 32) -> ExitDecoder:
-        return ExitDecoder(self.model, self.heads, max_deferred)
+    def decoder(self, max_deferred: int = 32, depth: int | None = None) -> ExitDecoder:
+        """`depth` < n_layers: the edge half of a split model (collaborative mode)."""
+        return ExitDecoder(self.model, self.heads, max_deferred, depth=depth)
 
 
 def load_model(spec: ModelSpec, opts: LoadOptions) -> LoadedModel:

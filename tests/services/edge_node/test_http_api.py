@@ -116,7 +116,14 @@ async def test_chat_non_streaming() -> None:
     assert usage["completion_tokens"] == 8
     assert usage["total_tokens"] == prompt_tokens + 8
     # exit pattern (2, 4, 4, 3) twice over 4 layers
-    assert usage["tandem"] == {"n_layers": 4, "mean_exit_layer": 3.25, "early_exit_fraction": 0.5}
+    assert usage["tandem"] == {
+        "n_layers": 4,
+        "mean_exit_layer": 3.25,
+        "early_exit_fraction": 0.5,
+        "mode": "edge",
+        "cloud_tokens": 0,
+        "fallback_tokens": 0,
+    }
     params = engine.requests[-1].params
     assert (params.temperature, params.seed, params.top_p) == (0.5, 7, 1.0)
     # chat default: what is left of the context, at most the cap
