@@ -4,7 +4,7 @@ PY := .venv/bin/python
 PORT ?= 8000
 export PORT
 
-.PHONY: setup run test proto calibrate bench-edge bench-batch lint fmt
+.PHONY: setup run run-cloud redis test proto calibrate bench-edge bench-batch lint fmt
 
 setup:
 	bash scripts/bootstrap.sh
@@ -15,8 +15,15 @@ proto: setup
 run: setup proto
 	$(PY) -m services.edge_node.main
 
-test: setup proto
-	$(PY) -m pytest -q tests
+# Redis on 127.0.0.1:6390 (scripts/redis.sh; data in .run/redis), used by the cloud and the tests.
+redis: setup
+	bash scripts/redis.sh start
+
+run-cloud: setup proto redis
+	TANDEM_REDIS_URL="$${TANDEM_REDIS_URL:-$$(bash scripts/redis.sh url)}" $(PY) -m services.cloud_ctx.main
+
+test: setup proto redis
+	TANDEM_TEST_REDIS_URL="$$(bash scripts/redis.sh url)" $(PY) -m pytest -q tests
 
 calibrate: setup
 	$(PY) -m tandem.calibration --models smollm2,gemma3,qwen05,qwen15 --out artifacts/exits --report docs/bench

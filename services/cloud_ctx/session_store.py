@@ -2,7 +2,8 @@
 
 A session holds, for the cloud's layers [split, L): the KV cache of computed positions and
 the uploaded split-layer hidden states not yet run (pending). An evicted or unknown
-session raises `UnknownSession`; the edge recovers by uploading its context again.
+session raises `UnknownSession`; with a durable `SessionLog` the manager rebuilds it from
+Redis, without one the edge recovers by uploading its context again.
 """
 
 from __future__ import annotations
@@ -26,6 +27,16 @@ class SessionTooLarge(RuntimeError):
     """One session alone would exceed the store's memory cap."""
 
 
+@dataclass(frozen=True)
+class LastToken:
+    """The newest token answered for a session, kept so a retried request (its reply was
+    lost) gets the same answer instead of a second sample."""
+
+    position: int
+    token: int
+    prob: float
+
+
 @dataclass
 class CloudSession:
     session_id: str
@@ -35,6 +46,7 @@ class CloudSession:
     uploaded: int = 0  # positions received (computed + pending rows)
     last_used: float = 0.0
     sampler: Sampler | None = None
+    last: LastToken | None = None
 
     def pending_rows(self) -> int:
         return self.uploaded - self.computed
@@ -61,13 +73,18 @@ class SessionStore:
         self.limits = limits
         self._clock = clock
         self._sessions: OrderedDict[str, CloudSession] = OrderedDict()  # LRU first
-        self.evictions: dict[str, int] = {"ttl": 0, "lru": 0, "release": 0}
+        # stale: dropped because the durable log says another replica owns it now
+        self.evictions: dict[str, int] = {"ttl": 0, "lru": 0, "release": 0, "stale": 0}
 
     def __len__(self) -> int:
         return len(self._sessions)
 
+    def __contains__(self, session_id: str) -> bool:
+        return session_id in self._sessions
+
     def nbytes(self) -> int:
-        return sum(s.nbytes() for s in self._sessions.values())
+        # a copy first: a metrics scrape reads this from another thread
+        return sum(s.nbytes() for s in list(self._sessions.values()))
 
     def get(self, session_id: str) -> CloudSession:
         session = self._sessions.get(session_id)
@@ -87,10 +104,10 @@ class SessionStore:
         self._touch(session)
         return session
 
-    def release(self, session_id: str) -> bool:
+    def release(self, session_id: str, reason: str = "release") -> bool:
         if self._sessions.pop(session_id, None) is None:
             return False
-        self.evictions["release"] += 1
+        self.evictions[reason] += 1
         return True
 
     def evict_idle(self) -> list[str]:
