@@ -4,7 +4,7 @@ PY := .venv/bin/python
 PORT ?= 8000
 export PORT
 
-.PHONY: setup run run-cloud redis test proto calibrate bench-edge bench-batch lint fmt
+.PHONY: setup run run-cloud run-collab redis test proto calibrate bench-edge bench-batch lint fmt
 
 setup:
 	bash scripts/bootstrap.sh
@@ -21,6 +21,10 @@ redis: setup
 
 run-cloud: setup proto redis
 	TANDEM_REDIS_URL="$${TANDEM_REDIS_URL:-$$(bash scripts/redis.sh url)}" $(PY) -m services.cloud_ctx.main
+
+# CE-CoLLM pair: cloud_ctx + a collaborative edge node (qwen15 split at layer 14 by default).
+run-collab: setup proto redis
+	bash scripts/run_collab.sh
 
 test: setup proto redis
 	TANDEM_TEST_REDIS_URL="$$(bash scripts/redis.sh url)" $(PY) -m pytest -q tests
