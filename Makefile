@@ -4,7 +4,7 @@ PY := .venv/bin/python
 PORT ?= 8000
 export PORT
 
-.PHONY: setup run run-cloud run-collab redis test proto calibrate bench-edge bench-batch lint fmt
+.PHONY: setup run run-cloud run-collab redis test proto calibrate bench-edge bench-batch bench-collab lint fmt
 
 setup:
 	bash scripts/bootstrap.sh
@@ -37,6 +37,10 @@ bench-edge: setup proto
 
 bench-batch: setup
 	$(PY) -m bench.batch
+
+# CE-CoLLM table: cloud-only / naive / collaborative / standalone side by side (~25 min).
+bench-collab: setup proto
+	$(PY) -m bench.collab
 
 lint: setup
 	$(PY) -m ruff check .
