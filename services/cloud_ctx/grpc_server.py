@@ -23,18 +23,12 @@ from services.cloud_ctx.metrics import CloudMetrics
 from services.cloud_ctx.session_log import LogUnavailable
 from services.cloud_ctx.session_store import SessionTooLarge, UnknownSession
 from tandem.runtime.sampling import SamplingParams
+from tandem.transport.cloud_wire import EXPECTED_POSITION_KEY, hidden_from_proto
 from tandem.transport.hidden import HiddenPayload
 from tandem_proto.cloud.v1 import cloud_pb2, cloud_pb2_grpc
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-EXPECTED_POSITION_KEY = "tandem-expected-position"
-
-
-def hidden_from_proto(msg: cloud_pb2.HiddenStates) -> HiddenPayload:
-    if msg.encoding not in ("fp16", "int8"):
-        raise ValueError(f"unknown hidden-state encoding {msg.encoding!r}")
-    return HiddenPayload(msg.encoding, msg.n_tokens, msg.hidden_size, msg.data, msg.scales)
 
 
 def sampling_from_proto(msg: cloud_pb2.Sampling) -> SamplingParams:

@@ -37,12 +37,12 @@ import torch
 
 from tandem.runtime.decoder import Reached
 from tandem.runtime.sampling import SamplingParams
-from tandem.transport.hidden import Encoding, encode_hidden
+from tandem.transport.cloud_wire import EXPECTED_POSITION_KEY, hidden_to_proto
+from tandem.transport.hidden import Encoding
 from tandem.transport.network import EmulatedLink, LinkProfile
 from tandem_proto.cloud.v1 import cloud_pb2, cloud_pb2_grpc
 
 log = logging.getLogger(__name__)
-EXPECTED_POSITION_KEY = "tandem-expected-position"
 _TRIPPING = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -230,14 +230,7 @@ class CloudLink:
             log.debug("release of %s failed: %s", s.cloud_id, exc.code())
 
     def _hidden(self, s: _Session, start: int, end: int) -> cloud_pb2.HiddenStates:
-        p = encode_hidden(s.rows(start, end), self.config.encoding)
-        return cloud_pb2.HiddenStates(
-            encoding=p.encoding,
-            n_tokens=p.n_tokens,
-            hidden_size=p.hidden_size,
-            data=p.data,
-            scales=p.scales,
-        )
+        return hidden_to_proto(s.rows(start, end), self.config.encoding)
 
     async def _cross(self, nbytes: int, direction: Literal["up", "down"]) -> None:
         if direction == "up":

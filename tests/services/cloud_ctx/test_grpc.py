@@ -7,15 +7,14 @@ import asyncio
 
 import grpc
 import pytest
-import torch
 
 from services.cloud_ctx.context_manager import CloudContextManager
-from services.cloud_ctx.grpc_server import EXPECTED_POSITION_KEY, start_cloud_server
+from services.cloud_ctx.grpc_server import start_cloud_server
 from services.cloud_ctx.session_store import SessionStore, StoreLimits
 from tandem.runtime.decoder import ExitDecoder
 from tandem.runtime.generate import generate
 from tandem.runtime.sampling import SamplingParams
-from tandem.transport.hidden import encode_hidden
+from tandem.transport.cloud_wire import EXPECTED_POSITION_KEY, hidden_to_proto
 from tandem_proto.cloud.v1 import cloud_pb2, cloud_pb2_grpc
 from tests.services.cloud_ctx.edge_half import EdgeHalf
 from tests.tiny import tiny_model
@@ -23,13 +22,6 @@ from tests.tiny import tiny_model
 SPLIT = 3
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 PROMPT = [5, 9, 17, 33, 65, 129]
-
-
-def _wire(h: torch.Tensor) -> cloud_pb2.HiddenStates:
-    p = encode_hidden(h, "fp16")
-    return cloud_pb2.HiddenStates(
-        encoding=p.encoding, n_tokens=p.n_tokens, hidden_size=p.hidden_size, data=p.data
-    )
 
 
 def test_split_generation_over_grpc_and_errors():
@@ -48,14 +40,20 @@ def test_split_generation_over_grpc_and_errors():
                 h = edge.hidden(PROMPT)
                 up = await stub.Upload(
                     iter(
-                        [cloud_pb2.UploadRequest(session_id="s", start_pos=0, hidden=_wire(h[:-1]))]
+                        [
+                            cloud_pb2.UploadRequest(
+                                session_id="s", start_pos=0, hidden=hidden_to_proto(h[:-1])
+                            )
+                        ]
                     )
                 )
                 assert up.positions == len(PROMPT) - 1
                 out, pos, hidden = [], len(PROMPT) - 1, h[-1:]
                 while len(out) < GREEDY.max_tokens:
                     reply = await stub.NextToken(
-                        cloud_pb2.TokenRequest(session_id="s", position=pos, hidden=_wire(hidden))
+                        cloud_pb2.TokenRequest(
+                            session_id="s", position=pos, hidden=hidden_to_proto(hidden)
+                        )
                     )
                     out.append(reply.token_id)
                     pos += 1

@@ -18,10 +18,10 @@ from tandem.runtime.decoder import ExitDecoder
 from tandem.runtime.generate import generate
 from tandem.runtime.model import DecoderModel
 from tandem.runtime.sampling import SamplingParams
+from tandem.transport.cloud_wire import hidden_to_proto
 from tandem_proto.cloud.v1 import cloud_pb2, cloud_pb2_grpc
 from tests.services.cloud_ctx.cloud_process import ROOT, CloudProcess
 from tests.services.cloud_ctx.edge_half import EdgeHalf
-from tests.services.cloud_ctx.test_service import wire
 
 
 def _edge_run(
@@ -41,13 +41,15 @@ def _edge_run(
         ch = grpc.insecure_channel(f"127.0.0.1:{clouds[0].port}")
         stub = cloud_pb2_grpc.CloudContextStub(ch)
         h = edge.hidden(prompt)
-        up = cloud_pb2.UploadRequest(session_id="s", start_pos=0, hidden=wire(h[:-1]))
+        up = cloud_pb2.UploadRequest(session_id="s", start_pos=0, hidden=hidden_to_proto(h[:-1]))
         assert stub.Upload(iter([up]), timeout=60).positions == len(prompt) - 1
         pos, hidden = len(prompt) - 1, h[-1:]
         while len(out) < n_tokens:
             if len(out) == kill_after:
                 # acknowledged upload of the newest position, then the cloud dies
-                up = cloud_pb2.UploadRequest(session_id="s", start_pos=pos, hidden=wire(hidden))
+                up = cloud_pb2.UploadRequest(
+                    session_id="s", start_pos=pos, hidden=hidden_to_proto(hidden)
+                )
                 assert stub.Upload(iter([up]), timeout=60).positions == pos + 1
                 clouds[0].kill()
                 ch.close()
@@ -56,7 +58,9 @@ def _edge_run(
                 stub = cloud_pb2_grpc.CloudContextStub(ch)
                 req = cloud_pb2.TokenRequest(session_id="s", position=pos)  # no hidden
             else:
-                req = cloud_pb2.TokenRequest(session_id="s", position=pos, hidden=wire(hidden))
+                req = cloud_pb2.TokenRequest(
+                    session_id="s", position=pos, hidden=hidden_to_proto(hidden)
+                )
             reply = stub.NextToken(req, timeout=60)
             if len(out) == kill_after:
                 assert reply.catch_up_rows == pos + 1  # rebuilt: one batched catch-up

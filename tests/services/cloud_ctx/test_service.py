@@ -20,7 +20,7 @@ from tandem.models.registry import ModelRegistry
 from tandem.runtime.decoder import ExitDecoder
 from tandem.runtime.generate import generate
 from tandem.runtime.sampling import SamplingParams
-from tandem.transport.hidden import encode_hidden
+from tandem.transport.cloud_wire import hidden_to_proto
 from tandem_proto.cloud.v1 import cloud_pb2, cloud_pb2_grpc
 from tests.services.cloud_ctx.edge_half import EdgeHalf
 from tests.services.cloud_ctx.tiny_cloud import REGISTRY, SPLIT, TINY, tiny_upper_half
@@ -28,17 +28,6 @@ from tests.tiny import tiny_model
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 PROMPT = [5, 9, 17, 33, 65, 129]
-
-
-def wire(h: torch.Tensor, encoding: str = "fp16") -> cloud_pb2.HiddenStates:
-    p = encode_hidden(h, encoding)
-    return cloud_pb2.HiddenStates(
-        encoding=p.encoding,
-        n_tokens=p.n_tokens,
-        hidden_size=p.hidden_size,
-        data=p.data,
-        scales=p.scales,
-    )
 
 
 def _get(port: int, path: str) -> tuple[int, str]:
@@ -85,7 +74,7 @@ def test_restarted_replica_continues_from_the_log(redis_client, redis_url, redis
         for _ in range(n):
             reply = await stub.NextToken(
                 cloud_pb2.TokenRequest(
-                    session_id="s", position=state["pos"], hidden=wire(state["hidden"])
+                    session_id="s", position=state["pos"], hidden=hidden_to_proto(state["hidden"])
                 )
             )
             out.append(reply.token_id)
@@ -96,7 +85,9 @@ def test_restarted_replica_continues_from_the_log(redis_client, redis_url, redis
         async with grpc.aio.insecure_channel(f"127.0.0.1:{ep.grpc_port}") as ch:
             stub = cloud_pb2_grpc.CloudContextStub(ch)
             h = edge.hidden(PROMPT)
-            req = cloud_pb2.UploadRequest(session_id="s", start_pos=0, hidden=wire(h[:-1]))
+            req = cloud_pb2.UploadRequest(
+                session_id="s", start_pos=0, hidden=hidden_to_proto(h[:-1])
+            )
             assert (await stub.Upload(iter([req]))).positions == len(PROMPT) - 1
             state["hidden"] = h[-1:]
             await tokens(stub, 3)

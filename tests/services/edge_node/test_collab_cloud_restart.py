@@ -7,8 +7,6 @@ real Redis, tiny model."""
 
 from __future__ import annotations
 
-import socket
-
 import torch
 
 from services.edge_node.cloud_link import CloudLink, CloudLinkConfig
@@ -17,17 +15,11 @@ from tandem.runtime.decoder import ExitDecoder
 from tandem.runtime.model import Segment
 from tests.services.cloud_ctx.cloud_process import CloudProcess
 from tests.services.cloud_ctx.tiny_cloud import SPLIT
-from tests.services.edge_node.test_collab import GREEDY, _run
+from tests.services.edge_node.test_collab import GREEDY, _free_port, _run
 from tests.tiny import ByteCodec, tiny_model
 
 KILL_AT = 5  # tokens generated before the kill
 N_TOKENS = 16
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @torch.inference_mode()
