@@ -43,8 +43,7 @@ def drop_lower_layers(model: DecoderModel, split: int) -> DecoderModel:
     `run_layers(.., split, L)` and `logits` work as before. `embed` no longer does."""
     if not 0 < split < model.cfg.n_layers:
         raise ValueError(f"split {split} must be inside (0, {model.cfg.n_layers})")
-    for i in range(split):
-        model.layers[i] = nn.Identity()
+    model.drop_layers(range(split))
     d, dtype = model.cfg.hidden_size, model.dtype
     model.embed_tokens = nn.Embedding(0, d, _weight=torch.empty(0, d, dtype=dtype))
     return model

@@ -132,6 +132,8 @@ def build_engine(settings: EdgeSettings, registry: ModelRegistry) -> EdgeEngine:
     config = EngineConfig(
         max_batch=settings.max_batch, max_context=settings.max_context, tau=settings.tau
     )
+    if settings.split is not None:  # the cloud runs the rest
+        loaded.model.drop_layers(range(settings.split, loaded.model.cfg.n_layers))
     cloud = None
     if settings.cloud is not None:
         cloud = CloudLink(

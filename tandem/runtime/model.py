@@ -197,6 +197,12 @@ class DecoderModel(nn.Module):
             last - first_layer, self.cfg.n_kv_heads, self.cfg.head_dim, self.dtype, first_layer
         )
 
+    def drop_layers(self, layers: range) -> None:
+        """Free the weights of `layers` (the other half of a split model); running them
+        afterwards is an error in the caller, not a silent identity."""
+        for i in layers:
+            self.layers[i] = nn.Identity()
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         h = self.embed_tokens(ids)
         if self.cfg.embed_scale != 1.0:
