@@ -333,8 +333,11 @@ class EdgeEngine:
                     answer = asks[i].result(timeout=0)
                     self._emit(a, answer.token, self.n_layers, "cloud")
                     continue
-                except (CloudUnavailable, concurrent.futures.TimeoutError) as exc:
+                except CloudUnavailable as exc:
                     log.debug("request %s: %s", a.request.request_id, exc)
+                except Exception:  # not answered in time, or a bug: never fail the request
+                    asks[i].cancel()
+                    log.exception("request %s: cloud answer failed", a.request.request_id)
             fallback = step.reached is not None and not step.confident and cloud is not None
             token, _ = pick(a.sampler, step)
             self._emit(a, token, step.exit_layer, "fallback" if fallback else "edge")
