@@ -210,6 +210,7 @@ class CloudLink:
         s.chunks.append(reached.hidden.detach())
         s.length += reached.hidden.shape[0]
         if upload and self.config.context == "incremental" and not s.uploading:
+            s.uploading = True  # before the task starts: one upload task per session
             self._loop.create_task(self._upload(s))
 
     def _release_later(self, session_id: str) -> None:
@@ -241,7 +242,6 @@ class CloudLink:
             await self.emulated.send(nbytes, direction)
 
     async def _upload(self, s: _Session) -> None:
-        s.uploading = True
         try:
             while s.acked < s.length and not s.closed and self.available():
                 start, end = s.acked, s.length
