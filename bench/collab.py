@@ -647,7 +647,9 @@ def main(argv: list[str] | None = None) -> None:
     cfg = lm.model.cfg
     data = {
         "machine": f"{_cpu_name()}, torch {torch.__version__}",
-        "command": "python -m bench.collab " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": " ".join(
+            ["python -m bench.collab", *(argv if argv is not None else sys.argv[1:])]
+        ),
         "config": {
             "model": a.model,
             "upstream": spec.upstream,

@@ -358,7 +358,7 @@ def render(data: dict) -> str:
         "cloud request rate",
     ]
     lines += _table(header, rows)
-    lines += [""] + discussion(data, runs) + [""]
+    lines += [""] + relative_table(runs, links[0], tau0) + discussion(data, runs) + [""]
     lines += ["## tau sweep (1 client)", ""]
     rows = []
     for link in links:
@@ -417,9 +417,9 @@ def render(data: dict) -> str:
         lines += [f"## Several edge clients ({link}, tau = {tau0:g})", ""]
         rows = []
         for mode in ("cloud-only", "ce-collm"):
-            base = find(runs, mode=mode, link=link, clients=1, encoding="fp16")
+            kw = {} if mode == "cloud-only" else {"tau": tau0}
+            base = find(runs, mode=mode, link=link, clients=1, encoding="fp16", **kw)
             for n in clients:
-                kw = {} if mode == "cloud-only" else {"tau": tau0}
                 r = find(runs, mode=mode, link=link, clients=n, encoding="fp16", **kw)
                 if r is None:
                     continue
@@ -434,12 +434,14 @@ def render(data: dict) -> str:
                         _f(r.edge_s),
                         _f(r.comm_s),
                         _f(None if per_cloud_tok is None else 1e3 * per_cloud_tok, "{:.0f}"),
+                        _f(1e3 * r.dec_s / r.dec_tokens if r.dec_tokens else None, "{:.0f}"),
                         _pct(r.cloud_rate) if mode == "ce-collm" else "—",
                         _pct(r.agreement_pos),
                     ]
                 )
         header = ["mode", "clients", "total s per client", "vs 1 client", "cloud s"]
-        header += ["edge s", "comm s", "cloud ms per cloud token", "cloud request rate"]
+        header += ["edge s", "comm s", "cloud ms per cloud token (prefill included)"]
+        header += ["decode ms/token", "cloud request rate"]
         header += ["agreement (positions)"]
         lines += _table(header, rows)
         lines += [
@@ -528,6 +530,49 @@ def decode_table(runs: Sequence[Run], link: str, tau: float, prompts: int) -> li
     ]
 
 
+def relative_table(runs: Sequence[Run], link: str, tau: float) -> list[str]:
+    """The paper's inference-time table next to ours, both as fractions of cloud-only's
+    total time (absolute seconds are not comparable: GPUs and 100 samples vs CPU)."""
+    ref = find(runs, mode="cloud-only", link=link, clients=1)
+    if ref is None or not ref.total_s:
+        return []
+    p_ref = PAPER["time_s"]["cloud-only"]
+    rows = []
+    for mode in ("cloud-only", "naive", "standalone", "ce-collm"):
+        kw = {} if mode == "cloud-only" else {"tau": tau}
+        r = find(
+            runs,
+            mode=mode,
+            link=None if mode == "standalone" else link,
+            clients=1,
+            encoding="fp16",
+            **kw,
+        )
+        paper = [PAPER[k][mode] / p_ref for k in ("time_s", "cloud_s", "edge_s", "comm_s")]
+        ours = [None] * 4 if r is None else [r.total_s, r.cloud_s, r.edge_s, r.comm_s]
+        ours = [None if x is None else x / ref.total_s for x in ours]
+        rows.append(
+            [MODE_LABEL[mode]] + [f"{_f(o)} ({_f(q)})" for o, q in zip(ours, paper, strict=True)]
+        )
+    header = ["mode", "total: ours (paper)", "cloud", "edge", "communication"]
+    return [
+        f"Time as a fraction of cloud-only's total ({link}, tau = {tau:g}; the paper's "
+        "Alpaca table in parentheses):",
+        "",
+        *_table(header, rows),
+        "",
+    ]
+
+
+def _always_slower(runs: Sequence[Run]) -> bool:
+    pairs = [
+        (r, find(runs, mode="cloud-only", link=r.link, clients=1))
+        for r in runs
+        if r.mode == "ce-collm" and r.clients == 1
+    ]
+    return bool(pairs) and all(ref is not None and r.total_s > ref.total_s for r, ref in pairs)
+
+
 def discussion(data: dict, runs: Sequence[Run]) -> list[str]:
     """Why our figures differ from the paper's, with this run's numbers."""
     cfg = data["config"]
@@ -553,10 +598,9 @@ def discussion(data: dict, runs: Sequence[Run]) -> list[str]:
             f"It beats cloud-only only when fewer than {100 * max(even, 0):.0f}% of tokens go "
             f"to the cloud; our exit heads send {100 * ce.cloud_rate:.0f}% (the paper: "
             f"49.58%), so CE-CoLLM takes {ce.total_s / ref.total_s:.2f}× cloud-only's time "
-            f"(the paper: 0.86×). Its first token also costs more ("
-            f"{ce.ttft_s / cfg['prompts']:.2f} s vs {ref.ttft_s / cfg['prompts']:.2f} s per "
-            "prompt): the edge prefills its half, then the prompt's split states cross the "
-            "link before the cloud can answer."
+            f"(the paper: 0.86×). Its first token takes {ce.ttft_s / cfg['prompts']:.2f} s per "
+            f"prompt (cloud-only: {ref.ttft_s / cfg['prompts']:.2f} s): the edge prefills its "
+            "half, the prompt's split states cross the link, then the cloud prefills its half."
         )
     out.append(
         f"- **Cloud request rate.** Our heads are small low-rank adapters distilled on "
@@ -608,6 +652,50 @@ def discussion(data: dict, runs: Sequence[Run]) -> list[str]:
             f"fp16's bytes; greedy agreement with cloud-only {_pct(i8.agreement_pos)} "
             f"(fp16: {_pct(ce.agreement_pos)}), bits/char {_f(i8.bpc, '{:.3f}')} (fp16: "
             f"{_f(ce.bpc, '{:.3f}')})."
+        )
+    ratios = []
+    for n in sorted({r.clients for r in runs}):
+        a = find(runs, mode="ce-collm", link=cfg["clients_link"], tau=tau0, clients=n)
+        b = find(runs, mode="cloud-only", link=cfg["clients_link"], clients=n)
+        if a is not None and b is not None and a.encoding == "fp16":
+            ratios.append(f"{n}: {a.total_s / b.total_s:.2f}×")
+    if len(ratios) > 1:
+        out.append(
+            "- **Several clients.** CE-CoLLM's time relative to cloud-only, per number of "
+            f"clients: {', '.join(ratios)}. The cloud's time per client (cloud s, queueing "
+            "included) stays about half of cloud-only's at every client count, so one cloud "
+            "replica carries more clients; latency per client grows like cloud-only's here, "
+            "because the context manager answers one token request at a time (the cloud-only "
+            "server batches them) and the edge clients share one core."
+        )
+    t = data.get("timing", {})
+    spread = []
+    for lk in cfg["links"]:
+        a = find(runs, mode="ce-collm", link=lk, tau=0.9, clients=1, encoding="fp16")
+        b = find(runs, mode="ce-collm", link=lk, tau=1.0, clients=1, encoding="fp16")
+        if a is not None and b is not None:
+            spread.append(abs(a.total_s - b.total_s) / min(a.total_s, b.total_s))
+    only = [r.total_s for r in runs if r.mode == "cloud-only" and r.clients == 1]
+    if len(only) > 1:  # the same work: the link adds well under 1% to cloud-only
+        spread.append(max(only) / min(only) - 1)
+    if "loadavg_start" in t:
+        same = (
+            "; rows that do (nearly) the same work, cloud-only on both links and CE-CoLLM at "
+            f"tau 0.9 and 1.0, differ by up to {100 * max(spread):.0f}% in total time, so "
+            "single differences below that are not significant"
+            + (
+                " (CE-CoLLM is slower than cloud-only in every tau/link row, and the "
+                "decode-phase numbers above say why)"
+                if _always_slower(runs)
+                else ""
+            )
+            if spread
+            else ""
+        )
+        out.append(
+            "- **Noise.** Other work shared the machine (load average "
+            f"{t['loadavg_start'][0]:.1f} at the start, {t['loadavg_end'][0]:.1f} at the end "
+            f"of the timed runs){same}."
         )
     out.append(
         f"- **Scale.** {cfg['prompts']} prompts × {cfg['max_tokens']} tokens on CPU cores, "
