@@ -29,7 +29,7 @@ from services.cloud_ctx.session_log import (
     SessionRecord,
 )
 from services.cloud_ctx.session_store import CloudSession, LastToken, SessionStore, UnknownSession
-from tandem.runtime.model import DecoderModel
+from tandem.runtime.model import DecoderModel, Segment
 from tandem.runtime.sampling import Sampler, SamplingParams
 from tandem.transport.hidden import HiddenPayload, decode_hidden, encode_hidden
 
@@ -44,6 +44,16 @@ class PositionMismatch(ValueError):
     def __init__(self, message: str, expected: int) -> None:
         super().__init__(message)
         self.expected = expected
+
+
+@dataclass(frozen=True)
+class TokenAsk:
+    """One token request: the token after `position` of `session_id`."""
+
+    session_id: str
+    position: int
+    params: SamplingParams
+    hidden: Hidden | None = None  # states of positions position-n+1 .. position
 
 
 @dataclass(frozen=True)
@@ -91,9 +101,34 @@ class CloudContextManager:
         The session keeps the sampler made from its first request's `params` (a seed then
         reproduces the whole stream). Asking for the same position again (a retry whose
         reply was lost) returns the same answer without sampling again."""
-        return self._fenced(
-            session_id, lambda: self._next_token(session_id, position, params, hidden)
-        )
+        [answer] = self.next_tokens([TokenAsk(session_id, position, params, hidden)])
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    def next_tokens(self, asks: list[TokenAsk]) -> list[CloudToken | Exception]:
+        """Token requests of different sessions, answered with one batched forward of all
+        their catch-up rows. A request that fails (unknown session, gap, ...) gets its
+        exception in its place; the others are answered."""
+        if len({a.session_id for a in asks}) != len(asks):
+            raise ValueError("one request per session in a batch")
+        answers: list[CloudToken | Exception | None] = [None] * len(asks)
+        to_run: list[tuple[int, CloudSession]] = []
+        for i, ask in enumerate(asks):
+            try:
+                out = self._fenced(ask.session_id, lambda a=ask: self._prepare(a))
+            except Exception as exc:  # this request's error; the batch goes on
+                answers[i] = exc
+                continue
+            if isinstance(out, CloudToken):
+                answers[i] = out
+            else:
+                to_run.append((i, out))
+        if to_run:
+            tokens = self._catch_up([session for _, session in to_run])
+            for (i, _), token in zip(to_run, tokens, strict=True):
+                answers[i] = token
+        return answers
 
     def release(self, session_id: str) -> bool:
         logged = self.log.release(session_id) if self.log is not None else False
@@ -134,42 +169,61 @@ class CloudContextManager:
         self.store.enforce_cap(keep=session_id)
         return session, True
 
-    @torch.inference_mode()
-    def _next_token(
-        self, session_id: str, position: int, params: SamplingParams, hidden: Hidden | None
-    ) -> CloudToken:
+    def _prepare(self, ask: TokenAsk) -> CloudSession | CloudToken:
+        """Upload the request's rows and check it; the session to run, or the answer
+        itself for a retry of the last request."""
         logged = False
-        if hidden is not None:
-            n = hidden.n_tokens if isinstance(hidden, HiddenPayload) else hidden.shape[0]
-            session, logged = self._upload(session_id, position + 1 - n, hidden)
+        if ask.hidden is not None:
+            n = (
+                ask.hidden.n_tokens
+                if isinstance(ask.hidden, HiddenPayload)
+                else ask.hidden.shape[0]
+            )
+            session, logged = self._upload(ask.session_id, ask.position + 1 - n, ask.hidden)
         else:
-            session = self._session(session_id, create=False)
+            session = self._session(ask.session_id, create=False)
         if self.log is not None and not logged:  # refresh the TTL, check we still own it
             self._check_current(session)
         last = session.last
-        if last is not None and last.position == position == session.uploaded - 1:
+        if last is not None and last.position == ask.position == session.uploaded - 1:
             self._record(session)  # a retry: same answer, nothing sampled
             return CloudToken(last.token, last.prob, 0)
-        if position != session.uploaded - 1:
+        if ask.position != session.uploaded - 1:
             raise PositionMismatch(
-                f"asked for position {position}; session {session_id!r} ends at "
+                f"asked for position {ask.position}; session {ask.session_id!r} ends at "
                 f"{session.uploaded - 1}",
                 session.uploaded - 1,
             )
-        rows = torch.cat(session.pending)
-        n = rows.shape[0]
-        h = self.model.run_sequence(
-            rows, session.kv, session.computed, self.split, self.model.cfg.n_layers
-        )
-        session.pending.clear()
-        session.computed = session.uploaded
         if session.sampler is None:
-            session.sampler = Sampler(params)
-        token, prob = session.sampler.sample(self.model.logits(h[-1:])[0])
-        session.last = LastToken(position, token, prob)
-        self.store.enforce_cap(keep=session_id)
-        self._record(session)
-        return CloudToken(token, prob, n)
+            session.sampler = Sampler(ask.params)
+        return session
+
+    @torch.inference_mode()
+    def _catch_up(self, sessions: list[CloudSession]) -> list[CloudToken]:
+        """One forward through [split, L) of every session's pending rows (different
+        sessions, one batch); sample each session's token from its last row."""
+        rows, positions, segments, off = [], [], [], 0
+        for session in sessions:
+            h = torch.cat(session.pending)
+            n = h.shape[0]
+            rows.append(h)
+            positions.append(torch.arange(session.computed, session.computed + n))
+            segments.append(Segment(session.kv, off, n, session.computed))
+            off += n
+        out = self.model.run_layers(
+            torch.cat(rows), torch.cat(positions), segments, self.split, self.model.cfg.n_layers
+        )
+        logits = self.model.logits(out[[seg.start + seg.count - 1 for seg in segments]])
+        answers = []
+        for session, seg, row in zip(sessions, segments, logits, strict=True):
+            session.pending.clear()
+            session.computed = session.uploaded
+            token, prob = session.sampler.sample(row)
+            session.last = LastToken(session.uploaded - 1, token, prob)
+            self.store.enforce_cap(keep=session.session_id)
+            self._record(session)
+            answers.append(CloudToken(token, prob, seg.count))
+        return answers
 
     def _check_current(self, session: CloudSession) -> None:
         """Refresh the log's TTL; OwnershipLost unless this replica owns the session and

@@ -2,8 +2,11 @@
 
 Model work (and the Redis log writes that must precede each answer) runs on one dedicated
 thread, so calls from many edges are serialised against the model and never block the
-event loop. Errors map to status codes the edge can act on; UNAVAILABLE means the session
-log (Redis) did not answer and nothing was acknowledged: retry.
+event loop. Token requests that arrive while the model is busy are answered together:
+one batched forward over all their sessions' catch-up rows (continuous batching across
+edges; at most one request per session per batch). Errors map to status codes the edge
+can act on; UNAVAILABLE means the session log (Redis) did not answer and nothing was
+acknowledged: retry.
 """
 
 from __future__ import annotations
@@ -18,7 +21,12 @@ from typing import TypeVar
 
 import grpc
 
-from services.cloud_ctx.context_manager import CloudContextManager, PositionMismatch
+from services.cloud_ctx.context_manager import (
+    CloudContextManager,
+    CloudToken,
+    PositionMismatch,
+    TokenAsk,
+)
 from services.cloud_ctx.metrics import CloudMetrics
 from services.cloud_ctx.session_log import LogUnavailable
 from services.cloud_ctx.session_store import SessionTooLarge, UnknownSession
@@ -39,12 +47,22 @@ def sampling_from_proto(msg: cloud_pb2.Sampling) -> SamplingParams:
     )
 
 
+@dataclass
+class _Waiter:
+    request: cloud_pb2.TokenRequest
+    queued: float
+    answer: asyncio.Future
+    started: float = 0.0
+    finished: float = 0.0
+
+
 class CloudServicer(cloud_pb2_grpc.CloudContextServicer):
     def __init__(self, manager: CloudContextManager, metrics: CloudMetrics | None = None) -> None:
         self.manager = manager
         self.metrics = metrics
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cloud-model")
-        self._in_flight = 0  # token requests accepted and not answered (event-loop only)
+        self._queue: list[_Waiter] = []  # token requests not yet in a batch (event loop)
+        self._batcher: asyncio.Task | None = None
 
     async def _run(self, context: grpc.aio.ServicerContext, rpc: str, fn: Callable[[], T]) -> T:
         """Run fn on the model thread; map errors to status codes; count the call and
@@ -57,30 +75,42 @@ class CloudServicer(cloud_pb2_grpc.CloudContextServicer):
             started = time.perf_counter()
             return fn()
 
-        code, detail = grpc.StatusCode.INTERNAL, "internal error"
         try:
             result = await asyncio.get_running_loop().run_in_executor(self._worker, timed)
-            code = grpc.StatusCode.OK
-            return result
-        except UnknownSession as exc:
+        except Exception as exc:
+            await self._abort(context, rpc, exc)
+        finally:
+            self._time(rpc, queued, started)
+        self._count(rpc, "OK")
+        return result
+
+    async def _abort(self, context: grpc.aio.ServicerContext, rpc: str, exc: Exception):
+        code, detail = grpc.StatusCode.INTERNAL, "internal error"
+        if isinstance(exc, UnknownSession):
             code, detail = grpc.StatusCode.NOT_FOUND, f"unknown session {exc}; re-upload"
-        except PositionMismatch as exc:
+        elif isinstance(exc, PositionMismatch):
             context.set_trailing_metadata(((EXPECTED_POSITION_KEY, str(exc.expected)),))
             code, detail = grpc.StatusCode.FAILED_PRECONDITION, str(exc)
-        except SessionTooLarge as exc:
+        elif isinstance(exc, SessionTooLarge):
             code, detail = grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
-        except LogUnavailable as exc:
+        elif isinstance(exc, LogUnavailable):
             code, detail = grpc.StatusCode.UNAVAILABLE, f"session log unavailable: {exc}"
-        except ValueError as exc:
+        elif isinstance(exc, ValueError):
             code, detail = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-        finally:
-            if self.metrics is not None:
-                self.metrics.record_request(rpc, code.name)
-                self.metrics.record_timing(
-                    rpc, started - queued, max(0.0, time.perf_counter() - started)
-                )
+        else:
+            log.error("%s failed", rpc, exc_info=exc)
+        self._count(rpc, code.name)
         await context.abort(code, detail)
-        raise AssertionError("unreachable")
+
+    def _count(self, rpc: str, code: str) -> None:
+        if self.metrics is not None:
+            self.metrics.record_request(rpc, code)
+
+    def _time(self, rpc: str, queued: float, started: float) -> None:
+        if self.metrics is not None:
+            self.metrics.record_timing(
+                rpc, started - queued, max(0.0, time.perf_counter() - started)
+            )
 
     def _hidden(self, msg: cloud_pb2.HiddenStates, via: str) -> HiddenPayload:
         payload = hidden_from_proto(msg)
@@ -101,33 +131,72 @@ class CloudServicer(cloud_pb2_grpc.CloudContextServicer):
         return cloud_pb2.UploadReply(positions=positions)
 
     async def NextToken(self, request, context):
-        timing: dict[str, float] = {}
-
-        def work():
-            timing["started"] = time.perf_counter()
-            hidden = self._hidden(request.hidden, "token") if request.HasField("hidden") else None
-            return self.manager.next_token(
-                request.session_id, request.position, sampling_from_proto(request.sampling), hidden
-            )
-
         queued = time.perf_counter()
-        self._in_flight += 1
+        waiter = _Waiter(request, queued, asyncio.get_running_loop().create_future())
+        self._queue.append(waiter)
+        if self._batcher is None or self._batcher.done():
+            self._batcher = asyncio.create_task(self._answer_batches())
         try:
-            result = await self._run(context, "NextToken", work)
-        finally:
-            self._in_flight -= 1
-        done = time.perf_counter()
+            result = await waiter.answer
+        except Exception as exc:
+            self._time("NextToken", queued, waiter.started or queued)
+            await self._abort(context, "NextToken", exc)
+        self._time("NextToken", queued, waiter.started)
+        self._count("NextToken", "OK")
         if self.metrics is not None:
             self.metrics.record_token(result.catch_up_rows)
-        started = timing["started"]
         return cloud_pb2.TokenReply(
             token_id=result.token,
             prob=result.prob,
             catch_up_rows=result.catch_up_rows,
-            compute_ms=(done - started) * 1e3,
-            queue_ms=(started - queued) * 1e3,
-            load=self._in_flight + 1,
+            compute_ms=(waiter.finished - waiter.started) * 1e3,
+            queue_ms=(waiter.started - queued) * 1e3,
+            load=len(self._queue) + 1,
         )
+
+    async def _answer_batches(self) -> None:
+        """Take every queued token request (one per session) and answer them with one
+        batched forward on the model thread, until the queue is empty."""
+        loop = asyncio.get_running_loop()
+        while self._queue:
+            batch, later, seen = [], [], set()
+            for w in self._queue:
+                (later if w.request.session_id in seen else batch).append(w)
+                seen.add(w.request.session_id)
+            self._queue = later
+            if self.metrics is not None:
+                self.metrics.record_batch(len(batch))
+            try:
+                answers = await loop.run_in_executor(self._worker, self._answer, batch)
+            except Exception as exc:  # the forward itself failed: every request in it
+                answers = [exc] * len(batch)
+            for w, answer in zip(batch, answers, strict=True):
+                if w.answer.done():  # the client went away
+                    continue
+                if isinstance(answer, Exception):
+                    w.answer.set_exception(answer)
+                else:
+                    w.answer.set_result(answer)
+
+    def _answer(self, batch: list[_Waiter]) -> list[CloudToken | Exception]:
+        started = time.perf_counter()
+        asks: list[TokenAsk | Exception] = []
+        for w in batch:
+            w.started = started
+            req = w.request
+            try:
+                hidden = self._hidden(req.hidden, "token") if req.HasField("hidden") else None
+                params = sampling_from_proto(req.sampling)
+                asks.append(TokenAsk(req.session_id, req.position, params, hidden))
+            except ValueError as exc:
+                asks.append(exc)
+        valid = [a for a in asks if isinstance(a, TokenAsk)]
+        answers = iter(self.manager.next_tokens(valid))
+        out = [a if isinstance(a, Exception) else next(answers) for a in asks]
+        finished = time.perf_counter()
+        for w in batch:
+            w.finished = finished
+        return out
 
     async def Release(self, request, context):
         released = await self._run(

@@ -8,7 +8,8 @@ Names (namespace `tandem_cloud`, every metric has a `model` label):
   hidden-state messages, wire bytes (data + scales) and positions received, `via` = upload
   (the Upload stream) or token (rows carried by NextToken). Bytes per token =
   sum(uploaded_bytes_total) / tokens_total.
-- `_catch_up_rows` (histogram): rows run in one token request's forward
+- `_catch_up_rows` (histogram): rows one token request added to its batch's forward
+- `_token_batch_size` (histogram): token requests (sessions) answered by one forward
 - `_request_compute_seconds{rpc}`, `_request_queue_seconds{rpc}` (histograms): time on the
   model thread, and waiting for it
 - read from the manager at scrape time: `_sessions`, `_session_bytes` (gauges),
@@ -62,6 +63,14 @@ class CloudMetrics:
             registry=registry,
             buckets=CATCH_UP_BUCKETS,
         )
+        self.batch_size = Histogram(
+            "token_batch_size",
+            "Token requests (sessions) answered by one batched forward.",
+            m,
+            namespace=ns,
+            registry=registry,
+            buckets=CATCH_UP_BUCKETS[:8],
+        )
         self.compute = Histogram(
             "request_compute_seconds",
             "Time a request spent on the model thread.",
@@ -94,6 +103,9 @@ class CloudMetrics:
     def record_timing(self, rpc: str, queue_s: float, compute_s: float) -> None:
         self.queue.labels(self.model_name, rpc).observe(queue_s)
         self.compute.labels(self.model_name, rpc).observe(compute_s)
+
+    def record_batch(self, size: int) -> None:
+        self.batch_size.labels(self.model_name).observe(size)
 
     def record_token(self, catch_up_rows: int) -> None:
         self.tokens.labels(self.model_name).inc()

@@ -72,6 +72,7 @@ class CloudAnswer:
     round_trip_s: float  # from ask() to the answer, retries included
     compute_s: float  # the cloud's model time for the last attempt
     rows_sent: int  # split-layer states this request carried
+    catch_up_rows: int  # rows the cloud ran for this answer (its pending + this request's)
     bytes_up: int
 
 
@@ -94,6 +95,7 @@ class LinkCounters:
     recoveries: int = 0  # NOT_FOUND / FAILED_PRECONDITION answered by resending
     round_trip_s: float = 0.0  # summed over answered token requests
     cloud_s: float = 0.0  # of which the cloud's model + queue time
+    catch_up_rows: int = 0  # rows the cloud ran through its layers for our answers
 
 
 @dataclass
@@ -221,12 +223,13 @@ class CloudLink:
                 self._loop.create_task(self._release(s))
 
     async def _release(self, s: _Session) -> None:
+        req = cloud_pb2.ReleaseRequest(session_id=s.cloud_id)
         try:
-            await self._stub.Release(
-                cloud_pb2.ReleaseRequest(session_id=s.cloud_id),
-                timeout=self.config.timeout_s,
-                metadata=self._metadata,
+            await self._cross(req.ByteSize(), "up")
+            reply = await self._stub.Release(
+                req, timeout=self.config.timeout_s, metadata=self._metadata
             )
+            await self._cross(reply.ByteSize(), "down")
         except grpc.aio.AioRpcError as exc:  # the cloud's TTL cleans up after us
             log.debug("release of %s failed: %s", s.cloud_id, exc.code())
 
@@ -325,6 +328,7 @@ class CloudLink:
             elapsed = time.perf_counter() - t0
             self.counters.round_trip_s += elapsed
             self.counters.cloud_s += (reply.compute_ms + reply.queue_ms) / 1e3
+            self.counters.catch_up_rows += reply.catch_up_rows
             self._observe(elapsed * 1e3, reply)
             return CloudAnswer(
                 token=reply.token_id,
@@ -332,6 +336,7 @@ class CloudLink:
                 round_trip_s=elapsed,
                 compute_s=reply.compute_ms / 1e3,
                 rows_sent=position + 1 - start,
+                catch_up_rows=reply.catch_up_rows,
                 bytes_up=req.ByteSize(),
             )
         raise AssertionError("unreachable")

@@ -107,3 +107,35 @@ def test_memory_cap_evicts_least_recently_used_sessions():
     assert len(cloud.store) == 2 and cloud.store.evictions["lru"] == 1
     with pytest.raises(UnknownSession):
         cloud.store.get("a")
+
+
+def test_requests_of_several_sessions_share_one_forward_and_equal_separate_runs(arch):
+    """next_tokens answers several sessions (different lengths, one with pending rows
+    from an upload) in one batched forward; every session's tokens equal the full model's
+    greedy output, and a bad request in the batch fails alone."""
+    from services.cloud_ctx.context_manager import TokenAsk
+
+    model = tiny_model(arch)
+    cloud = _cloud(model)
+    prompts = [_prompt(), _prompt()[:3], [7, 8, 9, 10, 11, 12, 13, 14]]
+    expected = [list(generate(ExitDecoder(model), p, GREEDY).token_ids) for p in prompts]
+    edges = [EdgeHalf(model, SPLIT) for _ in prompts]
+    hidden = [e.hidden(p) for e, p in zip(edges, prompts, strict=True)]
+    cloud.upload("s2", 0, hidden[2][:-2])  # pending rows join the batch
+    asks = [
+        TokenAsk(f"s{i}", len(p) - 1, GREEDY, h)
+        for i, (p, h) in enumerate(zip(prompts, hidden, strict=True))
+    ]
+    asks[2] = TokenAsk("s2", len(prompts[2]) - 1, GREEDY, hidden[2][-2:])
+    outs: list[list[int]] = [[] for _ in prompts]
+    for _ in range(GREEDY.max_tokens):
+        bad = TokenAsk("nobody", 5, GREEDY)
+        answers = cloud.next_tokens([*asks, bad])
+        assert isinstance(answers[-1], UnknownSession)
+        for i, answer in enumerate(answers[:-1]):
+            outs[i].append(answer.token)
+        asks = [
+            TokenAsk(f"s{i}", edges[i].length, GREEDY, edges[i].hidden([outs[i][-1]]))
+            for i in range(len(prompts))
+        ]
+    assert outs == expected
