@@ -53,7 +53,7 @@ from tandem.models.loader import LoadedModel, LoadOptions, load_model
 from tandem.models.registry import ModelRegistry
 from tandem.runtime.decoder import ExitDecoder
 from tandem.runtime.engine_api import ChatMessage, GenerationRequest
-from tandem.runtime.exit_head import ExitHead, decide
+from tandem.runtime.exit_head import ExitHead, decide, target_logprob
 from tandem.runtime.sampling import SamplingParams
 from tandem.transport.hidden import decode_hidden, encode_hidden
 from tandem.transport.network import EmulatedLink, LinkProfile
@@ -419,16 +419,9 @@ def run_cloud_only(s: Setup, link: str, clients: int) -> Run:
 def _head_logp(
     head: ExitHead, h: torch.Tensor, targets: torch.Tensor, vocab: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per position: the head's log-probability of the target (a shortlisted token's own
-    class, else the "other" mass spread evenly over the rest of the vocabulary, as in
-    bench.edge.bits_per_char), and the head's logits."""
+    """Per position: the head's log-probability of the target, and the head's logits."""
     logits = head(h)
-    lp = torch.log_softmax(logits, dim=-1)
-    in_short = (head.shortlist[None, :] == targets[:, None]).float()
-    has = in_short.sum(-1) > 0
-    tok_lp = (lp[:, :-1] * in_short).sum(-1)
-    other_lp = lp[:, -1] - math.log(vocab - head.shortlist.shape[0])
-    return torch.where(has, tok_lp, other_lp), logits
+    return target_logprob(logits, head.shortlist, targets, vocab), logits
 
 
 @torch.inference_mode()

@@ -30,7 +30,7 @@ from tandem.models.convert import ensure_converted
 from tandem.models.loader import LoadedModel, LoadOptions, load_model
 from tandem.models.registry import ModelRegistry
 from tandem.runtime.decoder import ExitDecoder
-from tandem.runtime.exit_head import decide
+from tandem.runtime.exit_head import decide, target_logprob
 from tandem.runtime.generate import generate
 from tandem.runtime.sampling import SamplingParams
 
@@ -97,12 +97,7 @@ def bits_per_char(lm: LoadedModel, texts: list[str], tau: float = 1.0) -> tuple[
             logits = head(h[:-1])
             d = decide(logits, head.shortlist, tau)
             take = d.confident & ~decided
-            lp = torch.log_softmax(logits, dim=-1)
-            in_short = (head.shortlist[None, :] == targets[:, None]).float()
-            has = in_short.sum(-1) > 0
-            tok_lp = (lp[:, :-1] * in_short).sum(-1)
-            other_lp = lp[:, -1] - math.log(model.cfg.vocab_size - head.shortlist.shape[0])
-            lp_target = torch.where(has, tok_lp, other_lp)
+            lp_target = target_logprob(logits, head.shortlist, targets, model.cfg.vocab_size)
             logp[take] = lp_target[take]
             decided |= take
         h = model.run_sequence(h, kv, 0, bounds[-2], bounds[-1])

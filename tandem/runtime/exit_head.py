@@ -15,6 +15,7 @@ artifact is small; the K x d projection is gathered from the model's LM head at 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +71,19 @@ class ExitDecision:
     confident: torch.Tensor  # [B] bool
     token: torch.Tensor  # [B] long, vocabulary id of the top shortlist token
     prob: torch.Tensor  # [B] float
+
+
+def target_logprob(
+    logits: torch.Tensor, shortlist: torch.Tensor, targets: torch.Tensor, vocab_size: int
+) -> torch.Tensor:
+    """Per row, the head's log-probability of a target vocabulary id: its own class if
+    the target is shortlisted, else the "other" mass spread evenly over the vocab_size - K
+    tokens outside the shortlist. logits: [n, K + 1]; targets: [n]."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    in_short = (shortlist[None, :] == targets[:, None]).float()
+    tok_lp = (lp[:, :-1] * in_short).sum(-1)
+    other_lp = lp[:, -1] - math.log(vocab_size - shortlist.shape[0])
+    return torch.where(in_short.sum(-1) > 0, tok_lp, other_lp)
 
 
 def decide(logits: torch.Tensor, shortlist: torch.Tensor, tau: float) -> ExitDecision:

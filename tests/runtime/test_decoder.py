@@ -192,3 +192,15 @@ def test_split_mode_uploads_every_position_exactly_once(arch):
     kv = model.new_kv(0, depth)
     want = model.run_sequence(model.embed(torch.tensor(prompt + tokens)), kv, 0, 0, depth)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_target_logprob_uses_the_class_or_spreads_other():
+    import math
+
+    from tandem.runtime.exit_head import target_logprob
+
+    shortlist = torch.tensor([10, 11, 12])
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0], [0.0, 1.0, 2.0, 3.0]])
+    lp = torch.log_softmax(logits, -1)
+    got = target_logprob(logits, shortlist, torch.tensor([11, 99]), vocab_size=103)
+    torch.testing.assert_close(got, torch.stack([lp[0, 1], lp[1, 3] - math.log(100)]))
