@@ -29,7 +29,7 @@ from services.cloud_ctx.session_log import (
     SessionRecord,
 )
 from services.cloud_ctx.session_store import CloudSession, LastToken, SessionStore, UnknownSession
-from tandem.runtime.model import DecoderModel, Segment
+from tandem.runtime.model import DecoderModel
 from tandem.runtime.sampling import Sampler, SamplingParams
 from tandem.transport.hidden import HiddenPayload, decode_hidden, encode_hidden
 
@@ -202,27 +202,21 @@ class CloudContextManager:
     def _catch_up(self, sessions: list[CloudSession]) -> list[CloudToken]:
         """One forward through [split, L) of every session's pending rows (different
         sessions, one batch); sample each session's token from its last row."""
-        rows, positions, segments, off = [], [], [], 0
-        for session in sessions:
-            h = torch.cat(session.pending)
-            n = h.shape[0]
-            rows.append(h)
-            positions.append(torch.arange(session.computed, session.computed + n))
-            segments.append(Segment(session.kv, off, n, session.computed))
-            off += n
-        out = self.model.run_layers(
-            torch.cat(rows), torch.cat(positions), segments, self.split, self.model.cfg.n_layers
+        outs = self.model.run_rows(
+            [(s.kv, s.computed, torch.cat(s.pending)) for s in sessions],
+            self.split,
+            self.model.cfg.n_layers,
         )
-        logits = self.model.logits(out[[seg.start + seg.count - 1 for seg in segments]])
+        logits = self.model.logits(torch.cat([h[-1:] for h in outs]))
         answers = []
-        for session, seg, row in zip(sessions, segments, logits, strict=True):
+        for session, h, row in zip(sessions, outs, logits, strict=True):
             session.pending.clear()
             session.computed = session.uploaded
             token, prob = session.sampler.sample(row)
             session.last = LastToken(session.uploaded - 1, token, prob)
             self.store.enforce_cap(keep=session.session_id)
             self._record(session)
-            answers.append(CloudToken(token, prob, seg.count))
+            answers.append(CloudToken(token, prob, h.shape[0]))
         return answers
 
     def _check_current(self, session: CloudSession) -> None:

@@ -29,7 +29,7 @@ import torch
 
 from tandem.runtime.exit_head import ExitDecision, ExitHead, decide
 from tandem.runtime.kv_cache import SequenceKV
-from tandem.runtime.model import DecoderModel, Segment
+from tandem.runtime.model import DecoderModel
 
 
 @dataclass
@@ -190,18 +190,10 @@ class ExitDecoder:
         b: int,
     ) -> list[tuple[int, torch.Tensor]]:
         """Layers [a, b) for each sequence's rows (start position, [n, d]), batched."""
-        h, positions, segments, off = [], [], [], 0
-        for s, (start, hi) in zip(seqs, rows, strict=True):
-            n = hi.shape[0]
-            h.append(hi)
-            positions.append(torch.arange(start, start + n))
-            segments.append(Segment(s.kv, off, n, start))
-            off += n
-        out = self.model.run_layers(torch.cat(h), torch.cat(positions), segments, a, b)
-        return [
-            (start, out[seg.start : seg.start + seg.count])
-            for (start, _), seg in zip(rows, segments, strict=True)
-        ]
+        out = self.model.run_rows(
+            [(s.kv, start, h) for s, (start, h) in zip(seqs, rows, strict=True)], a, b
+        )
+        return [(start, h) for (start, _), h in zip(rows, out, strict=True)]
 
     def _at_split(self, rows: list[tuple[int, torch.Tensor]], tau: float) -> list[StepResult]:
         """Results for rows that reached the split: the split head's (or the logit

@@ -222,14 +222,29 @@ class DecoderModel(nn.Module):
             h = layer(h, rot, segments)
         return h
 
+    def run_rows(
+        self, rows: list[tuple[SequenceKV, int, torch.Tensor]], start: int, end: int
+    ) -> list[torch.Tensor]:
+        """Layers [start, end) for several sequences' rows in one batch: each item is
+        (its KV, the position of its first row, rows [n, d]) and continues that KV at every
+        layer. Returns each sequence's output rows."""
+        segments, positions, off = [], [], 0
+        for kv, start_pos, h in rows:
+            n = h.shape[0]
+            segments.append(Segment(kv, off, n, start_pos))
+            positions.append(torch.arange(start_pos, start_pos + n))
+            off += n
+        out = self.run_layers(
+            torch.cat([h for _, _, h in rows]), torch.cat(positions), segments, start, end
+        )
+        return [out[seg.start : seg.start + seg.count] for seg in segments]
+
     def run_sequence(
         self, h: torch.Tensor, kv: SequenceKV, start_pos: int, start: int, end: int
     ) -> torch.Tensor:
         """Layers [start, end) for the rows [n, d] of one sequence, at positions
         start_pos.. (they continue `kv` at every layer)."""
-        n = h.shape[0]
-        positions = torch.arange(start_pos, start_pos + n)
-        return self.run_layers(h, positions, [Segment(kv, 0, n, start_pos)], start, end)
+        return self.run_rows([(kv, start_pos, h)], start, end)[0]
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         out = self.lm_head(self.norm(h))
@@ -243,15 +258,12 @@ class DecoderModel(nn.Module):
     ) -> torch.Tensor:
         """Full-depth forward of new tokens for several sequences; returns the logits of
         each sequence's last new token, [B, vocab]."""
-        flat, pos, segments, last_rows = [], [], [], []
-        for ids, kv, p0 in zip(token_ids, kvs, start_positions, strict=True):
-            segments.append(Segment(kv, len(flat), len(ids), p0))
-            flat.extend(ids)
-            pos.extend(range(p0, p0 + len(ids)))
-            last_rows.append(len(flat) - 1)
-        h = self.embed(torch.tensor(flat))
-        h = self.run_layers(h, torch.tensor(pos), segments, 0, self.cfg.n_layers)
-        return self.logits(h[last_rows])
+        rows = [
+            (kv, p0, self.embed(torch.tensor(ids)))
+            for ids, kv, p0 in zip(token_ids, kvs, start_positions, strict=True)
+        ]
+        outs = self.run_rows(rows, 0, self.cfg.n_layers)
+        return self.logits(torch.cat([h[-1:] for h in outs]))
 
     @staticmethod
     def load(path: Path, dtype: torch.dtype = torch.bfloat16, max_context: int | None = None):
