@@ -448,8 +448,9 @@ def render(data: dict) -> str:
             "",
             "Times are per client (mean over the clients, each sending every prompt). The "
             "cloud-only server batches concurrent requests (continuous batching); the cloud "
-            "context manager serves token requests one at a time on its model thread. Edge "
-            "clients share one core here, so their edge time grows with their number.",
+            "context manager batches the token requests that queue while its model is busy "
+            "(one forward over their sessions' catch-up rows). Edge clients share one core "
+            "here, so their edge time grows with their number.",
             "",
         ]
     lines += [
@@ -664,9 +665,9 @@ def discussion(data: dict, runs: Sequence[Run]) -> list[str]:
             "- **Several clients.** CE-CoLLM's time relative to cloud-only, per number of "
             f"clients: {', '.join(ratios)}. The cloud's time per client (cloud s, queueing "
             "included) stays about half of cloud-only's at every client count, so one cloud "
-            "replica carries more clients; latency per client grows like cloud-only's here, "
-            "because the context manager answers one token request at a time (the cloud-only "
-            "server batches them) and the edge clients share one core."
+            "replica carries more clients; latency per client still grows with the number of "
+            "clients here, because the edge clients share one core (a real deployment has a "
+            "device per client) and both servers share the other."
         )
     t = data.get("timing", {})
     spread = []
