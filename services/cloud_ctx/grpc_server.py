@@ -32,6 +32,7 @@ from services.cloud_ctx.session_log import LogUnavailable
 from services.cloud_ctx.session_store import SessionTooLarge, UnknownSession
 from tandem.runtime.sampling import SamplingParams
 from tandem.transport.cloud_wire import EXPECTED_POSITION_KEY, hidden_from_proto
+from tandem.transport.grpc_auth import BearerAuth
 from tandem.transport.hidden import HiddenPayload
 from tandem_proto.cloud.v1 import cloud_pb2, cloud_pb2_grpc
 
@@ -219,12 +220,15 @@ async def start_cloud_server(
     host: str = "127.0.0.1",
     port: int = 0,
     metrics: CloudMetrics | None = None,
+    token: str | None = None,
 ) -> RunningCloudServer:
+    """With `token`, every call needs `authorization: Bearer <token>` (UNAUTHENTICATED)."""
     server = grpc.aio.server(
+        interceptors=[BearerAuth(token)] if token else [],
         options=[
             ("grpc.max_receive_message_length", 64 << 20),
             ("grpc.max_send_message_length", 64 << 20),
-        ]
+        ],
     )
     cloud_pb2_grpc.add_CloudContextServicer_to_server(CloudServicer(manager, metrics), server)
     bound = server.add_insecure_port(f"{host}:{port}")

@@ -12,6 +12,7 @@ int8 | int4), --host (HOST), --grpc-port (CLOUD_GRPC_PORT, 50061), --metrics-por
 (TANDEM_REPLICA_ID, default <hostname>-<pid>), --max-memory-mib (TANDEM_CLOUD_MAX_MEMORY_MIB),
 --ttl (TANDEM_CLOUD_TTL seconds), --max-sessions (TANDEM_CLOUD_MAX_SESSIONS),
 --max-context (TANDEM_MAX_CONTEXT), --cache-dir (TANDEM_CACHE). Port 0 picks a free port.
+TANDEM_GRPC_TOKEN (no flag): require `authorization: Bearer <token>` on every gRPC call.
 SIGTERM / SIGINT stop it gracefully (in-flight calls get a grace period).
 """
 
@@ -61,6 +62,7 @@ class CloudSettings:
     max_context: int
     cache_dir: Path
     grace_s: float = 5.0
+    grpc_token: str | None = None  # TANDEM_GRPC_TOKEN: required bearer token on gRPC
 
 
 def parse_settings(registry: ModelRegistry, argv: list[str] | None = None) -> CloudSettings:
@@ -118,6 +120,7 @@ def parse_settings(registry: ModelRegistry, argv: list[str] | None = None) -> Cl
         limits=StoreLimits(int(a.max_memory_mib * 2**20), a.ttl, a.max_sessions),
         max_context=a.max_context,
         cache_dir=Path(a.cache_dir),
+        grpc_token=env("TANDEM_GRPC_TOKEN") or None,
     )
 
 
@@ -194,7 +197,9 @@ async def serve(
             loop.add_signal_handler(sig, stop.set)
     monitor = start_monitor(registry, health, settings.host, settings.metrics_port)
     try:
-        server = await start_cloud_server(manager, settings.host, settings.grpc_port, metrics)
+        server = await start_cloud_server(
+            manager, settings.host, settings.grpc_port, metrics, token=settings.grpc_token
+        )
     except BaseException:
         monitor.stop()
         raise

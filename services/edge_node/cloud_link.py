@@ -38,6 +38,7 @@ import torch
 from tandem.runtime.decoder import Reached
 from tandem.runtime.sampling import SamplingParams
 from tandem.transport.cloud_wire import EXPECTED_POSITION_KEY, hidden_to_proto
+from tandem.transport.grpc_auth import bearer_metadata
 from tandem.transport.hidden import Encoding
 from tandem.transport.network import EmulatedLink, LinkProfile
 from tandem_proto.cloud.v1 import cloud_pb2, cloud_pb2_grpc
@@ -49,6 +50,7 @@ _TRIPPING = {
     grpc.StatusCode.UNKNOWN,
     grpc.StatusCode.INTERNAL,
     grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.UNAUTHENTICATED,  # a misconfigured edge backs off instead of hammering
 }
 
 
@@ -126,7 +128,7 @@ class CloudLink:
         self.counters = LinkCounters()
         self.emulated = EmulatedLink(config.link) if config.link is not None else None
         self._sessions: dict[str, _Session] = {}
-        self._metadata = (("authorization", f"Bearer {config.token}"),) if config.token else ()
+        self._metadata = bearer_metadata(config.token)
         self._down_until = 0.0
         self._backoff = config.backoff_s
         self._network_ms: float | None = None  # EWMA of round trip minus cloud time

@@ -20,12 +20,14 @@ def cloud_manager(model: DecoderModel, split: int, **limits) -> CloudContextMana
 
 
 @contextmanager
-def cloud_server(manager: CloudContextManager) -> Iterator[int]:
-    """Serve `manager`; yields the port."""
+def cloud_server(manager: CloudContextManager, token: str | None = None) -> Iterator[int]:
+    """Serve `manager` (with `token`: only to callers that present it); yields the port."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    server = asyncio.run_coroutine_threadsafe(start_cloud_server(manager), loop).result(10)
+    server = asyncio.run_coroutine_threadsafe(
+        start_cloud_server(manager, token=token), loop
+    ).result(10)
     try:
         yield server.port
     finally:

@@ -176,3 +176,16 @@ def test_int8_transport_keeps_the_first_tokens():
         [(ids, _)] = _run(eng, ["int8"])
     assert len(ids) == len(expected) and ids[0] == expected[0]
     assert link.counters.bytes_up > 0
+
+
+def test_cloud_with_a_token_answers_only_edges_that_present_it():
+    model = tiny_model("llama")
+    expected = list(generate(ExitDecoder(model), ByteCodec().encode("secret"), GREEDY).token_ids)
+    with cloud_server(cloud_manager(model, SPLIT), token="s3cret") as port:
+        target = f"127.0.0.1:{port}"
+        with collab_engine(model, target, token="s3cret") as (eng, link):
+            [(ids, sources)] = _run(eng, ["secret"])
+        assert ids == expected and set(sources) == {"cloud"}
+        with collab_engine(model, target, tau=0.9, token="wrong") as (eng, link):
+            [(ids, sources)] = _run(eng, ["secret"])
+        assert set(sources) == {"fallback"} and link.counters.token_failures > 0
