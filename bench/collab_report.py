@@ -136,6 +136,17 @@ def find(runs: Sequence[Run], **want) -> Run | None:
     return None
 
 
+def find_mode(
+    runs: Sequence[Run], mode: str, link: str, tau: float, encoding: str = "fp16"
+) -> Run | None:
+    """The one-client run of `mode` on `link` at `tau` (standalone has no link, cloud-only
+    no tau)."""
+    want = {} if mode == "cloud-only" else {"tau": tau}
+    if mode != "standalone":
+        want["link"] = link
+    return find(runs, mode=mode, clients=1, encoding=encoding, **want)
+
+
 # ---- markdown -----------------------------------------------------------------------------
 
 
@@ -314,14 +325,7 @@ def render(data: dict) -> str:
             ("ce-collm", "fp16"),
             ("ce-collm", "int8"),
         ):
-            r = find(
-                runs,
-                mode=mode,
-                link=None if mode == "standalone" else link,
-                tau=tau0,
-                clients=1,
-                encoding=enc,
-            )
+            r = find_mode(runs, mode, link, tau0, enc)
             if r is not None:
                 rows.append(_mode_row(r, ref))
         lines += [f"## Link {link}, tau = {tau0:g}, 1 client", ""]
@@ -495,15 +499,7 @@ def decode_table(runs: Sequence[Run], link: str, tau: float, prompts: int) -> li
         ("ce-collm", "fp16"),
         ("ce-collm", "int8"),
     ):
-        kw = {} if mode == "cloud-only" else {"tau": tau}
-        r = find(
-            runs,
-            mode=mode,
-            link=None if mode == "standalone" else link,
-            clients=1,
-            encoding=enc,
-            **kw,
-        )
+        r = find_mode(runs, mode, link, tau, enc)
         if r is None or not r.dec_tokens:
             continue
         n = r.dec_tokens
@@ -540,15 +536,7 @@ def relative_table(runs: Sequence[Run], link: str, tau: float) -> list[str]:
     p_ref = PAPER["time_s"]["cloud-only"]
     rows = []
     for mode in ("cloud-only", "naive", "standalone", "ce-collm"):
-        kw = {} if mode == "cloud-only" else {"tau": tau}
-        r = find(
-            runs,
-            mode=mode,
-            link=None if mode == "standalone" else link,
-            clients=1,
-            encoding="fp16",
-            **kw,
-        )
+        r = find_mode(runs, mode, link, tau)
         paper = [PAPER[k][mode] / p_ref for k in ("time_s", "cloud_s", "edge_s", "comm_s")]
         ours = [None] * 4 if r is None else [r.total_s, r.cloud_s, r.edge_s, r.comm_s]
         ours = [None if x is None else x / ref.total_s for x in ours]
