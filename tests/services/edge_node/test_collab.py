@@ -189,3 +189,29 @@ def test_cloud_with_a_token_answers_only_edges_that_present_it():
         with collab_engine(model, target, tau=0.9, token="wrong") as (eng, link):
             [(ids, sources)] = _run(eng, ["secret"])
         assert set(sources) == {"fallback"} and link.counters.token_failures > 0
+
+
+def test_a_cloud_slower_than_the_budget_lowers_tau():
+    """Latency-aware tau in the engine: once the link has measured the cloud, a budget far
+    below its round trip pulls the threshold down to tau_min; within budget it stays."""
+    model = tiny_model("llama")
+    with cloud_server(cloud_manager(model, SPLIT)) as port:
+        for budget_ms, low in ((1e-3, True), (1e6, False)):
+            link = CloudLink(CloudLinkConfig(target=f"127.0.0.1:{port}"))
+            link.start()
+            eng = EdgeEngine(
+                "tiny",
+                ExitDecoder(model, depth=SPLIT),
+                ByteCodec(),
+                EngineConfig(tau=0.9),
+                cloud=link,
+                tau_policy=TauPolicy(0.9, 0.5, budget_ms=budget_ms),
+            )
+            eng.start()
+            try:
+                _run(eng, ["how fast is the cloud"])
+            finally:
+                eng.stop()
+                link.close()
+            assert link.expected_ms() is not None and link.expected_ms() > 0
+            assert (eng.tau_now < 0.51) if low else (eng.tau_now == 0.9)
