@@ -4,7 +4,7 @@ PY := .venv/bin/python
 PORT ?= 8000
 export PORT
 
-.PHONY: setup run run-cloud run-collab redis test proto calibrate bench-edge bench-batch bench-collab lint fmt
+.PHONY: setup run run-cloud run-collab redis test proto calibrate bench-edge bench-batch bench-collab gate-data lint fmt
 
 setup:
 	bash scripts/bootstrap.sh
@@ -41,6 +41,11 @@ bench-batch: setup
 # CE-CoLLM table: cloud-only / naive / collaborative / standalone side by side (~25 min).
 bench-collab: setup proto
 	$(PY) -m bench.collab
+
+# MoE² gate training data: every expert's NLL on corpus continuations + smollm2 features
+# (cached in model_cache/gate/; skipped when present).
+gate-data: setup
+	$(PY) -m services.router.gate_data
 
 lint: setup
 	$(PY) -m ruff check .
