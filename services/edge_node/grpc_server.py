@@ -15,7 +15,6 @@ metadata `authorization: Bearer <token>`; Health never does (probes carry no cre
 
 from __future__ import annotations
 
-import hmac
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -32,12 +31,11 @@ from tandem.runtime.engine_api import (
     PromptTooLong,
 )
 from tandem.runtime.sampling import SamplingParams
+from tandem.transport.grpc_auth import ERROR_KEY, BearerAuth
 from tandem_proto.edge.v1 import edge_pb2, edge_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-ERROR_KEY = "tandem-error"
-AUTH_KEY = "authorization"
 
 _ROLES: dict[int, str] = {
     edge_pb2.ChatMessage.ROLE_SYSTEM: "system",
@@ -95,29 +93,13 @@ async def _aclose(iterator: AsyncIterator[GenerationChunk]) -> None:
 class EdgeServicer(edge_pb2_grpc.EdgeNodeServicer):
     """Implements tandem.edge.v1.EdgeNode with grpc.aio on top of one engine."""
 
-    def __init__(self, engine: Engine, *, token: str | None = None) -> None:
+    def __init__(self, engine: Engine) -> None:
         self._engine = engine
-        self._token = token or None
         self._serving = True
 
     def set_serving(self, serving: bool) -> None:
         """False while draining for shutdown: Health answers NOT_SERVING."""
         self._serving = serving
-
-    async def _authorize(self, context: grpc.aio.ServicerContext) -> None:
-        if self._token is None:
-            return
-        expected = f"Bearer {self._token}".encode()
-        for key, value in context.invocation_metadata() or ():
-            if key == AUTH_KEY:
-                given = value.encode() if isinstance(value, str) else value
-                if hmac.compare_digest(given, expected):
-                    return
-        await context.abort(
-            grpc.StatusCode.UNAUTHENTICATED,
-            "missing or invalid bearer token",
-            trailing_metadata=((ERROR_KEY, "unauthenticated"),),
-        )
 
     async def _abort(self, context: grpc.aio.ServicerContext, exc: BaseException) -> None:
         code, kind = _error_status(exc)
@@ -157,7 +139,6 @@ class EdgeServicer(edge_pb2_grpc.EdgeNodeServicer):
     async def Generate(
         self, request: edge_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[edge_pb2.GenerateChunk]:
-        await self._authorize(context)
         error: Exception | None = None
         try:
             engine_request = self._to_engine_request(request)
@@ -200,7 +181,6 @@ class EdgeServicer(edge_pb2_grpc.EdgeNodeServicer):
     async def Info(
         self, request: edge_pb2.InfoRequest, context: grpc.aio.ServicerContext
     ) -> edge_pb2.InfoReply:
-        await self._authorize(context)
         return edge_pb2.InfoReply(
             model_id=self._engine.model_id,
             n_layers=self._engine.n_layers,
@@ -239,8 +219,10 @@ async def start_grpc_server(
     options: list[tuple[str, int | str]] | None = None,
 ) -> RunningGrpcServer:
     """Serve `engine` on host:port (0 picks a free port) and return once listening."""
-    servicer = EdgeServicer(engine, token=token)
-    server = grpc.aio.server(options=options)
+    servicer = EdgeServicer(engine)
+    health = f"/{edge_pb2.DESCRIPTOR.package}.EdgeNode/Health"  # probes carry no token
+    auth = [BearerAuth(token, exempt=frozenset({health}))] if token else []
+    server = grpc.aio.server(interceptors=auth, options=options)
     edge_pb2_grpc.add_EdgeNodeServicer_to_server(servicer, server)
     address = _address(host, port)
     try:

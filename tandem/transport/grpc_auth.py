@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 
 AUTH_KEY = "authorization"
+ERROR_KEY = "tandem-error"  # trailing metadata naming the error kind
 
 
 def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
@@ -49,7 +50,11 @@ class BearerAuth(grpc.aio.ServerInterceptor):
 
 
 async def _deny(_request, context: grpc.aio.ServicerContext):
-    await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+    await context.abort(
+        grpc.StatusCode.UNAUTHENTICATED,
+        "missing or invalid bearer token",
+        trailing_metadata=((ERROR_KEY, "unauthenticated"),),
+    )
 
 
 def _denied(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
