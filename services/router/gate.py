@@ -1,0 +1,393 @@
+"""The MoE² gate: a softmax over experts from prompt features, renormalised over any subset.
+
+Logits ``z(x) = W phi(x) + b`` (or a 1-hidden-layer MLP), with ``phi`` standardised by the
+training set's mean and std. Restricted to a subset S the weights are
+``g_{S,n}(x) = exp(z_n) / sum_{m in S} exp(z_m)``; with top-k only the k largest logits in S
+keep weight. The sequence-level mixture is ``p_S(y|x) = sum_n g_{S,n}(x) exp(-NLL_n(y|x))``
+and the loss is ``-log p_S`` summed over prompts, divided by their characters, in bits.
+
+The gate is trained once, on all experts (papers.md 1.2, P1); the coarse level then only
+masks its logits. `python -m services.router.gate` trains it on the cached gate data
+(`make gate-data`), saves it to ``artifacts/gate/gate.pt`` and writes
+``docs/bench/gate.md`` with the optimality-preserving and monotonicity checks (papers.md 1.4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from services.router.gate_data import DEFAULT_PATH, GateData, load
+
+ARTIFACT = Path("artifacts/gate/gate.pt")
+REPORT = Path("docs/bench/gate.md")
+LN2 = math.log(2)
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    hidden: int = 0  # 0: linear gate
+    steps: int = 400
+    lr: float = 0.01
+    weight_decay: float = 1e-3
+    seed: int = 0
+
+
+class Gate(nn.Module):
+    def __init__(
+        self,
+        experts: Sequence[str],
+        mean: np.ndarray,
+        std: np.ndarray,
+        hidden: int = 0,
+    ) -> None:
+        super().__init__()
+        self.experts = tuple(experts)
+        self.hidden = hidden
+        dim, n = mean.shape[0], len(self.experts)
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
+        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32))
+        self.net = (
+            nn.Linear(dim, n)
+            if hidden == 0
+            else nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, n))
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net((features.float() - self.mean) / self.std)
+
+    def scores(self, features: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Gating logits ``z(x)``, [P, N] (or [N] for one feature vector)."""
+        x = torch.as_tensor(np.asarray(features, dtype=np.float32))
+        with torch.no_grad():
+            return self(x).numpy()
+
+    def weights(
+        self,
+        features: np.ndarray | torch.Tensor,
+        subset: Iterable[str] | None = None,
+        top_k: int | None = None,
+    ) -> np.ndarray:
+        """``g_S(x)`` (zero outside S and outside the top-k), [P, N]."""
+        logits = torch.as_tensor(self.scores(features))
+        return masked_log_weights(logits, self.mask(subset), top_k).exp().numpy()
+
+    def mask(self, subset: Iterable[str] | None) -> torch.Tensor:
+        if subset is None:
+            return torch.ones(len(self.experts), dtype=torch.bool)
+        names = set(subset)
+        unknown = names - set(self.experts)
+        if unknown:
+            raise KeyError(f"unknown experts {sorted(unknown)}; gate has {self.experts}")
+        if not names:
+            raise ValueError("empty expert subset")
+        return torch.tensor([e in names for e in self.experts])
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(
+            {"experts": list(self.experts), "hidden": self.hidden, "state": self.state_dict()},
+            path,
+        )
+
+    @staticmethod
+    def load(path: Path) -> Gate:
+        blob = torch.load(path, weights_only=True)
+        state = blob["state"]
+        gate = Gate(blob["experts"], state["mean"].numpy(), state["std"].numpy(), blob["hidden"])
+        gate.load_state_dict(state)
+        return gate.eval()
+
+
+def masked_log_weights(
+    logits: torch.Tensor, mask: torch.Tensor, top_k: int | None = None
+) -> torch.Tensor:
+    """log g_S: log-softmax of the logits over the experts in ``mask`` (or only the top-k
+    of them); -inf elsewhere. logits [P, N], mask [N] bool."""
+    z = logits.masked_fill(~mask, -math.inf)
+    if top_k is not None and top_k < int(mask.sum()):
+        if top_k < 1:
+            raise ValueError("top_k must be >= 1")
+        kth = z.topk(top_k, dim=-1).values[..., -1:]
+        z = z.masked_fill(z < kth, -math.inf)
+    return torch.log_softmax(z, dim=-1)
+
+
+def mixture_nll(log_w: torch.Tensor, nll: torch.Tensor) -> torch.Tensor:
+    """Per-prompt ``-log sum_n g_n exp(-NLL_n)`` in nats, [P]."""
+    return -torch.logsumexp(log_w - nll, dim=-1)
+
+
+def _tensors(data: GateData) -> tuple[torch.Tensor, torch.Tensor, float]:
+    return (
+        torch.as_tensor(data.features, dtype=torch.float32),
+        torch.as_tensor(data.nll, dtype=torch.float64),
+        float(data.chars.sum()),
+    )
+
+
+def mixture_loss(
+    gate: Gate, data: GateData, subset: Iterable[str] | None = None, top_k: int | None = None
+) -> float:
+    """L(S, theta) in bits per character of the gated mixture over ``subset`` (all experts
+    when None), optionally top-k within S."""
+    _check_experts(gate, data)
+    x, nll, chars = _tensors(data)
+    with torch.no_grad():
+        log_w = masked_log_weights(gate(x).double(), gate.mask(subset), top_k)
+        return float(mixture_nll(log_w, nll).sum()) / chars / LN2
+
+
+def uniform_loss(data: GateData, subset: Iterable[str] | None = None) -> float:
+    """Bits/char of the equal-weight mixture over ``subset``."""
+    names = set(data.experts if subset is None else subset)
+    idx = [i for i, e in enumerate(data.experts) if e in names]
+    nll = torch.as_tensor(data.nll[:, idx], dtype=torch.float64)
+    log_w = torch.full_like(nll, -math.log(len(idx)))
+    return float(mixture_nll(log_w, nll).sum()) / float(data.chars.sum()) / LN2
+
+
+def oracle_loss(data: GateData, subset: Iterable[str] | None = None) -> float:
+    """Bits/char when each prompt goes to its best expert in ``subset`` (a lower bound)."""
+    names = set(data.experts if subset is None else subset)
+    idx = [i for i, e in enumerate(data.experts) if e in names]
+    return float(data.nll[:, idx].min(1).sum()) / float(data.chars.sum()) / LN2
+
+
+def train_gate(
+    data: GateData,
+    experts_subset: Iterable[str] | None = None,
+    seed: int = 0,
+    config: GateConfig = GateConfig(),
+    val: GateData | None = None,
+) -> Gate:
+    """Fit the gate by minimising the gated mixture's bits/char over ``experts_subset``
+    (all experts when None) with full-batch Adam. With ``val`` the step with the lowest
+    validation loss is kept (early stopping)."""
+    torch.manual_seed(seed)
+    mean = data.features.mean(0)
+    std = data.features.std(0) + 1e-6
+    gate = Gate(data.experts, mean, std, config.hidden)
+    mask = gate.mask(experts_subset)
+    x, nll, chars = _tensors(data)
+    opt = torch.optim.AdamW(gate.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    best: tuple[float, dict] | None = None
+    for _ in range(config.steps):
+        opt.zero_grad()
+        log_w = masked_log_weights(gate(x).double(), mask)
+        loss = mixture_nll(log_w, nll).sum() / chars / LN2
+        loss.backward()
+        opt.step()
+        if val is not None:
+            v = mixture_loss(gate, val, experts_subset)
+            if best is None or v < best[0]:
+                best = (v, {k: t.clone() for k, t in gate.state_dict().items()})
+    if best is not None:
+        gate.load_state_dict(best[1])
+    return gate.eval()
+
+
+def _check_experts(gate: Gate, data: GateData) -> None:
+    if gate.experts != data.experts:
+        raise ValueError(f"gate experts {gate.experts} != data experts {data.experts}")
+
+
+def subsets(experts: Sequence[str], min_size: int = 1) -> list[tuple[str, ...]]:
+    return [
+        s for r in range(min_size, len(experts) + 1) for s in itertools.combinations(experts, r)
+    ]
+
+
+@dataclass(frozen=True)
+class PreservingRow:
+    subset: tuple[str, ...]
+    restricted: float  # L(S, theta*|S), bits/char on test
+    retrained: float  # L(S, theta_S)
+    uniform: float
+    oracle: float
+
+
+def optimality_preserving(
+    gate: Gate, train: GateData, test: GateData, val: GateData | None, config: GateConfig
+) -> list[PreservingRow]:
+    """For every S with |S| >= 2: the full-set gate restricted to S against a gate retrained
+    from scratch on S only (papers.md 1.4)."""
+    rows = []
+    for s in subsets(gate.experts, 2):
+        retrained = train_gate(train, s, config.seed, config, val)
+        rows.append(
+            PreservingRow(
+                s,
+                mixture_loss(gate, test, s),
+                mixture_loss(retrained, test, s),
+                uniform_loss(test, s),
+                oracle_loss(test, s),
+            )
+        )
+    return rows
+
+
+def monotonicity_violations(
+    gate: Gate, data: GateData, top_k: int | None = None, tol: float = 0.0
+) -> tuple[int, int, float]:
+    """Count pairs S ⊂ S' (non-empty, proper) with L(S', theta*) > L(S, theta*) + tol.
+    Returns (violations, pairs, worst increase in bits/char)."""
+    loss = {s: mixture_loss(gate, data, s, top_k) for s in subsets(gate.experts)}
+    bad, pairs, worst = 0, 0, 0.0
+    for small, big in itertools.permutations(loss, 2):
+        if len(small) < len(big) and set(small) <= set(big):
+            pairs += 1
+            worst = max(worst, loss[big] - loss[small])
+            bad += loss[big] > loss[small] + tol
+    return bad, pairs, worst
+
+
+def report(
+    splits: dict[str, GateData],
+    gate: Gate,
+    config: GateConfig,
+    train_s: float,
+    manifest: dict | None = None,
+) -> str:
+    """The markdown report (docs/bench/gate.md); ``manifest`` is gate_data's (timings)."""
+    train, val, test = splits["train"], splits["val"], splits["test"]
+    experts = test.experts
+    lines = [
+        "# MoE² gate: trained once on all experts",
+        "",
+        "Generated by `python -m services.router.gate` from the cached gate data "
+        "(`make gate-data`, `services/router/gate_data.py`). All numbers are bits per "
+        "character of the reference continuation on the **test** split "
+        f"({len(test)} prompts; train {len(train)}, val {len(val)}), lower is better.",
+        "",
+        f"Gate: {'linear' if config.hidden == 0 else f'MLP ({config.hidden} hidden)'} on "
+        f"smollm2 mid-layer mean-pooled prompt states ({train.features.shape[1]} dims), "
+        f"AdamW lr {config.lr}, weight decay {config.weight_decay}, {config.steps} full-batch "
+        f"steps, early-stopped on val; training took {train_s:.1f}s.",
+        "",
+    ]
+    if manifest is not None:
+        sizes = manifest["sizes"]
+        timing = ", ".join(
+            f"{e} ({manifest['experts'][e]}) {t['load_s']:.0f}s load + "
+            f"{t['per_prompt_s']:.2f}s/prompt"
+            for e, t in manifest["timings"].items()
+        )
+        lines += [
+            f"Prompts: up to {sizes['prompt_chars']} characters of a corpus item cut at a "
+            f"whitespace, continuation up to the next {sizes['continuation_chars']} "
+            f"characters; seed {sizes['seed']}. Building the data took "
+            f"{manifest.get('total_s', 0):.0f}s on this machine: {timing}.",
+            "",
+        ]
+    lines += [
+        "## Experts and mixtures",
+        "",
+        "| | all | " + " | ".join(sorted(set(test.categories))) + " |",
+        "|---|---|" + "---|" * len(set(test.categories)),
+    ]
+    cats = sorted(set(test.categories))
+
+    def by_cat(d: GateData) -> list[GateData]:
+        out = []
+        for c in cats:
+            idx = np.array([i for i, k in enumerate(d.categories) if k == c])
+            out.append(
+                GateData(d.experts, d.features[idx], d.nll[idx], d.chars[idx], (c,) * len(idx))
+            )
+        return out
+
+    parts = [test, *by_cat(test)]
+    for i, e in enumerate(experts):
+        lines.append(f"| {e} | " + " | ".join(f"{p.bits_per_char()[i]:.3f}" for p in parts) + " |")
+    single = test.bits_per_char()
+    rows = [
+        (
+            "best single expert (" + experts[int(single.argmin())] + ")",
+            lambda p: p.bits_per_char()[int(single.argmin())],
+        ),
+        ("uniform ensemble", lambda p: uniform_loss(p)),
+        ("**gated mixture, all experts**", lambda p: mixture_loss(gate, p)),
+        ("gated, top-1", lambda p: mixture_loss(gate, p, top_k=1)),
+        ("gated, top-2", lambda p: mixture_loss(gate, p, top_k=2)),
+        ("oracle (best expert per prompt)", lambda p: oracle_loss(p)),
+    ]
+    for name, fn in rows:
+        lines.append(f"| {name} | " + " | ".join(f"{fn(p):.3f}" for p in parts) + " |")
+    top1 = np.bincount(gate.scores(test.features).argmax(1), minlength=len(experts))
+    lines += [
+        "",
+        "Top-1 routing share on test: "
+        + ", ".join(f"{e} {c / len(test):.0%}" for e, c in zip(experts, top1, strict=True))
+        + ".",
+        "",
+        "## Optimality-preserving check (papers.md 1.4)",
+        "",
+        "For every subset S with |S| >= 2: the full-set gate theta* with its logits masked to S, "
+        "against a gate retrained from scratch on S only (same recipe, same seed).",
+        "",
+        "| S | L(S, theta*\\|S) | L(S, theta_S) | restricted - retrained "
+        "| uniform on S | oracle on S |",
+        "|---|---|---|---|---|---|",
+    ]
+    op = optimality_preserving(gate, train, test, val, config)
+    for r in op:
+        lines.append(
+            f"| {', '.join(r.subset)} | {r.restricted:.3f} | {r.retrained:.3f} | "
+            f"{r.restricted - r.retrained:+.3f} | {r.uniform:.3f} | {r.oracle:.3f} |"
+        )
+    gaps = np.array([r.restricted - r.retrained for r in op])
+    lines += [
+        "",
+        f"Restricted minus retrained over the {len(op)} subsets: mean {gaps.mean():+.3f}, "
+        f"max |gap| {np.abs(gaps).max():.3f} bits/char.",
+        "",
+        "## Monotonicity of L(S, theta*|S) as S grows",
+        "",
+        "Over all pairs S ⊂ S' of non-empty subsets; a violation is L(S') > L(S).",
+        "",
+        "| gate | violations / pairs | worst increase (bits/char) |",
+        "|---|---|---|",
+    ]
+    for label, k in (("softmax over S", None), ("top-1 in S", 1), ("top-2 in S", 2)):
+        bad, pairs, worst = monotonicity_violations(gate, test, k)
+        lines.append(f"| {label} | {bad} / {pairs} | {max(worst, 0.0):.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Train the MoE² gate and write its report.")
+    ap.add_argument("--data", type=Path, default=DEFAULT_PATH)
+    ap.add_argument("--out", type=Path, default=ARTIFACT)
+    ap.add_argument("--report", type=Path, default=REPORT)
+    ap.add_argument("--hidden", type=int, default=GateConfig.hidden)
+    args = ap.parse_args(argv)
+    if not args.data.exists():
+        raise SystemExit(f"no gate data at {args.data}; run `make gate-data` first")
+    splits = load(args.data)
+    config = GateConfig(hidden=args.hidden)
+    t0 = time.perf_counter()
+    gate = train_gate(splits["train"], None, config.seed, config, splits["val"])
+    train_s = time.perf_counter() - t0
+    gate.save(args.out)
+    manifest_path = args.data.with_suffix(".json")
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
+    text = report(splits, gate, config, train_s, manifest)
+    args.report.parent.mkdir(parents=True, exist_ok=True)
+    args.report.write_text(text)
+    print(text)
+    print(f"gate: saved {args.out}, report {args.report}")
+
+
+if __name__ == "__main__":
+    main()
