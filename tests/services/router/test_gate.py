@@ -123,9 +123,15 @@ def test_training_lowers_loss_and_routes_by_category() -> None:
 def test_retrained_on_subset_matches_restricted_full_gate() -> None:
     train, test = synthetic(seed=0), synthetic(seed=1)
     full = train_gate(train)
-    for s in [("prose_pro", "meh"), ("prose_pro", "code_pro")]:
-        sub = train_gate(train, s)
-        assert mixture_loss(full, test, s) == pytest.approx(mixture_loss(sub, test, s), abs=0.005)
+    top = ("prose_pro", "code_pro")
+    assert mixture_loss(full, test, top) == pytest.approx(
+        mixture_loss(train_gate(train, top), test, top), abs=0.001
+    )
+    # Where theta* gives both members of S ~0 weight (code prompts, S without code_pro) the
+    # training signal on their relative logit vanished: restriction is close, not equal.
+    weak = ("prose_pro", "meh")
+    gap = mixture_loss(full, test, weak) - mixture_loss(train_gate(train, weak), test, weak)
+    assert -0.001 < gap < 0.02
 
 
 def test_save_load_round_trip(tmp_path: Path) -> None:
