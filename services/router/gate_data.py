@@ -66,6 +66,7 @@ class GateData:
     nll: np.ndarray  # [P, N] float64, nats
     chars: np.ndarray  # [P] int
     categories: tuple[str, ...]
+    prompts: tuple[str, ...] = ()  # the prompt texts, when stored
 
     def __len__(self) -> int:
         return int(self.chars.shape[0])
@@ -157,6 +158,21 @@ def score(
     return nll, (np.stack(feats).astype(np.float32) if feature_layer is not None else None)
 
 
+@torch.inference_mode()
+def prompt_features(lm: LoadedModel, texts: Sequence[str]) -> np.ndarray:
+    """The gate's features for raw prompts, as the router computes them at request time:
+    the hidden states after the first half of the layers, mean-pooled over the prompt
+    tokens (BOS excluded), [P, D] float32. Same as the features `build` caches."""
+    model = lm.model
+    layer = model.cfg.n_layers // 2
+    out = []
+    for text in texts:
+        ids = lm.codec.encode(text)
+        h = model.run_sequence(model.embed(torch.tensor(ids)), model.new_kv(), 0, 0, layer)
+        out.append((h[1:] if len(ids) > 1 else h).float().mean(0).numpy())
+    return np.stack(out).astype(np.float32)
+
+
 def build(
     sizes: GateSizes,
     experts: Sequence[str] = EXPERTS,
@@ -212,6 +228,7 @@ def build(
             nll[idx],
             chars[idx],
             tuple(flat[i].category for i in idx),
+            tuple(flat[i].prompt for i in idx),
         )
     manifest = {
         "sizes": asdict(sizes),
@@ -232,6 +249,8 @@ def save(splits: dict[str, GateData], manifest: dict, path: Path) -> None:
         arrays[f"{name}_nll"] = d.nll
         arrays[f"{name}_chars"] = d.chars
         arrays[f"{name}_categories"] = np.array(d.categories)
+        if d.prompts:
+            arrays[f"{name}_prompts"] = np.array(d.prompts)
     arrays["experts"] = np.array(next(iter(splits.values())).experts)
     np.savez(path, **arrays)
     path.with_suffix(".json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -247,6 +266,7 @@ def load(path: Path = DEFAULT_PATH) -> dict[str, GateData]:
                 z[f"{name}_nll"],
                 z[f"{name}_chars"],
                 tuple(str(c) for c in z[f"{name}_categories"]),
+                tuple(str(t) for t in z[f"{name}_prompts"]) if f"{name}_prompts" in z else (),
             )
             for name, _ in SPLITS
         }

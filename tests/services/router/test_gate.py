@@ -24,7 +24,7 @@ from services.router.gate import (
     train_gate,
     uniform_loss,
 )
-from services.router.gate_data import DEFAULT_PATH, GateData, cut, load
+from services.router.gate_data import DEFAULT_PATH, GateData, cut, load, save
 
 EXPERTS = ("prose_pro", "code_pro", "meh")
 
@@ -165,10 +165,34 @@ def test_cut_splits_at_whitespace_and_respects_the_filter() -> None:
     assert cut("short text", 30, 20, lambda p, c: True) is None
 
 
+def test_gate_data_save_load_round_trip(tmp_path: Path) -> None:
+    d = synthetic(n=6)
+    d = GateData(d.experts, d.features, d.nll, d.chars, d.categories, tuple("abcdef"))
+    save({"train": d, "val": d, "test": d}, {"seed": 0}, tmp_path / "g.npz")
+    back = load(tmp_path / "g.npz")["val"]
+    assert back.experts == EXPERTS and back.categories == d.categories and back.prompts == d.prompts
+    np.testing.assert_array_equal(back.nll, d.nll)
+    np.testing.assert_array_equal(back.features, d.features)
+    np.testing.assert_array_equal(back.chars, d.chars)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not DEFAULT_PATH.exists(), reason="no cached gate data (make gate-data)")
-def test_real_gate_data_beats_uniform() -> None:
+def test_real_gate_data_beats_uniform_and_features_match_runtime() -> None:
+    from services.router.gate_data import prompt_features
+    from tandem.models.loader import LoadOptions, load_model
+    from tandem.models.registry import ModelRegistry
+
     splits = load(DEFAULT_PATH)
     assert {len(d.experts) for d in splits.values()} == {4}
     gate = train_gate(splits["train"], val=splits["val"])
     assert mixture_loss(gate, splits["test"]) < uniform_loss(splits["test"])
+    test = splits["test"]
+    if not test.prompts:
+        pytest.skip("gate data cached without prompt texts")
+    spec = ModelRegistry().get("smollm2")
+    lm = load_model(spec, LoadOptions(quant=spec.default_quant, exits=False))
+    f = prompt_features(lm, test.prompts[:3])
+    cos = (f * test.features[:3]).sum(1) / np.linalg.norm(f, axis=1)
+    cos /= np.linalg.norm(test.features[:3], axis=1)
+    assert cos.min() > 0.999
