@@ -4,7 +4,7 @@ PY := .venv/bin/python
 PORT ?= 8000
 export PORT
 
-.PHONY: setup run run-cloud run-collab redis test proto calibrate bench-edge bench-batch bench-collab gate-data lint fmt
+.PHONY: setup run run-cloud run-collab redis test proto calibrate bench-edge bench-batch bench-collab bench-router-solver gate-data lint fmt
 
 setup:
 	bash scripts/bootstrap.sh
@@ -41,6 +41,10 @@ bench-batch: setup
 # CE-CoLLM table: cloud-only / naive / collaborative / standalone side by side (~25 min).
 bench-collab: setup proto
 	$(PY) -m bench.collab
+
+# MoE² coarse-level solver: time and nodes vs number of experts (synthetic profiles, < 1 min).
+bench-router-solver: setup
+	$(PY) -m bench.router_solver
 
 # MoE² gate training data: every expert's NLL on corpus continuations + smollm2 features
 # (cached in model_cache/gate/; skipped when present).
