@@ -12,7 +12,8 @@ import time
 
 import torch
 
-from bench.edge import OUT, _cpu_name
+from bench.edge import OUT
+from bench.machine import cpu_name
 from tandem.models.loader import LoadOptions, load_model
 from tandem.models.registry import ModelRegistry
 
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     lines = [
         "# Batched decode throughput (`make bench-batch`)",
         "",
-        f"Machine: {_cpu_name()}, torch {torch.__version__}, 2 threads. Serving-default "
+        f"Machine: {cpu_name()}, torch {torch.__version__}, 2 threads. Serving-default "
         f"quantization, exits off, {STEPS} decode steps per batch size (best of 2), total "
         "tokens/s over "
         "the batch. vLLM CPU anchor (bf16, from shared/research/models.md): qwen05 15.8 "

@@ -42,7 +42,8 @@ from pathlib import Path
 import torch
 
 from bench.collab_report import Run, agreement, cloud_layer_rows, find, headline, plot, render
-from bench.edge import OUT, _cpu_name
+from bench.edge import OUT
+from bench.machine import cpu_name
 from services.edge_node.cloud_link import CloudLink, CloudLinkConfig
 from services.edge_node.engine import EdgeEngine, EngineConfig
 from services.edge_node.grpc_client import EdgeClient, build_generate_request
@@ -639,7 +640,7 @@ def main(argv: list[str] | None = None) -> None:
         r.bpc = bpc.get(_bpc_key(r))
     cfg = lm.model.cfg
     data = {
-        "machine": f"{_cpu_name()}, torch {torch.__version__}",
+        "machine": f"{cpu_name()}, torch {torch.__version__}",
         "command": " ".join(
             ["python -m bench.collab", *(argv if argv is not None else sys.argv[1:])]
         ),

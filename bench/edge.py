@@ -17,14 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from bench.machine import cpu_name
 from tandem.data.corpus import load_corpus
 from tandem.models.convert import ensure_converted
 from tandem.models.loader import LoadedModel, LoadOptions, load_model
@@ -275,16 +274,6 @@ def plot(rows: list[Row], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--models", default="smollm2,gemma3,qwen05")
@@ -303,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.extend(bench_model(m, texts, tuple(float(t) for t in a.taus.split(","))))
         for r in rows[-9:]:
             print(r)
-    write_reports(rows, f"{_cpu_name()}, torch {torch.__version__}")
+    write_reports(rows, f"{cpu_name()}, torch {torch.__version__}")
 
 
 def write_reports(rows: list[Row], machine: str) -> None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import time
@@ -32,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.machine import cpu_name
 from services.router.cost import Category
 from services.router.profiles import DEVICE_PROFILES, ExpertSpec
 from services.router.selection import (
@@ -250,16 +250,6 @@ def plot(summary: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--n-min", type=int, default=4)
@@ -291,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     if any(r.agree is False for r in rows):
         raise SystemExit("branch-reduce-bound disagrees with brute force")
     summary = summarise(rows)
-    machine = f"{_cpu_name()}, Python {platform.python_version()}"
+    machine = f"{cpu_name()}, Python {platform.python_version()}"
     md = render(summary, machine, cfg)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "router_solver.md").write_text(md)
