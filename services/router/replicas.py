@@ -290,6 +290,18 @@ class ReplicaTable:
         if _counts_against_health(exc):
             self.record_failure(replica, f"{type(exc).__name__}: {exc}")
 
+    def _next_untried(
+        self, expert_id: str, tried: list[Replica], last: BaseException | None
+    ) -> Replica:
+        """The best healthy replica not tried yet (appended to `tried`); NoHealthyReplica,
+        chained to the last call's error, when none is left."""
+        try:
+            replica = self.pick(expert_id, exclude=tried)
+        except NoHealthyReplica as exc:
+            raise exc from last
+        tried.append(replica)
+        return replica
+
     async def call_with_failover(
         self, expert_id: str, fn: Callable[[Replica], Awaitable[T]], attempts: int = 2
     ) -> T:
@@ -299,16 +311,11 @@ class ReplicaTable:
         `stream_with_failover`, which only retries before the first chunk). Other errors
         propagate at once. When replicas run out: the last retryable error if `attempts` were
         used, else NoHealthyReplica (chained to the last error, if any)."""
-        if attempts < 1:
-            raise ValueError(f"attempts must be >= 1, got {attempts}")
+        _check_attempts(attempts)
         tried: list[Replica] = []
         last: BaseException | None = None
         for _ in range(attempts):
-            try:
-                replica = self.pick(expert_id, exclude=tried)
-            except NoHealthyReplica as exc:
-                raise exc from last
-            tried.append(replica)
+            replica = self._next_untried(expert_id, tried, last)
             with self.in_flight(replica):
                 try:
                     return await fn(replica)
@@ -330,16 +337,11 @@ class ReplicaTable:
         only while no item has been yielded yet. Once the first item is out, any error
         propagates: streamed output cannot be retried. The replica's in-flight count covers
         the whole stream. Use with `contextlib.aclosing`."""
-        if attempts < 1:
-            raise ValueError(f"attempts must be >= 1, got {attempts}")
+        _check_attempts(attempts)
         tried: list[Replica] = []
         last: BaseException | None = None
         for _ in range(attempts):
-            try:
-                replica = self.pick(expert_id, exclude=tried)
-            except NoHealthyReplica as exc:
-                raise exc from last
-            tried.append(replica)
+            replica = self._next_untried(expert_id, tried, last)
             with self.in_flight(replica):
                 stream = open_stream(replica)
                 try:
@@ -363,6 +365,11 @@ class ReplicaTable:
                         await aclose()
         assert last is not None
         raise last
+
+
+def _check_attempts(attempts: int) -> None:
+    if attempts < 1:
+        raise ValueError(f"attempts must be >= 1, got {attempts}")
 
 
 def _ewma_key(value: float | None) -> float:
