@@ -27,7 +27,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -220,6 +220,7 @@ class _Api:
             self._check_model(req.model)
             prompt_ids = _encode(lambda: self.engine.encode_prompt(req.prompt_text), "prompt")
             job = self._job("cmpl", req, prompt_ids, req.max_tokens, "max_tokens", "prompt")
+            job = _with_source(job, prompt_text=req.prompt_text)
         except (ApiError, BodyTooLarge) as exc:
             self.metrics.record_rejected(getattr(exc, "status", 413))
             raise
@@ -241,6 +242,7 @@ class _Api:
                 req.max_tokens_param,
                 "messages",
             )
+            job = _with_source(job, chat_messages=tuple(messages))
         except (ApiError, BodyTooLarge) as exc:
             self.metrics.record_rejected(getattr(exc, "status", 413))
             raise
@@ -510,6 +512,17 @@ class _ChatFormat(_Format):
         chunk = ChatCompletionChunk(id=j.id, created=j.created, model=self.model, choices=[])
         chunk.usage = usage
         return sse_event(chunk)
+
+
+def _with_source(
+    job: _Job,
+    *,
+    prompt_text: str | None = None,
+    chat_messages: tuple[ChatMessage, ...] | None = None,
+) -> _Job:
+    """Attach the original input to the engine request (for engines that forward text)."""
+    request = replace(job.request, prompt_text=prompt_text, chat_messages=chat_messages)
+    return replace(job, request=request)
 
 
 # ------------------------------------------------------------------------ parsing

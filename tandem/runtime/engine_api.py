@@ -26,9 +26,14 @@ class ChatMessage:
 
 @dataclass(frozen=True)
 class GenerationRequest:
+    """`prompt_text` / `chat_messages` optionally carry the input `prompt_ids` were encoded
+    from, for engines that forward text rather than token ids (the router's experts)."""
+
     request_id: str
     prompt_ids: tuple[int, ...]
     params: SamplingParams
+    prompt_text: str | None = None
+    chat_messages: tuple[ChatMessage, ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,134 @@
+"""`ExpertEngine`: one edge expert, seen through the `Engine` protocol.
+
+The router has no tokenizer. `encode_prompt` / `encode_chat` return a placeholder of an
+estimated length (the UTF-8 byte count, plus a per-message allowance for chat templates):
+an upper bound for byte-level BPE tokenizers, so the front end's context-length checks and
+its default `max_tokens` stay on the safe side. The exact check is the edge node's.
+
+`generate` forwards the request's original text (`GenerationRequest.prompt_text` or
+`chat_messages`) to the least-loaded healthy replica over gRPC, failing over to another
+replica only before the first chunk (`ReplicaTable.stream_with_failover`). The replica that
+served the request is written to the `served` context holder, if one is set, so the front
+end can report it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import AsyncIterator, Sequence
+
+from services.edge_node.grpc_client import EdgeClient, EdgeRpcError
+from services.router.replicas import (
+    EDGE_CHANNEL_OPTIONS,
+    NoHealthyReplica,
+    Replica,
+    ReplicaTable,
+)
+from tandem.runtime.engine_api import (
+    ChatMessage,
+    EngineOverloaded,
+    GenerationChunk,
+    GenerationRequest,
+)
+
+# Per-message allowance (in tokens) for chat template markup, and for the generation prompt.
+CHAT_TOKENS_PER_MESSAGE = 16
+CHAT_TOKENS_EXTRA = 16
+
+# A mutable holder set by the front end per request; ExpertEngine fills in "replica".
+served: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
+    "tandem_router_served", default=None
+)
+
+
+class ExpertUnavailable(EngineOverloaded):
+    """No healthy replica of the expert could take the request; retry shortly."""
+
+    retry_after = 1
+
+
+class ExpertEngine:
+    """Forward generation for one edge expert to its replicas. Create it anywhere; gRPC
+    channels open lazily on the event loop that first uses them. `close()` closes them."""
+
+    def __init__(
+        self,
+        expert_id: str,
+        table: ReplicaTable,
+        *,
+        max_context: int,
+        n_layers: int = 1,
+        attempts: int = 2,
+        timeout_s: float | None = None,
+    ) -> None:
+        self.model_id = expert_id
+        self.expert_id = expert_id
+        self.table = table
+        self.max_context = max_context
+        self.n_layers = n_layers
+        self.attempts = attempts
+        self.timeout_s = timeout_s
+        self._clients: dict[str, EdgeClient] = {}
+
+    # -- Engine --------------------------------------------------------------------------
+
+    def encode_prompt(self, prompt: str) -> tuple[int, ...]:
+        return (0,) * len(prompt.encode("utf-8"))
+
+    def encode_chat(self, messages: Sequence[ChatMessage]) -> tuple[int, ...]:
+        n = sum(len(m.content.encode("utf-8")) + CHAT_TOKENS_PER_MESSAGE for m in messages)
+        return (0,) * (n + CHAT_TOKENS_EXTRA)
+
+    def queue_depth(self) -> int:
+        return sum(s.queue_depth + s.in_flight for s in self.table.statuses(self.expert_id))
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        if request.prompt_text is None and request.chat_messages is None:
+            raise ValueError("ExpertEngine needs the request's prompt_text or chat_messages")
+        return self._generate(request)
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _client(self, replica: Replica) -> EdgeClient:
+        client = self._clients.get(replica.address)
+        if client is None:
+            client = EdgeClient(replica.address, token=replica.token, options=EDGE_CHANNEL_OPTIONS)
+            self._clients[replica.address] = client
+        return client
+
+    def _open(self, request: GenerationRequest, replica: Replica) -> AsyncIterator[GenerationChunk]:
+        holder = served.get()
+        if holder is not None:
+            holder["replica"] = replica.address
+        return self._client(replica).generate(
+            prompt=request.prompt_text,
+            messages=request.chat_messages,
+            params=request.params,
+            request_id=request.request_id,
+            timeout=self.timeout_s,
+        )
+
+    async def _generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        stream = self.table.stream_with_failover(
+            self.expert_id, lambda r: self._open(request, r), attempts=self.attempts
+        )
+        async with contextlib.aclosing(stream):
+            try:
+                first = await anext(stream, None)
+            except NoHealthyReplica as exc:
+                raise ExpertUnavailable(str(exc)) from exc
+            except EdgeRpcError as exc:
+                if isinstance(exc, EngineOverloaded) or not exc.retryable_elsewhere:
+                    raise
+                raise ExpertUnavailable(str(exc)) from exc  # every replica tried failed
+            if first is None:
+                return
+            yield first
+            async for chunk in stream:
+                yield chunk
+
+    async def close(self) -> None:
+        clients, self._clients = self._clients, {}
+        for client in clients.values():
+            await client.close()
