@@ -325,6 +325,8 @@ class _Api:
             )
         if isinstance(exc, EngineOverloaded):
             return overloaded(exc)
+        if isinstance(exc, ValueError):  # the engine (or an expert behind it) refused the input
+            return ApiError(400, str(exc) or "invalid request")
         log.error("engine failed on %s", job.id, exc_info=exc)
         return ApiError(500, "The engine failed while generating.", type="server_error")
 

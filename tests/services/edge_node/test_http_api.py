@@ -504,3 +504,18 @@ async def test_metrics_are_recorded() -> None:
     assert "tandem_edge_queue_depth" in text
     engine._queue_depth = 5
     assert value("tandem_edge_queue_depth") == 5
+
+
+async def test_input_the_engine_refuses_is_a_400_not_a_500() -> None:
+    """An engine (or, behind the router, an edge expert) that rejects the request's input
+    with ValueError answers 400 invalid_request_error."""
+
+    class Refusing(FakeEngine):
+        def generate(self, request):
+            raise ValueError("prompt is not valid for this expert")
+
+    app, _, _ = make_app(Refusing())
+    async with client_for(app) as client:
+        resp = await client.post(CHAT, json=chat_body())
+    err = assert_openai_error(resp, 400)
+    assert err["type"] == "invalid_request_error" and "not valid" in err["message"]
