@@ -100,6 +100,18 @@ class ApiLimits:
                 raise ValueError(f"{name} must be >= 1")
 
 
+def check_api_key(request: Request, api_key: str | None) -> None:
+    """With an API key configured, require `Authorization: Bearer <key>` (401 otherwise)."""
+    if api_key is None:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise unauthorized(provided=bool(header))
+    if not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        raise unauthorized(provided=True)
+
+
 # ------------------------------------------------------------------------ one request
 
 
@@ -184,14 +196,7 @@ class _Api:
     # -- dependencies ----------------------------------------------------------------
 
     async def check_auth(self, request: Request) -> None:
-        if self.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise unauthorized(provided=bool(header))
-        if not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
-            raise unauthorized(provided=True)
+        check_api_key(request, self.api_key)
 
     # -- routes ----------------------------------------------------------------------
 

@@ -19,7 +19,6 @@ wired yet and answers 400. An unknown model answers OpenAI's 404 `model_not_foun
 from __future__ import annotations
 
 import contextlib
-import hmac
 import json
 import re
 import time
@@ -36,9 +35,8 @@ from services.edge_node.errors import (
     ApiError,
     install_error_handlers,
     model_not_found,
-    unauthorized,
 )
-from services.edge_node.http_api import ApiLimits, build_app
+from services.edge_node.http_api import ApiLimits, build_app, check_api_key
 from services.edge_node.metrics import EdgeMetrics
 from services.edge_node.protocol import ModelCard, ModelList
 from services.router.expert_engine import served
@@ -116,14 +114,7 @@ class _Router:
         }
 
     async def check_auth(self, request: Request) -> None:
-        if self.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise unauthorized(provided=bool(header))
-        if not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
-            raise unauthorized(provided=True)
+        check_api_key(request, self.api_key)
 
     async def health(self) -> dict[str, str]:
         return {"status": "ok"}

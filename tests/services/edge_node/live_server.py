@@ -11,9 +11,9 @@ import uvicorn
 
 
 @contextmanager
-def live_server(app, start_timeout: float = 10.0) -> Iterator[str]:
+def live_server(app, start_timeout: float = 10.0, lifespan: str = "off") -> Iterator[str]:
     """Yield the base URL; stop the server (bounded) on exit."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan=lifespan)
     srv = uvicorn.Server(config)
     thread = threading.Thread(target=srv.run, name="uvicorn-test", daemon=True)
     thread.start()

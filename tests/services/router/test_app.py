@@ -14,7 +14,6 @@ from typing import Any, TypeVar
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from services.edge_node.grpc_server import RunningGrpcServer, start_grpc_server
 from services.router.app import build_router_app
@@ -22,6 +21,7 @@ from services.router.expert_engine import ExpertEngine
 from services.router.experts import ExpertConfig
 from services.router.replicas import EdgeProber, HealthMonitor, ReplicaTable
 from tests.services.edge_node.fakes import DEFAULT_REPLY, FakeEngine
+from tests.services.edge_node.live_server import live_server
 
 T = TypeVar("T")
 EXPERT = "smollm2"
@@ -84,21 +84,8 @@ def router(addresses: list[str], api_key: str | None = None) -> Iterator[str]:
     engine = ExpertEngine(EXPERT, table, max_context=512, n_layers=4)
     monitor = HealthMonitor(table, EdgeProber(timeout_s=0.5), interval_s=0.1, timeout_s=0.5)
     app = build_router_app({EXPERT: engine}, table, api_key=api_key, monitor=monitor)
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not srv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    port = srv.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=10)
-        assert not thread.is_alive(), "uvicorn did not stop"
+    with live_server(app, lifespan="on") as base:
+        yield base
 
 
 def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> None:
