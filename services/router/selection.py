@@ -247,6 +247,22 @@ def _energy_wrap(
     return lambda mask: energy_of(problem.ids_of(mask))
 
 
+def top_k_energy(problem: SelectionProblem, k: int | None) -> Callable[[frozenset[str]], float]:
+    """Worst-case energy of one request when only the top-k of S run: the sum of the k largest
+    per-expert energies in S (k None or >= |S|: all of S). Non-decreasing in S, so the solver
+    stays exact, and whichever k experts the gate picks inside S, the request stays within an
+    energy budget that S meets."""
+    if k is not None and k < 1:
+        raise ValueError("k must be >= 1")
+    energy = dict(zip(problem.experts, problem.energy_j, strict=True))
+
+    def of(subset: frozenset[str]) -> float:
+        values = sorted((energy[e] for e in subset), reverse=True)
+        return sum(values if k is None else values[:k])
+
+    return of
+
+
 def _infeasible(inst: _Instance, stats: SolverStats) -> Selection:
     return Selection(frozenset(), -math.inf, False, inst.infeasible_reason(), stats)
 
