@@ -4,7 +4,7 @@ PY := .venv/bin/python
 PORT ?= 8000
 export PORT
 
-.PHONY: setup run run-cloud run-collab redis test proto calibrate bench-edge bench-batch bench-collab bench-router-solver gate-data lint fmt
+.PHONY: setup run run-cloud run-collab run-router redis test proto calibrate bench-edge bench-batch bench-collab bench-router-solver gate-data lint fmt
 
 setup:
 	bash scripts/bootstrap.sh
@@ -25,6 +25,10 @@ run-cloud: setup proto redis
 # CE-CoLLM pair: cloud_ctx + a collaborative edge node (qwen15 split at layer 14 by default).
 run-collab: setup proto redis
 	bash scripts/run_collab.sh
+
+# The router (OpenAI API + MoE² "auto") over the experts in configs/router.yaml.
+run-router: setup proto
+	$(PY) -m services.router.main --config $${TANDEM_ROUTER_CONFIG:-configs/router.yaml}
 
 test: setup proto redis
 	TANDEM_TEST_REDIS_URL="$$(bash scripts/redis.sh url)" $(PY) -m pytest -q tests

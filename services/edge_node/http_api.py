@@ -125,6 +125,7 @@ class _Output:
     sources: list[str] = field(default_factory=list)
     completion_tokens: int = 0
     finish_reason: str | None = None
+    report: dict[str, Any] = field(default_factory=dict)
 
     def add(self, chunk: GenerationChunk, recorder: RequestRecorder) -> None:
         recorder.on_tokens(chunk.exit_layers, len(chunk.token_ids) or None, chunk.sources)
@@ -135,6 +136,8 @@ class _Output:
         self.completion_tokens = chunk.completion_tokens
         if chunk.finish_reason is not None:
             self.finish_reason = chunk.finish_reason
+        if chunk.report is not None:
+            self.report = dict(chunk.report)
 
     def usage(self, n_layers: int) -> Usage:
         layers = self.exit_layers
@@ -154,6 +157,7 @@ class _Output:
                 mode=self.mode,
                 cloud_tokens=self.sources.count("cloud"),
                 fallback_tokens=self.sources.count("fallback"),
+                **self.report,
             ),
         )
 
@@ -331,7 +335,12 @@ class _Api:
         if isinstance(exc, EngineOverloaded):
             return overloaded(exc)
         if isinstance(exc, ValueError):  # the engine (or an expert behind it) refused the input
-            return ApiError(400, str(exc) or "invalid request")
+            return ApiError(
+                400,
+                str(exc) or "invalid request",
+                param=getattr(exc, "param", None),
+                code=getattr(exc, "code", None),
+            )
         log.error("engine failed on %s", job.id, exc_info=exc)
         return ApiError(500, "The engine failed while generating.", type="server_error")
 

@@ -257,7 +257,11 @@ class TandemUsage(BaseModel):
     tokens from the cloud, CE-CoLLM), "fallback" (the cloud was unreachable or too slow for
     at least one token, which the edge produced on its own).
     cloud_tokens / fallback_tokens: how many tokens each of those produced.
+    Engines that wrap others add their own fields (the router: `router`, see
+    services/router/report.py).
     """
+
+    model_config = ConfigDict(extra="allow")
 
     n_layers: int
     mean_exit_layer: float | None

@@ -1,19 +1,22 @@
-"""The router's OpenAI-compatible front door (first version: concrete expert ids only).
+"""The router's OpenAI-compatible front door.
 
-`build_router_app(engines, table, api_key=..., min_ready=...)` returns a FastAPI app:
+`build_router_app(experts, table, predictor, selector=..., featurizer=..., ...)` returns a
+FastAPI app:
 
 - GET  /health        open; 200 while the process is up
 - GET  /ready         open; 503 until `table.ready(min_ready)`, then 200
-- GET  /metrics       open; Prometheus text (per-expert request metrics, label `model`)
-- GET  /v1/models, /v1/models/{id}   every configured expert
-- POST /v1/completions, /v1/chat/completions   for a concrete expert id (stream or not)
+- GET  /metrics       open; Prometheus text (router metrics + per-model-id request metrics)
+- GET  /v1/models, /v1/models/{id}   every configured expert, and "auto" when MoE² is set up
+- POST /v1/completions, /v1/chat/completions   for an expert id or "auto" (stream or not)
 
-Each POST reads the body's `model`, then hands the request to that expert's own edge-style
-OpenAI app (`services.edge_node.http_api.build_app` over the expert's `Engine`, e.g. an
-`ExpertEngine`), so validation, error shapes, SSE and usage are the edge node's. Every
-response of a generation route carries `x-tandem-expert` (and `x-tandem-replica`, the
-replica address, when the engine reports it). `"model": "auto"` (MoE² routing) is not
-wired yet and answers 400. An unknown model answers OpenAI's 404 `model_not_found`.
+Each POST reads the body's `model` and the request's budgets (`services.router.budget`:
+body fields or headers, else the server defaults; malformed -> 400), then hands the request to
+that model id's own edge-style OpenAI app (`services.edge_node.http_api.build_app` over a
+`RoutedEngine`), so validation, error shapes, SSE and usage are the edge node's. The routed
+engine fills in a `RouteReport`, which comes back in `usage.tandem.router` and in the
+`x-tandem-*` headers (`services.router.report`), plus `x-tandem-replica` (the replica address
+of the last expert call). An unknown model answers OpenAI's 404 `model_not_found`; "auto"
+without a gate answers 400.
 """
 
 from __future__ import annotations
@@ -39,23 +42,30 @@ from services.edge_node.errors import (
 from services.edge_node.http_api import ApiLimits, build_app, check_api_key
 from services.edge_node.metrics import EdgeMetrics
 from services.edge_node.protocol import ModelCard, ModelList
+from services.router.budget import BudgetDefaults, parse_budget
 from services.router.expert_engine import served
+from services.router.features import Featurizer
+from services.router.metrics import RouterMetrics
+from services.router.moe2 import Moe2Selector
+from services.router.predictor import Predictor
 from services.router.replicas import HealthMonitor, ReplicaTable
+from services.router.report import EXPERT_HEADER
+from services.router.routed_engine import RouteContext, RoutedEngine, route_context
 from tandem.runtime.engine_api import Engine
 
 AUTO_MODEL = "auto"
-EXPERT_HEADER = "x-tandem-expert"
 REPLICA_HEADER = "x-tandem-replica"
 
 
 class _Forward(Response):
-    """Run `app` (an expert's own ASGI app) on this request, replaying the body already
-    read, and add the expert/replica headers to its response."""
+    """Run `app` (a model id's own ASGI app) on this request, replaying the body already
+    read, with the request's `RouteContext` set, and add the route headers to its response."""
 
-    def __init__(self, app: Any, body: bytes, expert_id: str) -> None:
+    def __init__(self, app: Any, body: bytes, model: str, ctx: RouteContext | None) -> None:
         self.app = app
         self.body_bytes = body
-        self.expert_id = expert_id
+        self.model = model
+        self.ctx = ctx
         self.background = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -72,45 +82,51 @@ class _Forward(Response):
         async def tagged_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
-                headers.append((EXPERT_HEADER.encode(), self.expert_id.encode()))
+                report = self.ctx.report if self.ctx is not None else None
+                extra = report.headers(final=not self.ctx.stream) if report is not None else {}
+                if report is None and self.model != AUTO_MODEL:
+                    extra[EXPERT_HEADER] = self.model
+                headers.extend((k.encode(), v.encode()) for k, v in extra.items())
                 if "replica" in holder:
                     headers.append((REPLICA_HEADER.encode(), holder["replica"].encode()))
                 message = {**message, "headers": headers}
             await send(message)
 
         token = served.set(holder)
+        ctx_token = route_context.set(self.ctx)
         try:
             await self.app(dict(scope), replay, tagged_send)
         finally:
+            route_context.reset(ctx_token)
             served.reset(token)
 
 
 class _Router:
     def __init__(
         self,
-        engines: Mapping[str, Engine],
+        routes: Mapping[str, RoutedEngine],
         table: ReplicaTable,
         api_key: str | None,
         min_ready: int,
         limits: ApiLimits,
         registry: CollectorRegistry,
+        budget_defaults: BudgetDefaults,
     ) -> None:
-        self.engines = dict(engines)
+        self.engines = dict(routes)
         self.table = table
         self.api_key = api_key
         self.min_ready = min_ready
         self.registry = registry
+        self.budget_defaults = budget_defaults
         self.started = int(time.time())
         self.apps = {
-            expert_id: build_app(
+            model: build_app(
                 engine,
-                served_model_id=expert_id,
+                served_model_id=model,
                 limits=limits,
-                metrics=EdgeMetrics(
-                    registry, model_name=expert_id, namespace=_namespace(expert_id)
-                ),
+                metrics=EdgeMetrics(registry, model_name=model, namespace=_namespace(model)),
             )
-            for expert_id, engine in self.engines.items()
+            for model, engine in self.engines.items()
         }
 
     async def check_auth(self, request: Request) -> None:
@@ -159,19 +175,21 @@ class _Router:
             if not self.apps:
                 raise ApiError(400, "The request body must name a model.", param="model")
             first = next(iter(self.apps))
-            return _Forward(self.apps[first], body, first)
-        if model == AUTO_MODEL:
+            return _Forward(self.apps[first], body, first, None)
+        app = self.apps.get(model)
+        if app is None and model == AUTO_MODEL:
             raise ApiError(
                 400,
-                'Automatic expert selection ("model": "auto", MoE² routing) is not '
-                "available yet; ask for one of the expert ids listed by /v1/models.",
+                'Automatic expert selection ("model": "auto") is not configured on this '
+                "router (it has no gate); ask for one of the ids listed by /v1/models.",
                 param="model",
                 code="model_auto_not_supported",
             )
-        app = self.apps.get(model)
         if app is None:
             raise model_not_found(model)
-        return _Forward(app, body, model)
+        assert isinstance(data, dict)
+        budget = parse_budget(data, request.headers, self.budget_defaults)
+        return _Forward(app, body, model, RouteContext(budget, stream=data.get("stream") is True))
 
 
 def _namespace(expert_id: str) -> str:
@@ -181,19 +199,38 @@ def _namespace(expert_id: str) -> str:
 
 
 def build_router_app(
-    engines: Mapping[str, Engine],
+    experts: Mapping[str, Engine],
     table: ReplicaTable,
+    predictor: Predictor,
     *,
+    selector: Moe2Selector | None = None,
+    featurizer: Featurizer | None = None,
+    budget_defaults: BudgetDefaults | None = None,
     api_key: str | None = None,
     min_ready: int = 1,
     limits: ApiLimits | None = None,
     registry: CollectorRegistry | None = None,
     monitor: HealthMonitor | None = None,
 ) -> FastAPI:
-    """The router's HTTP app over `engines` (expert id -> Engine). With `monitor`, the app's
-    lifespan starts and stops it; engines with an async `close()` are closed on shutdown."""
+    """The router's HTTP app over `experts` (expert id -> Engine, e.g. `ExpertEngine`), with
+    MoE² as model "auto" when `selector` (and the `featurizer` its gate needs) is given.
+    `predictor` prices every expert (each needs an `ExpertSpec`). With `monitor`, the app's
+    lifespan starts and stops it; experts with an async `close()` are closed on shutdown."""
     limits = limits or ApiLimits()
-    router = _Router(engines, table, api_key, min_ready, limits, registry or CollectorRegistry())
+    registry = registry or CollectorRegistry()
+    budget_defaults = budget_defaults or BudgetDefaults()
+    missing = sorted(set(experts) - set(predictor.specs))
+    if missing:
+        raise ValueError(f"no cost profile (ExpertSpec) for experts {missing}")
+    metrics = RouterMetrics(registry)
+    metrics.watch(selector, predictor.telemetry)
+    common = {"defaults": budget_defaults, "metrics": metrics}
+    routes = {e: RoutedEngine(e, experts, predictor, **common) for e in experts}
+    if selector is not None:
+        routes[AUTO_MODEL] = RoutedEngine(
+            AUTO_MODEL, experts, predictor, selector=selector, featurizer=featurizer, **common
+        )
+    router = _Router(routes, table, api_key, min_ready, limits, registry, budget_defaults)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -204,7 +241,7 @@ def build_router_app(
         finally:
             if monitor is not None:
                 await monitor.stop()
-            for engine in router.engines.values():
+            for engine in experts.values():
                 close = getattr(engine, "close", None)
                 if close is not None:
                     await close()

@@ -24,12 +24,14 @@ from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 from services.router.profiles import DEVICE_PROFILES, DeviceProfile
+from services.router.reference import REFERENCE_TIMINGS
 
 ExpertKind = Literal["edge", "openai"]
 EXPERT_KINDS: tuple[ExpertKind, ...] = ("edge", "openai")
 
 _REQUIRED = ("id", "kind", "device", "replicas")
-_OPTIONAL = ("token", "model")
+_OPTIONAL = ("token", "model", "max_context", "decode_ms_per_token", "prefill_ms_per_token")
+DEFAULT_MAX_CONTEXT = 4096
 
 
 class ExpertConfigError(ValueError):
@@ -40,7 +42,13 @@ class ExpertConfigError(ValueError):
 class ExpertConfig:
     """One expert: `replicas` are `host:port` gRPC targets (kind "edge") or base URLs such as
     `http://host:8000/v1` (kind "openai"); `device` names a device profile; `token` is sent as
-    `authorization: Bearer <token>`; `model` is the upstream model name (openai; default: id)."""
+    `authorization: Bearer <token>`; `model` is the upstream model name (openai; default: id).
+
+    `max_context`: the expert's context length in tokens (the router's own length checks;
+    default 4096). `decode_s_per_token` / `prefill_s_per_token`: the expert's per-token times
+    on the reference CPU, for the cost model (YAML: `decode_ms_per_token`,
+    `prefill_ms_per_token`; default: `services.router.reference` for the shipped models,
+    required for any other)."""
 
     expert_id: str
     kind: ExpertKind
@@ -48,6 +56,9 @@ class ExpertConfig:
     device: str
     token: str | None = None
     model: str | None = None
+    max_context: int = DEFAULT_MAX_CONTEXT
+    decode_s_per_token: float | None = None
+    prefill_s_per_token: float | None = None
 
     @property
     def upstream_model(self) -> str:
@@ -122,6 +133,22 @@ def parse_expert(
 
     token = _string(entry, "token", where) if entry.get("token") is not None else None
     model = _string(entry, "model", where) if entry.get("model") is not None else None
+    max_context = entry.get("max_context", DEFAULT_MAX_CONTEXT)
+    if isinstance(max_context, bool) or not isinstance(max_context, int) or max_context < 16:
+        raise ExpertConfigError(f"{where}: 'max_context' must be an integer >= 16")
+    reference = REFERENCE_TIMINGS.get(expert_id)
+    times: list[float | None] = []
+    for key, ref in (
+        ("decode_ms_per_token", reference and reference.decode_s_per_token),
+        ("prefill_ms_per_token", reference and reference.prefill_s_per_token),
+    ):
+        value = entry.get(key)
+        if value is None:
+            times.append(ref)
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+            raise ExpertConfigError(f"{where}: {key!r} must be a number >= 0")
+        times.append(float(value) / 1000.0)
     return ExpertConfig(
         expert_id=expert_id,
         kind=cast(ExpertKind, kind),
@@ -129,6 +156,9 @@ def parse_expert(
         device=device,
         token=token,
         model=model,
+        max_context=max_context,
+        decode_s_per_token=times[0],
+        prefill_s_per_token=times[1],
     )
 
 

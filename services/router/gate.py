@@ -30,6 +30,7 @@ from torch import nn
 from services.router.gate_data import DEFAULT_PATH, GateData, load
 
 ARTIFACT = Path("artifacts/gate/gate.pt")
+SUBSET_LOSSES = Path("artifacts/gate/subset_loss.json")
 REPORT = Path("docs/bench/gate.md")
 LN2 = math.log(2)
 
@@ -428,6 +429,10 @@ def main(argv: list[str] | None = None) -> None:
     gate = train_gate(splits["train"], None, config.seed, config, splits["val"])
     train_s = time.perf_counter() - t0
     gate.save(args.out)
+    # Imported here: the planner imports this module.
+    from services.router.planner import SubsetLossTable
+
+    SubsetLossTable.compute(gate, splits["val"]).save(args.out.with_name(SUBSET_LOSSES.name))
     manifest_path = args.data.with_suffix(".json")
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
     text = report(splits, gate, config, train_s, manifest)

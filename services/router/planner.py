@@ -17,8 +17,11 @@ router has; without it, set `hull=False` and accept the near-monotone objective.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import replace
+import itertools
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 from services.router.gate import Gate, mixture_loss
 from services.router.gate_data import GateData
@@ -70,14 +73,94 @@ def plan(
     val: GateData,
     top_k: int | None = None,
     hull: bool = True,
+    energy_of: Callable[[frozenset[str]], float] | None = None,
 ) -> Selection:
     """The budget-feasible subset with the lowest validation loss (value = -bits/char)."""
-    f = gate_objective(gate, val, top_k)
+    return plan_objective(
+        problem, budget, gate_objective(gate, val, top_k), hull=hull, energy_of=energy_of
+    )
+
+
+def plan_objective(
+    problem: SelectionProblem,
+    budget: BudgetClass,
+    f: Callable[[frozenset[str]], float],
+    *,
+    hull: bool = True,
+    energy_of: Callable[[frozenset[str]], float] | None = None,
+) -> Selection:
+    """`plan` on any (nearly monotone) objective, e.g. a `SubsetLossTable`'s."""
     if not hull:
-        return solve_brb(problem, budget, f)
+        return solve_brb(problem, budget, f, energy_of=energy_of)
     f_hat = MonotoneHull(f)
-    selection = solve_brb(problem, budget, f_hat)
+    selection = solve_brb(problem, budget, f_hat, energy_of=energy_of)
     if not selection.feasible:
         return selection
     value, best = f_hat.argmax(selection.experts)
     return replace(selection, experts=best, value=value)
+
+
+@dataclass(frozen=True)
+class SubsetLossTable:
+    """The gate's validation loss L(S, theta*|S) (bits/char) for every non-empty subset S of
+    its experts and every fine-level k, computed once when the gate is trained and shipped next
+    to it (`artifacts/gate/subset_loss.json`), so the router needs no gate data at run time."""
+
+    experts: tuple[str, ...]
+    losses: Mapping[int, Mapping[frozenset[str], float]]  # k -> S -> bits/char
+
+    @classmethod
+    def compute(cls, gate: Gate, val: GateData) -> SubsetLossTable:
+        n = len(gate.experts)
+        losses: dict[int, dict[frozenset[str], float]] = {}
+        for k in range(1, n + 1):
+            f = gate_objective(gate, val, None if k == n else k)
+            losses[k] = {
+                frozenset(s): -f(frozenset(s))
+                for r in range(1, n + 1)
+                for s in itertools.combinations(gate.experts, r)
+            }
+        return cls(tuple(gate.experts), losses)
+
+    def loss(self, subset: frozenset[str], k: int) -> float:
+        """L(S) with top-k inside S (k >= |S| is the full mixture over S)."""
+        if k < 1:
+            raise ValueError("k must be >= 1")
+        return self.losses[min(k, len(self.experts))][subset]
+
+    def objective(self, k: int) -> Callable[[frozenset[str]], float]:
+        """-L(S) for the solver (maximised)."""
+        return lambda subset: -self.loss(subset, k)
+
+    def to_json(self) -> dict:
+        return {
+            "experts": list(self.experts),
+            "losses": {
+                str(k): [
+                    [sorted(s), v] for s, v in sorted(table.items(), key=lambda t: sorted(t[0]))
+                ]
+                for k, table in self.losses.items()
+            },
+        }
+
+    @classmethod
+    def from_json(cls, blob: Mapping) -> SubsetLossTable:
+        experts = tuple(blob["experts"])
+        losses = {
+            int(k): {frozenset(s): float(v) for s, v in rows} for k, rows in blob["losses"].items()
+        }
+        expected = (1 << len(experts)) - 1
+        for k, table in losses.items():
+            if len(table) != expected or not all(s <= set(experts) for s in table):
+                raise ValueError(f"subset loss table k={k}: needs every non-empty subset")
+        if sorted(losses) != list(range(1, len(experts) + 1)):
+            raise ValueError("subset loss table: needs k = 1..N")
+        return cls(experts, losses)
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_json(), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> SubsetLossTable:
+        return cls.from_json(json.loads(path.read_text()))

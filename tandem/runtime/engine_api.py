@@ -6,9 +6,9 @@ test fakes implement `Engine`.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from tandem.runtime.sampling import SamplingParams
 
@@ -43,6 +43,8 @@ class GenerationChunk:
     `text` is the new text since the previous chunk, with stop strings already cut.
     `exit_layers` holds, per new token, the layer count that produced it (== n_layers
     for full depth) and `sources` who produced it. The last chunk carries `finish_reason`.
+    `report` (JSON-ready, from engines that wrap others such as the router's) is merged into
+    the response's `usage.tandem`; the last chunk that carries one wins.
     """
 
     text: str
@@ -52,6 +54,7 @@ class GenerationChunk:
     completion_tokens: int
     finish_reason: FinishReason | None = None
     sources: tuple[TokenSource, ...] = ()
+    report: Mapping[str, Any] | None = None
 
 
 class EngineOverloaded(Exception):

@@ -19,7 +19,10 @@ from services.edge_node.grpc_server import RunningGrpcServer, start_grpc_server
 from services.router.app import build_router_app
 from services.router.expert_engine import ExpertEngine
 from services.router.experts import ExpertConfig
+from services.router.predictor import Predictor
+from services.router.profiles import CPU, ExpertSpec
 from services.router.replicas import EdgeProber, HealthMonitor, ReplicaTable
+from services.router.telemetry import LatencyTelemetry
 from tests.services.edge_node.fakes import DEFAULT_REPLY, FakeEngine
 from tests.services.edge_node.live_server import live_server
 
@@ -75,6 +78,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def cpu_predictor(*experts: str) -> Predictor:
+    """Cost profiles for test experts: this CPU, 10 ms per output token, 1 ms per prompt token."""
+    specs = {
+        e: ExpertSpec(e, CPU, decode_s_per_token=0.01, prefill_s_per_token=0.001) for e in experts
+    }
+    return Predictor(specs, LatencyTelemetry())
+
+
 @contextmanager
 def router(addresses: list[str], api_key: str | None = None) -> Iterator[str]:
     """A real uvicorn router (lifespan on, so the health monitor runs) in a thread."""
@@ -83,7 +94,9 @@ def router(addresses: list[str], api_key: str | None = None) -> Iterator[str]:
     )
     engine = ExpertEngine(EXPERT, table, max_context=512, n_layers=4)
     monitor = HealthMonitor(table, EdgeProber(timeout_s=0.5), interval_s=0.1, timeout_s=0.5)
-    app = build_router_app({EXPERT: engine}, table, api_key=api_key, monitor=monitor)
+    app = build_router_app(
+        {EXPERT: engine}, table, cpu_predictor(EXPERT), api_key=api_key, monitor=monitor
+    )
     with live_server(app, lifespan="on") as base:
         yield base
 
@@ -147,7 +160,7 @@ def test_unknown_and_auto_models(edges: EdgeLoop) -> None:
         assert nf.value.code == "model_not_found"
         with pytest.raises(openai.BadRequestError) as bad:
             oc.completions.create(model="auto", prompt="hi")
-        assert "not available yet" in bad.value.message
+        assert bad.value.code == "model_auto_not_supported"
         assert httpx.get(f"{base}/v1/models/nope").status_code == 404
 
 

@@ -18,6 +18,7 @@ import pytest
 from services.edge_node.grpc_client import EdgeClient, EdgeInvalidRequest, EdgeRpcError
 from services.edge_node.grpc_server import RunningGrpcServer, start_grpc_server
 from services.router.experts import ExpertConfig, ExpertConfigError, parse_experts
+from services.router.reference import REFERENCE_TIMINGS
 from services.router.replicas import (
     EDGE_CHANNEL_OPTIONS,
     EdgeProber,
@@ -102,13 +103,23 @@ def test_parse_experts_from_plain_dict() -> None:
                     "device": "rtx-4090",
                     "replicas": "http://cloud:8000/v1/",
                     "model": "Qwen/Qwen2.5-Coder-1.5B",
+                    "max_context": 32768,
+                    "decode_ms_per_token": 20,
+                    "prefill_ms_per_token": 2.5,
                 },
             ]
         }
     )
+    ref = REFERENCE_TIMINGS["smollm2"]  # a shipped model's timings default to the reference
     assert experts == (
         ExpertConfig(
-            "smollm2", "edge", ("10.0.0.5:50051", "10.0.0.6:50051"), "jetson-agx-orin", "s3cret"
+            "smollm2",
+            "edge",
+            ("10.0.0.5:50051", "10.0.0.6:50051"),
+            "jetson-agx-orin",
+            "s3cret",
+            decode_s_per_token=ref.decode_s_per_token,
+            prefill_s_per_token=ref.prefill_s_per_token,
         ),
         ExpertConfig(
             "qwen-coder",
@@ -116,6 +127,9 @@ def test_parse_experts_from_plain_dict() -> None:
             ("http://cloud:8000/v1",),
             "rtx-4090",
             model="Qwen/Qwen2.5-Coder-1.5B",
+            max_context=32768,
+            decode_s_per_token=0.02,
+            prefill_s_per_token=0.0025,
         ),
     )
     assert experts[0].upstream_model == "smollm2"

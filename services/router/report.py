@@ -1,0 +1,77 @@
+"""What the router tells the client about how a request was served.
+
+`RouteReport` goes into `usage.tandem.router` (the usage extension; streamed responses carry it
+in the final usage chunk when `stream_options.include_usage` is set) and into headers:
+
+| header                          | value                                                   |
+|---------------------------------|---------------------------------------------------------|
+| `x-tandem-expert`               | the expert whose answer was returned                    |
+| `x-tandem-experts`              | every expert that ran, comma-separated                  |
+| `x-tandem-energy-j`             | estimated energy, J (MODELLED, not measured)            |
+| `x-tandem-latency-predicted-ms` | the router's latency prediction when it chose           |
+| `x-tandem-latency-ms`           | measured latency (non-streaming responses only)         |
+| `x-tandem-budget-met`           | whether the prediction met the budgets                  |
+
+A streamed response sends its headers before generation ends, so there the energy header is
+the estimate for `max_tokens` output tokens and the measured latency is only in the usage
+chunk; the usage chunk's `energy_j` is for the tokens actually generated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+EXPERT_HEADER = "x-tandem-expert"
+EXPERTS_HEADER = "x-tandem-experts"
+ENERGY_HEADER = "x-tandem-energy-j"
+PREDICTED_HEADER = "x-tandem-latency-predicted-ms"
+MEASURED_HEADER = "x-tandem-latency-ms"
+BUDGET_MET_HEADER = "x-tandem-budget-met"
+
+
+@dataclass
+class RouteReport:
+    """Filled in while a request is routed (mutable: the front end reads it for headers).
+
+    - `selection`: "auto" (MoE²) or "direct" (the client named the expert).
+    - `subset`: the coarse level's S; `weights`: the gate's weights inside S (auto only).
+    - `experts`: every expert that ran (answered or not); `answered_by`: whose answer was
+      returned; `failed`: experts that failed and were routed around.
+    - `energy_j`: modelled energy of every expert that ran (estimate for max_tokens until the
+      answer is in, then for the actual tokens).
+    - `latency_predicted_ms` / `latency_ms`: predicted when chosen / measured end to end.
+    - `budget`: the request's budgets after defaults; `budget_met`: predicted to fit them.
+    - `aggregation`: how the answer was chosen among the experts that ran.
+    """
+
+    selection: str
+    budget: dict[str, Any]
+    subset: list[str] = field(default_factory=list)
+    weights: dict[str, float] = field(default_factory=dict)
+    top_k: int = 1
+    experts: list[str] = field(default_factory=list)
+    answered_by: str | None = None
+    failed: list[str] = field(default_factory=list)
+    energy_j: float = 0.0
+    latency_predicted_ms: float = 0.0
+    latency_ms: float | None = None
+    budget_met: bool = True
+    aggregation: str = "single"
+
+    def usage(self) -> dict[str, Any]:
+        return {"router": asdict(self)}
+
+    def headers(self, final: bool) -> dict[str, str]:
+        out = {
+            EXPERTS_HEADER: ",".join(self.experts),
+            ENERGY_HEADER: f"{self.energy_j:.6g}",
+            PREDICTED_HEADER: f"{self.latency_predicted_ms:.1f}",
+            BUDGET_MET_HEADER: "true" if self.budget_met else "false",
+        }
+        expert = self.answered_by or (self.experts[0] if self.experts else None)
+        if expert:
+            out[EXPERT_HEADER] = expert
+        if final and self.latency_ms is not None:
+            out[MEASURED_HEADER] = f"{self.latency_ms:.1f}"
+        return out

@@ -1,0 +1,323 @@
+"""`RoutedEngine`: the `Engine` the router's front door serves, one per model id.
+
+- direct (`selector=None`): the client named an expert; it serves (replica failover happens
+  inside that expert's engine), after the budget check.
+- auto (`selector` set, model id "auto"): MoE². The coarse level picks S under the budgets
+  (cached per budget class), the gate ranks S on the prompt's features, the top k run.
+
+Running the chosen experts:
+
+- streaming: the top-ranked expert streams; if it fails before its first chunk the next one
+  in S takes over (every member of S meets the budgets). k > 1 does not run extra experts for a
+  stream (there is no answer to vote on until every stream ends); the rest of S is only the
+  failover order. An expert that fails after its first chunk ends the stream with an error.
+- non-streaming: the top k run in parallel and `aggregate.weighted_vote` picks the answer;
+  an expert that fails (even half-way: nothing was sent yet) is replaced by the next in S.
+
+Every request gets a `RouteReport` (experts, modelled energy, predicted and measured latency)
+in the request's `RouteContext` (for the response headers) and in the final chunk's `report`
+(for `usage.tandem.router`). Each finished expert call feeds the latency telemetry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+
+from services.router.aggregate import RULE, Answer, weighted_vote
+from services.router.budget import ENERGY_FIELD, LATENCY_FIELD, BudgetDefaults, RequestBudget
+from services.router.expert_engine import ExpertUnavailable
+from services.router.features import Featurizer, gate_text
+from services.router.metrics import RouterMetrics
+from services.router.moe2 import BudgetInfeasible, Moe2Selector
+from services.router.predictor import Predictor, Shape
+from services.router.report import RouteReport
+from tandem.runtime.engine_api import ChatMessage, Engine, GenerationChunk, GenerationRequest
+
+
+@dataclass
+class RouteContext:
+    """Per request, set by the front door: the budgets, whether the client streams, and the
+    report the engine fills in."""
+
+    budget: RequestBudget
+    stream: bool
+    report: RouteReport | None = None
+
+
+route_context: contextvars.ContextVar[RouteContext | None] = contextvars.ContextVar(
+    "tandem_route_context", default=None
+)
+
+
+class RoutedEngine:
+    def __init__(
+        self,
+        model_id: str,
+        experts: Mapping[str, Engine],
+        predictor: Predictor,
+        *,
+        selector: Moe2Selector | None = None,
+        featurizer: Featurizer | None = None,
+        defaults: BudgetDefaults | None = None,
+        metrics: RouterMetrics | None = None,
+    ) -> None:
+        if selector is None and model_id not in experts:
+            raise ValueError(f"no expert {model_id!r} to route to")
+        if selector is not None and featurizer is None:
+            raise ValueError("auto routing needs a featurizer for the gate")
+        self.model_id = model_id
+        self.experts = dict(experts)
+        self.predictor = predictor
+        self.selector = selector
+        self.featurizer = featurizer
+        self.defaults = defaults or BudgetDefaults()
+        self.metrics = metrics
+        members = selector.experts if selector is not None else (model_id,)
+        self._members = tuple(e for e in members if e in self.experts)
+        if not self._members:
+            raise ValueError("no configured expert engine for the gate's experts")
+        first = self.experts[self._members[0]]
+        self.max_context = min(self.experts[e].max_context for e in self._members)
+        self.n_layers = first.n_layers
+
+    # -- Engine --------------------------------------------------------------------------
+
+    def encode_prompt(self, prompt: str) -> tuple[int, ...]:
+        return self.experts[self._members[0]].encode_prompt(prompt)
+
+    def encode_chat(self, messages: Sequence[ChatMessage]) -> tuple[int, ...]:
+        return self.experts[self._members[0]].encode_chat(messages)
+
+    def queue_depth(self) -> int:
+        return sum(self.experts[e].queue_depth() for e in self._members)
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        ctx = route_context.get()
+        if ctx is None:
+            ctx = RouteContext(self.defaults.request(), stream=True)
+        return self._generate(request, ctx)
+
+    # -- routing -------------------------------------------------------------------------
+
+    async def _plan(self, request: GenerationRequest, ctx: RouteContext) -> RouteReport:
+        budget = ctx.budget
+        shape = Shape.estimate(len(request.prompt_ids), request.params.max_tokens)
+        if self.selector is None:
+            ranked: tuple[tuple[str, float], ...] = ((self.model_id, 1.0),)
+            met = self._direct_fits(self.model_id, shape, budget)
+            subset: Sequence[str] = (self.model_id,)
+        else:
+            coarse = self.selector.coarse(budget, shape)
+            if not coarse.subset:
+                raise ExpertUnavailable("no healthy expert can serve model 'auto' right now")
+            subset, met = coarse.subset, coarse.budget_met
+            features = None
+            if len(subset) > 1:
+                assert self.featurizer is not None
+                t0 = time.perf_counter()
+                features = await self.featurizer.features(gate_text(request))
+                if self.metrics is not None:
+                    self.metrics.features.observe(time.perf_counter() - t0)
+            ranked = self.selector.rank(features, subset)  # type: ignore[arg-type]
+        k = min(budget.top_k, len(ranked))
+        chosen = [e for e, _ in ranked[:k]]
+        report = RouteReport(
+            selection="direct" if self.selector is None else "auto",
+            budget=budget.as_dict(),
+            subset=list(subset),
+            weights=dict(ranked),
+            top_k=k,
+            experts=chosen,
+            energy_j=sum(self.predictor.energy_j(e, shape) for e in chosen),
+            latency_predicted_ms=max(self.predictor.predicted_s(e, shape) for e in chosen) * 1e3,
+            budget_met=met,
+            aggregation=RULE if k > 1 and not ctx.stream else "single",
+        )
+        ctx.report = report
+        return report
+
+    def _direct_fits(self, expert: str, shape: Shape, budget: RequestBudget) -> bool:
+        t = self.predictor.predicted_s(expert, shape) * 1e3
+        j = self.predictor.energy_j(expert, shape)
+        late = budget.latency_ms is not None and t > budget.latency_ms
+        costly = budget.energy_j is not None and j > budget.energy_j
+        if (late or costly) and not budget.best_effort:
+            raise BudgetInfeasible(
+                f"Expert {expert!r} is predicted to need ~{t:.0f} ms and ~{j:.3g} J (modelled) "
+                f"for {shape.output_tokens} output tokens, over this request's budgets "
+                f"(latency_ms={budget.latency_ms}, energy_j={budget.energy_j}). Raise the "
+                f"budget, lower max_tokens, use model 'auto', or send best_effort=true.",
+                LATENCY_FIELD if late else ENERGY_FIELD,
+            )
+        return not (late or costly)
+
+    async def _generate(
+        self, request: GenerationRequest, ctx: RouteContext
+    ) -> AsyncIterator[GenerationChunk]:
+        start = time.perf_counter()
+        try:
+            report = await self._plan(request, ctx)
+        except BudgetInfeasible as exc:
+            if self.metrics is not None:
+                self.metrics.infeasible.labels(param=exc.param or "").inc()
+            raise
+        order = list(report.weights)
+        if ctx.stream:
+            stream = self._stream(request, order, report, start)
+        else:
+            stream = self._vote(request, order, report, start)
+        async with contextlib.aclosing(stream):
+            async for chunk in stream:
+                yield chunk
+
+    async def _stream(
+        self, request: GenerationRequest, order: list[str], report: RouteReport, start: float
+    ) -> AsyncIterator[GenerationChunk]:
+        for i, expert in enumerate(order):
+            report.experts = [expert]
+            t0 = time.perf_counter()
+            it = self.experts[expert].generate(request)
+            try:
+                first = await anext(it, None)
+            except ValueError:
+                await it.aclose()
+                raise
+            except Exception as exc:
+                await it.aclose()
+                self._failed(report, expert, exc)
+                if i == len(order) - 1:
+                    raise _unavailable(report) from exc
+                continue
+            async with contextlib.aclosing(it):
+                chunk = first
+                while chunk is not None:
+                    if chunk.finish_reason is not None:
+                        self._finish(report, expert, chunk, t0, start)
+                        chunk = replace(chunk, report=report.usage())
+                    yield chunk
+                    chunk = await anext(it, None)
+            return
+
+    async def _vote(
+        self, request: GenerationRequest, order: list[str], report: RouteReport, start: float
+    ) -> AsyncIterator[GenerationChunk]:
+        k = report.top_k
+        weights = report.weights
+        pending = list(order)
+        results: dict[str, tuple[list[GenerationChunk], float]] = {}
+        tasks: dict[asyncio.Task, str] = {}
+        ran: list[str] = []
+
+        def launch() -> None:
+            while pending and len(tasks) + len(results) < k:
+                expert = pending.pop(0)
+                ran.append(expert)
+                tasks[asyncio.create_task(self._collect(expert, request))] = expert
+
+        try:
+            launch()
+            while tasks:
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    expert = tasks.pop(task)
+                    exc = task.exception()
+                    if exc is None:
+                        results[expert] = task.result()
+                    elif isinstance(exc, ValueError):
+                        raise exc
+                    else:
+                        self._failed(report, expert, exc)
+                launch()
+        finally:
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+        report.experts = ran
+        if not results:
+            raise _unavailable(report)
+        answers = [
+            Answer(e, weights[e], "".join(c.text for c in results[e][0]))
+            for e in order
+            if e in results
+        ]
+        winner = weighted_vote(answers).expert_id
+        chunks, t0 = results[winner]
+        merged = _merge(chunks)
+        # Modelled energy of every expert that answered, for its actual tokens (an expert
+        # that failed half-way is not charged: its work is unknown).
+        report.energy_j = sum(
+            self.predictor.energy_j(e, _shape_of(cs)) for e, (cs, _) in results.items()
+        )
+        self._finish(report, winner, merged, t0, start, energy=False)
+        yield replace(merged, report=report.usage())
+
+    async def _collect(
+        self, expert: str, request: GenerationRequest
+    ) -> tuple[list[GenerationChunk], float]:
+        t0 = time.perf_counter()
+        chunks: list[GenerationChunk] = []
+        it = self.experts[expert].generate(request)
+        async with contextlib.aclosing(it):
+            async for chunk in it:
+                chunks.append(chunk)
+        if chunks:
+            self.predictor.observe(expert, _shape_of(chunks), time.perf_counter() - t0)
+        return chunks, t0
+
+    # -- bookkeeping ---------------------------------------------------------------------
+
+    def _failed(self, report: RouteReport, expert: str, exc: BaseException) -> None:
+        report.failed.append(expert)
+        if self.metrics is not None:
+            self.metrics.expert_failures.labels(expert=expert).inc()
+
+    def _finish(
+        self,
+        report: RouteReport,
+        expert: str,
+        last: GenerationChunk,
+        t0: float,
+        start: float,
+        *,
+        energy: bool = True,
+    ) -> None:
+        now = time.perf_counter()
+        actual = Shape(last.prompt_tokens, last.completion_tokens)
+        if energy:  # streaming: one expert ran
+            report.energy_j = self.predictor.energy_j(expert, actual)
+            self.predictor.observe(expert, actual, now - t0)
+        report.answered_by = expert
+        report.latency_ms = (now - start) * 1e3
+        if self.metrics is not None:
+            self.metrics.observe(report)
+
+
+def _unavailable(report: RouteReport) -> ExpertUnavailable:
+    return ExpertUnavailable(
+        f"every expert tried failed ({', '.join(report.failed)}); retry shortly"
+    )
+
+
+def _shape_of(chunks: Sequence[GenerationChunk]) -> Shape:
+    last = chunks[-1]
+    return Shape(last.prompt_tokens, last.completion_tokens)
+
+
+def _merge(chunks: Sequence[GenerationChunk]) -> GenerationChunk:
+    """One chunk holding a whole collected answer."""
+    last = chunks[-1]
+    return GenerationChunk(
+        text="".join(c.text for c in chunks),
+        token_ids=tuple(t for c in chunks for t in c.token_ids),
+        exit_layers=tuple(x for c in chunks for x in c.exit_layers),
+        prompt_tokens=last.prompt_tokens,
+        completion_tokens=last.completion_tokens,
+        finish_reason=last.finish_reason or "stop",
+        sources=tuple(s for c in chunks for s in c.sources),
+    )
