@@ -66,6 +66,9 @@ class Coarse:
     subset: tuple[str, ...]  # S, by the gate's expert order
     budget_met: bool
     value: float  # -validation bits/char of S (nan for best effort)
+    # Healthy experts outside S that meet the budgets on their own, best single loss first:
+    # where a request goes when every member of S has failed.
+    fallbacks: tuple[str, ...] = ()
 
 
 def budget_key(budget: RequestBudget, shape: Shape) -> tuple[Shape, int, BudgetClass]:
@@ -125,7 +128,9 @@ class Moe2Selector:
         )
         if selection.feasible:
             ordered = tuple(e for e in experts if e in selection.experts)
-            return Coarse(ordered, True, selection.value)
+            spare = [e for e in experts if e not in ordered and self._fits(e, shape_cls, budget)]
+            spare.sort(key=lambda e: (self.losses.loss(frozenset({e}), 1), e))
+            return Coarse(ordered, True, selection.value, tuple(spare))
         if not budget.best_effort:
             raise self._infeasible(experts, shape, budget)
         return Coarse((self._least_over(experts, shape, budget),), False, math.nan)
@@ -153,6 +158,9 @@ class Moe2Selector:
         return plan_objective(
             problem, budget, self.losses.objective(k), energy_of=top_k_energy(problem, k)
         )
+
+    def _fits(self, expert: str, shape: Shape, budget: RequestBudget) -> bool:
+        return self._overshoot(expert, shape, budget) <= 1.0
 
     def _overshoot(self, expert: str, shape: Shape, budget: RequestBudget) -> float:
         ratios = [0.0]

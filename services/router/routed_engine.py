@@ -14,6 +14,10 @@ Running the chosen experts:
 - non-streaming: the top k run in parallel and `aggregate.weighted_vote` picks the answer;
   an expert that fails (even half-way: nothing was sent yet) is replaced by the next in S.
 
+Failover order: S by gate weight, then the healthy experts outside S that meet the budgets on
+their own (best single-expert validation loss first), so a request whose S is one expert still
+survives that expert dying, within its budgets.
+
 Every request gets a `RouteReport` (experts, modelled energy, predicted and measured latency)
 in the request's `RouteContext` (for the response headers) and in the final chunk's `report`
 (for `usage.tandem.router`). Each finished expert call feeds the latency telemetry.
@@ -104,9 +108,14 @@ class RoutedEngine:
 
     # -- routing -------------------------------------------------------------------------
 
-    async def _plan(self, request: GenerationRequest, ctx: RouteContext) -> RouteReport:
+    async def _plan(
+        self, request: GenerationRequest, ctx: RouteContext
+    ) -> tuple[RouteReport, list[str]]:
+        """The report so far and the order to try experts in: S by gate weight (the first k
+        run), then the fallbacks outside S that meet the budgets alone."""
         budget = ctx.budget
         shape = Shape.estimate(len(request.prompt_ids), request.params.max_tokens)
+        fallbacks: tuple[str, ...] = ()
         if self.selector is None:
             ranked: tuple[tuple[str, float], ...] = ((self.model_id, 1.0),)
             met = self._direct_fits(self.model_id, shape, budget)
@@ -115,7 +124,7 @@ class RoutedEngine:
             coarse = self.selector.coarse(budget, shape)
             if not coarse.subset:
                 raise ExpertUnavailable("no healthy expert can serve model 'auto' right now")
-            subset, met = coarse.subset, coarse.budget_met
+            subset, met, fallbacks = coarse.subset, coarse.budget_met, coarse.fallbacks
             features = None
             if len(subset) > 1:
                 assert self.featurizer is not None
@@ -139,7 +148,7 @@ class RoutedEngine:
             aggregation=RULE if k > 1 and not ctx.stream else "single",
         )
         ctx.report = report
-        return report
+        return report, [e for e, _ in ranked] + list(fallbacks)
 
     def _direct_fits(self, expert: str, shape: Shape, budget: RequestBudget) -> bool:
         t = self.predictor.predicted_s(expert, shape) * 1e3
@@ -161,12 +170,11 @@ class RoutedEngine:
     ) -> AsyncIterator[GenerationChunk]:
         start = time.perf_counter()
         try:
-            report = await self._plan(request, ctx)
+            report, order = await self._plan(request, ctx)
         except BudgetInfeasible as exc:
             if self.metrics is not None:
                 self.metrics.infeasible.labels(param=exc.param or "").inc()
             raise
-        order = list(report.weights)
         if ctx.stream:
             stream = self._stream(request, order, report, start)
         else:
@@ -242,7 +250,7 @@ class RoutedEngine:
         if not results:
             raise _unavailable(report)
         answers = [
-            Answer(e, weights[e], "".join(c.text for c in results[e][0]))
+            Answer(e, weights.get(e, 0.0), "".join(c.text for c in results[e][0]))
             for e in order
             if e in results
         ]

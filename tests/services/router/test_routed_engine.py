@@ -167,3 +167,18 @@ def test_closing_the_stream_aborts_every_running_expert() -> None:
             assert e.aborted == ["req-1"]
 
     asyncio.run(body())
+
+
+def test_when_every_member_of_the_subset_fails_a_fallback_within_budget_answers() -> None:
+    sel = selector()
+    b = RequestBudget(None, None, False, 2)
+    from services.router.predictor import Shape
+
+    coarse = sel.coarse(b, Shape.estimate(len("tell me a story") + 8, 8))
+    assert coarse.fallbacks, "the fixture should leave an expert outside S"
+    experts = fakes(**{e: {"fail_after": 1} for e in coarse.subset})
+    chunks, ctx = asyncio.run(run(auto(experts), request("tell me a story"), stream=False, top_k=2))
+    r = ctx.report
+    assert sorted(r.failed) == sorted(coarse.subset)
+    assert r.answered_by == coarse.fallbacks[0] and r.budget_met
+    assert text(chunks) == REPLIES[r.answered_by]
