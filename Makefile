@@ -4,7 +4,7 @@ PY := .venv/bin/python
 PORT ?= 8000
 export PORT
 
-.PHONY: setup run run-cloud run-collab run-router redis test proto calibrate bench-edge bench-batch bench-collab bench-router-solver gate-data lint fmt
+.PHONY: setup run run-cloud run-collab run-router redis test proto calibrate bench-edge bench-batch bench-collab bench-router bench-router-solver gate-data gate lint fmt
 
 setup:
 	bash scripts/bootstrap.sh
@@ -46,6 +46,13 @@ bench-batch: setup
 bench-collab: setup proto
 	$(PY) -m bench.collab
 
+# MoE² router: solver time vs N, quality vs energy budget per delay budget against the
+# baselines (offline, on the cached gate data), and the router's per-request overhead against
+# calling an expert directly (a real smollm2 edge node behind a real router; ~3 min).
+bench-router: setup proto gate-data bench-router-solver
+	$(PY) -m bench.router
+	$(PY) -m bench.router_overhead
+
 # MoE² coarse-level solver: time and nodes vs number of experts (synthetic profiles, < 1 min).
 bench-router-solver: setup
 	$(PY) -m bench.router_solver
@@ -54,6 +61,11 @@ bench-router-solver: setup
 # (cached in model_cache/gate/; skipped when present).
 gate-data: setup
 	$(PY) -m services.router.gate_data
+
+# Train the gate on the cached gate data: artifacts/gate/gate.pt, its subset-loss table
+# (artifacts/gate/subset_loss.json, what the router's coarse level reads) and docs/bench/gate.md.
+gate: setup gate-data
+	$(PY) -m services.router.gate
 
 lint: setup
 	$(PY) -m ruff check .
