@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 from services.edge_node.grpc_client import EdgeClient, EdgeRpcError
 from services.router.replicas import (
@@ -48,9 +49,10 @@ class ExpertUnavailable(EngineOverloaded):
     retry_after = 1
 
 
-class ExpertEngine:
-    """Forward generation for one edge expert to its replicas. Create it anywhere; gRPC
-    channels open lazily on the event loop that first uses them. `close()` closes them."""
+class RemoteExpert:
+    """What every remote expert engine shares: the Engine protocol's bookkeeping (placeholder
+    token counts, queue depth from the replica table) and the need for the request's text.
+    Subclasses implement `_generate`."""
 
     def __init__(
         self,
@@ -69,9 +71,6 @@ class ExpertEngine:
         self.n_layers = n_layers
         self.attempts = attempts
         self.timeout_s = timeout_s
-        self._clients: dict[str, EdgeClient] = {}
-
-    # -- Engine --------------------------------------------------------------------------
 
     def encode_prompt(self, prompt: str) -> tuple[int, ...]:
         return (0,) * len(prompt.encode("utf-8"))
@@ -85,8 +84,22 @@ class ExpertEngine:
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         if request.prompt_text is None and request.chat_messages is None:
-            raise ValueError("ExpertEngine needs the request's prompt_text or chat_messages")
+            raise ValueError(
+                f"{type(self).__name__} needs the request's prompt_text or chat_messages"
+            )
         return self._generate(request)
+
+    def _generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        raise NotImplementedError
+
+
+class ExpertEngine(RemoteExpert):
+    """Forward generation for one edge expert to its replicas. Create it anywhere; gRPC
+    channels open lazily on the event loop that first uses them. `close()` closes them."""
+
+    def __init__(self, expert_id: str, table: ReplicaTable, **kwargs: Any) -> None:
+        super().__init__(expert_id, table, **kwargs)
+        self._clients: dict[str, EdgeClient] = {}
 
     # -- internals -----------------------------------------------------------------------
 

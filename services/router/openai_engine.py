@@ -47,15 +47,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 
 from services.router.expert_engine import (
-    CHAT_TOKENS_EXTRA,
-    CHAT_TOKENS_PER_MESSAGE,
     ExpertUnavailable,
+    RemoteExpert,
     served,
 )
 from services.router.replicas import (
@@ -65,7 +64,6 @@ from services.router.replicas import (
     is_retryable_elsewhere,
 )
 from tandem.runtime.engine_api import (
-    ChatMessage,
     FinishReason,
     GenerationChunk,
     GenerationRequest,
@@ -114,7 +112,7 @@ class UpstreamMisconfigured(ConnectionError):
         self.status = status
 
 
-class OpenAIEngine:
+class OpenAIEngine(RemoteExpert):
     """Forward generation for one expert to its OpenAI-compatible replicas (base URLs up to
     and including /v1). One shared `httpx.AsyncClient`, created on first use unless `client`
     is given; `close()` closes it when this engine created it.
@@ -135,33 +133,17 @@ class OpenAIEngine:
         timeout_s: float | None = None,
         client: httpx.AsyncClient | None = None,
     ) -> None:
-        self.model_id = expert_id
-        self.expert_id = expert_id
-        self.table = table
-        self.max_context = max_context
+        super().__init__(
+            expert_id,
+            table,
+            max_context=max_context,
+            n_layers=n_layers,
+            attempts=attempts,
+            timeout_s=timeout_s,
+        )
         self.upstream_model = upstream_model or expert_id
-        self.n_layers = n_layers
-        self.attempts = attempts
-        self.timeout_s = timeout_s
         self._client = client
         self._owns_client = client is None
-
-    # -- Engine --------------------------------------------------------------------------
-
-    def encode_prompt(self, prompt: str) -> tuple[int, ...]:
-        return (0,) * len(prompt.encode("utf-8"))
-
-    def encode_chat(self, messages: Sequence[ChatMessage]) -> tuple[int, ...]:
-        n = sum(len(m.content.encode("utf-8")) + CHAT_TOKENS_PER_MESSAGE for m in messages)
-        return (0,) * (n + CHAT_TOKENS_EXTRA)
-
-    def queue_depth(self) -> int:
-        return sum(s.queue_depth + s.in_flight for s in self.table.statuses(self.expert_id))
-
-    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        if request.prompt_text is None and request.chat_messages is None:
-            raise ValueError("OpenAIEngine needs the request's prompt_text or chat_messages")
-        return self._generate(request)
 
     async def close(self) -> None:
         """Close the HTTP client if this engine created it (an injected one is left open)."""
