@@ -110,9 +110,11 @@ def context_length_exceeded(
 
 def overloaded(exc: BaseException | None = None) -> ApiError:
     retry_after = getattr(exc, "retry_after", None) or DEFAULT_RETRY_AFTER_S
+    detail = str(exc) if exc is not None else ""
+    message = "The engine is overloaded; retry after a short wait."
     return ApiError(
         429,
-        "The engine is overloaded; retry after a short wait.",
+        f"{message} ({detail})" if detail else message,
         type="rate_limit_error",
         code="rate_limit_exceeded",
         headers={"Retry-After": str(max(1, round(float(retry_after))))},
