@@ -1,0 +1,73 @@
+"""Attention as mergeable parts (Lamina's overlap, and the attention pool's math).
+
+`partial_attention` returns the attention output over a set I of keys together with the
+log of its softmax normaliser, `lse = log S_q(I) = log sum_{i in I} exp(q.k_i * scale)`.
+Two parts over disjoint key sets merge exactly (`merge`):
+
+    A_q(I1 u I2) = (A_q(I1) S_q(I1) + A_q(I2) S_q(I2)) / (S_q(I1) + S_q(I2))
+
+computed in log space (no overflow). An empty key set has lse = -inf and contributes nothing.
+Query heads map onto key/value heads in GQA groups (head h uses kv head h // (H / KVH)).
+Math runs in float32; callers cast the result.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def partial_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [n, H, hd] over keys k, v [KVH, L, hd]. With `causal`, the keys are the queries' own
+    rows (L == n) and row i sees keys 0..i; otherwise every row sees every key.
+    Returns (out [n, H, hd] float32, lse [n, H] float32)."""
+    n, heads, hd = q.shape
+    kv_heads, length = k.shape[0], k.shape[1]
+    if heads % kv_heads:
+        raise ValueError(f"{heads} query heads do not group over {kv_heads} kv heads")
+    if causal and length != n:
+        raise ValueError(f"causal part needs as many keys as queries ({length} != {n})")
+    if length == 0:
+        return q.new_zeros(n, heads, hd, dtype=torch.float32), torch.full((n, heads), float("-inf"))
+    group = heads // kv_heads
+    qf = q.float().transpose(0, 1)  # [H, n, hd]
+    kf = k.float().repeat_interleave(group, dim=0)  # [H, L, hd]
+    vf = v.float().repeat_interleave(group, dim=0)
+    scores = torch.matmul(qf, kf.transpose(1, 2)) * scale  # [H, n, L]
+    if causal:
+        mask = torch.ones(n, n, dtype=torch.bool).triu(1)
+        scores = scores.masked_fill(mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [H, n]
+    out = torch.matmul(torch.exp(scores - lse[..., None]), vf)  # [H, n, hd]
+    return out.transpose(0, 1), lse.transpose(0, 1)
+
+
+def merge(
+    a1: torch.Tensor, lse1: torch.Tensor, a2: torch.Tensor, lse2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge two parts (out [n, H, hd], lse [n, H]) over disjoint key sets."""
+    top = torch.maximum(lse1, lse2)
+    top = torch.where(torch.isinf(top), torch.zeros_like(top), top)  # both empty: stay zero
+    w1 = torch.exp(lse1 - top)
+    w2 = torch.exp(lse2 - top)
+    total = w1 + w2
+    safe = torch.where(total > 0, total, torch.ones_like(total))
+    out = (a1 * w1[..., None] + a2 * w2[..., None]) / safe[..., None]
+    return out, top + torch.log(safe)
+
+
+def attend_with_cache(
+    q: torch.Tensor,
+    k_prev: torch.Tensor,
+    v_prev: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of n new rows over a cache of previous keys plus their own: the
+    previous part and the new part computed separately and merged. q [n, H, hd], k_prev /
+    v_prev [KVH, L, hd], k_new / v_new [KVH, n, hd]. Returns [n, H, hd] float32."""
+    a1, l1 = partial_attention(q, k_prev, v_prev, scale, causal=False)
+    a2, l2 = partial_attention(q, k_new, v_new, scale, causal=True)
+    return merge(a1, l1, a2, l2)[0]
