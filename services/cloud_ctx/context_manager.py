@@ -21,6 +21,8 @@ from typing import TypeVar
 
 import torch
 
+from services.attention_pool.client import PoolKVLost
+from services.cloud_ctx.runner import LayerRunner, LocalRunner
 from services.cloud_ctx.session_log import (
     LogLost,
     LogUnavailable,
@@ -70,14 +72,19 @@ class CloudContextManager:
         split: int,
         store: SessionStore,
         log: SessionLog | None = None,
+        runner: LayerRunner | None = None,
     ) -> None:
+        """`runner` runs the layers (default: locally, KV in the sessions); an offload runner
+        (attention pool) must free a session's KV when the store drops it (`on_drop`)."""
         if not 0 < split < model.cfg.n_layers:
             raise ValueError(f"split {split} must be inside (0, {model.cfg.n_layers})")
         self.model = model
         self.split = split
         self.store = store
         self.log = log
+        self.runner = runner or LocalRunner(model, split)
         self.rebuilds = 0  # sessions rebuilt from the log
+        self.kv_rebuilds = 0  # sessions recomputed after the attention pool lost their KV
 
     def upload(self, session_id: str, start_pos: int, hidden: Hidden) -> int:
         """Append hidden states [n, d] for positions start_pos.. ; returns positions held.
@@ -128,7 +135,7 @@ class CloudContextManager:
             tokens = self._catch_up([session for _, session in to_run])
             for (i, _), token in zip(to_run, tokens, strict=True):
                 answers[i] = token
-        return answers
+        return answers  # type: ignore[return-value]
 
     def release(self, session_id: str) -> bool:
         logged = self.log.release(session_id) if self.log is not None else False
@@ -199,14 +206,49 @@ class CloudContextManager:
         return session
 
     @torch.inference_mode()
-    def _catch_up(self, sessions: list[CloudSession]) -> list[CloudToken]:
+    def _catch_up(self, sessions: list[CloudSession]) -> list[CloudToken | Exception]:
         """One forward through [split, L) of every session's pending rows (different
-        sessions, one batch); sample each session's token from its last row."""
-        outs = self.model.run_rows(
-            [(s.kv, s.computed, torch.cat(s.pending)) for s in sessions],
-            self.split,
-            self.model.cfg.n_layers,
-        )
+        sessions, one batch); sample each session's token from its last row. If the
+        attention pool lost KV, the batch's sessions are recomputed from the log."""
+        try:
+            outs = self.runner.run([(s, torch.cat(s.pending)) for s in sessions])
+        except PoolKVLost as exc:
+            log.warning("%s; recomputing the batch's sessions", exc)
+            return self._recompute(sessions)
+        return self._answer(sessions, outs)
+
+    def _recompute(self, sessions: list[CloudSession]) -> list[CloudToken | Exception]:
+        """The pool lost (some of) these sessions' KV, and the others in the batch may hold
+        partial layers of this step: free all of them in the pool and run each again from
+        position 0 on the hidden states the log keeps (without a log: UnknownSession, the
+        edge uploads its context again)."""
+        rebuilt: list[tuple[int, CloudSession]] = []
+        answers: list[CloudToken | Exception | None] = [None] * len(sessions)
+        for i, old in enumerate(sessions):
+            sid = old.session_id
+            self.store.release(sid, "kv_lost")  # frees it in the pool too (on_drop)
+            self.kv_rebuilds += 1
+            if self.log is None:
+                answers[i] = UnknownSession(sid)
+                continue
+            try:
+                session = self._session(sid, create=False)
+            except Exception as exc:
+                answers[i] = exc
+                continue
+            if session.sampler is None:
+                session.sampler = old.sampler
+            rebuilt.append((i, session))
+        if rebuilt:
+            batch = [s for _, s in rebuilt]
+            outs = self.runner.run([(s, torch.cat(s.pending)) for s in batch])
+            for (i, _), token in zip(rebuilt, self._answer(batch, outs), strict=True):
+                answers[i] = token
+        return answers  # type: ignore[return-value]
+
+    def _answer(
+        self, sessions: list[CloudSession], outs: list[torch.Tensor]
+    ) -> list[CloudToken | Exception]:
         logits = self.model.logits(torch.cat([h[-1:] for h in outs]))
         answers = []
         for session, h, row in zip(sessions, outs, logits, strict=True):

@@ -21,6 +21,7 @@ from typing import TypeVar
 
 import grpc
 
+from services.attention_pool.client import PoolUnavailable
 from services.cloud_ctx.context_manager import (
     CloudContextManager,
     CloudToken,
@@ -96,6 +97,8 @@ class CloudServicer(cloud_pb2_grpc.CloudContextServicer):
             code, detail = grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
         elif isinstance(exc, LogUnavailable):
             code, detail = grpc.StatusCode.UNAVAILABLE, f"session log unavailable: {exc}"
+        elif isinstance(exc, PoolUnavailable):
+            code, detail = grpc.StatusCode.UNAVAILABLE, f"attention pool unavailable: {exc}"
         elif isinstance(exc, ValueError):
             code, detail = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
         else:

@@ -12,6 +12,9 @@ int8 | int4), --host (HOST), --grpc-port (CLOUD_GRPC_PORT, 50061), --metrics-por
 (TANDEM_REPLICA_ID, default <hostname>-<pid>), --max-memory-mib (TANDEM_CLOUD_MAX_MEMORY_MIB),
 --ttl (TANDEM_CLOUD_TTL seconds), --max-sessions (TANDEM_CLOUD_MAX_SESSIONS),
 --max-context (TANDEM_MAX_CONTEXT), --cache-dir (TANDEM_CACHE). Port 0 picks a free port.
+Offload mode (Lamina): --attention-pool host:port,host:port (TANDEM_ATTENTION_POOL) sends
+every attention of the cloud layers to those pool workers (services.attention_pool) and keeps
+no KV here; --micro-batches (TANDEM_MICRO_BATCHES, default 2) ping-pongs the batch.
 TANDEM_GRPC_TOKEN (no flag): require `authorization: Bearer <token>` on every gRPC call.
 SIGTERM / SIGINT stop it gracefully (in-flight calls get a grace period).
 """
@@ -34,14 +37,17 @@ from prometheus_client import CollectorRegistry
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from services.attention_pool.client import PoolClient, PoolShape, PoolUnavailable
 from services.cloud_ctx.context_manager import CloudContextManager
 from services.cloud_ctx.grpc_server import start_cloud_server
 from services.cloud_ctx.metrics import CloudMetrics
 from services.cloud_ctx.monitor import start_monitor
+from services.cloud_ctx.offload import OffloadRunner
 from services.cloud_ctx.session_log import SessionLog
 from services.cloud_ctx.session_store import SessionStore, StoreLimits
 from services.cloud_ctx.weights import UpperHalf, load_upper_half
 from tandem.models.registry import ModelRegistry
+from tandem.runtime.model import DecoderModel
 from tandem.runtime.quant import QuantMode
 
 log = logging.getLogger(__name__)
@@ -63,6 +69,8 @@ class CloudSettings:
     cache_dir: Path
     grace_s: float = 5.0
     grpc_token: str | None = None  # TANDEM_GRPC_TOKEN: required bearer token on gRPC
+    attention_pool: tuple[str, ...] = ()  # offload mode: the pool workers' addresses
+    micro_batches: int = 2
 
 
 def parse_settings(registry: ModelRegistry, argv: list[str] | None = None) -> CloudSettings:
@@ -100,6 +108,12 @@ def parse_settings(registry: ModelRegistry, argv: list[str] | None = None) -> Cl
     )
     p.add_argument("--max-context", type=int, default=int(env("TANDEM_MAX_CONTEXT", "4096")))
     p.add_argument("--cache-dir", default=env("TANDEM_CACHE", "model_cache"))
+    p.add_argument(
+        "--attention-pool",
+        default=env("TANDEM_ATTENTION_POOL", ""),
+        help="offload mode: comma-separated host:port of the attention pool workers",
+    )
+    p.add_argument("--micro-batches", type=int, default=int(env("TANDEM_MICRO_BATCHES", "2")))
     a = p.parse_args(argv)
     try:
         registry.get(a.model)
@@ -121,7 +135,20 @@ def parse_settings(registry: ModelRegistry, argv: list[str] | None = None) -> Cl
         max_context=a.max_context,
         cache_dir=Path(a.cache_dir),
         grpc_token=env("TANDEM_GRPC_TOKEN") or None,
+        attention_pool=tuple(x.strip() for x in a.attention_pool.split(",") if x.strip()),
+        micro_batches=a.micro_batches,
     )
+
+
+def offload_runner(settings: CloudSettings, model: DecoderModel, split: int) -> OffloadRunner:
+    """Connect to the attention pool (waits for its workers) and run the layers through it."""
+    cfg = model.cfg
+    shape = PoolShape(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, model.dtype)
+    try:
+        pool = PoolClient(settings.attention_pool, shape, token=settings.grpc_token)
+    except PoolUnavailable as exc:
+        raise SystemExit(f"cloud_ctx: attention pool not reachable: {exc}") from None
+    return OffloadRunner(model, split, pool, micro_batches=settings.micro_batches)
 
 
 def connect_redis(url: str) -> redis.Redis:
@@ -167,14 +194,23 @@ async def serve(
     """Serve until `stop` is set (default: until SIGTERM or SIGINT); `on_ready` gets the
     bound ports once both servers listen."""
     model, split = upper.model, upper.split
-    store = SessionStore(lambda: model.new_kv(first_layer=split), settings.limits)
+    runner = offload_runner(settings, model, split) if settings.attention_pool else None
+    if runner is not None:  # no KV here: the store only holds pending rows
+        n = model.cfg.n_layers
+        store = SessionStore(
+            lambda: model.new_kv(first_layer=n, last_layer=n),
+            settings.limits,
+            on_drop=runner.release,
+        )
+    else:
+        store = SessionStore(lambda: model.new_kv(first_layer=split), settings.limits)
     session_log = None
     if client is not None:
         prefix = settings.redis_prefix or f"tandem:cloud:{settings.model}:{split}:"
         session_log = SessionLog(
             client, replica_id=settings.replica_id, ttl_s=settings.limits.ttl_s, prefix=prefix
         )
-    manager = CloudContextManager(model, split, store, session_log)
+    manager = CloudContextManager(model, split, store, session_log, runner)
     registry = CollectorRegistry()
     metrics = CloudMetrics(registry, model_name=settings.model)
     metrics.bind_manager(manager)

@@ -68,8 +68,12 @@ class SessionStore:
         new_kv: Callable[[], SequenceKV],
         limits: StoreLimits,
         clock: Callable[[], float] = time.monotonic,
+        on_drop: Callable[[str], None] | None = None,
     ) -> None:
+        """`on_drop(session_id)` runs for every session that leaves the store (release or
+        eviction), e.g. to free its KV in an attention pool."""
         self._new_kv = new_kv
+        self._on_drop = on_drop
         self.limits = limits
         self._clock = clock
         self._sessions: OrderedDict[str, CloudSession] = OrderedDict()  # LRU first
@@ -107,7 +111,8 @@ class SessionStore:
     def release(self, session_id: str, reason: str = "release") -> bool:
         if self._sessions.pop(session_id, None) is None:
             return False
-        self.evictions[reason] += 1
+        self.evictions[reason] = self.evictions.get(reason, 0) + 1
+        self._dropped(session_id)
         return True
 
     def evict_idle(self) -> list[str]:
@@ -116,6 +121,7 @@ class SessionStore:
         for sid in gone:
             del self._sessions[sid]
             self.evictions["ttl"] += 1
+            self._dropped(sid)
         return gone
 
     def enforce_cap(self, keep: str) -> list[str]:
@@ -130,12 +136,18 @@ class SessionStore:
                 )
             del self._sessions[victim]
             self.evictions["lru"] += 1
+            self._dropped(victim)
             gone.append(victim)
         return gone
 
     def _evict_lru(self, reason: str) -> None:
-        self._sessions.popitem(last=False)
+        sid, _ = self._sessions.popitem(last=False)
         self.evictions[reason] += 1
+        self._dropped(sid)
+
+    def _dropped(self, session_id: str) -> None:
+        if self._on_drop is not None:
+            self._on_drop(session_id)
 
     def _touch(self, session: CloudSession) -> None:
         session.last_used = self._clock()

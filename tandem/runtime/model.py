@@ -145,9 +145,13 @@ class DecoderLayer(nn.Module):
         return self.down_proj(act * up)
 
     def forward(self, h: torch.Tensor, rot: Rotary, segments: list[Segment]) -> torch.Tensor:
-        t = h.shape[0]
         q, k, v = self.qkv(self.input_layernorm(h), rot)
-        a = self.o_proj(self.attend_local(q, k, v, segments).reshape(t, -1))
+        return self.after_attention(h, self.attend_local(q, k, v, segments))
+
+    def after_attention(self, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """The rest of the layer once attention [T, H, hd] is known (output projection,
+        residuals, MLP): what an attention-offloading compute side runs after the pool."""
+        a = self.o_proj(attn.reshape(h.shape[0], -1))
         if self.cfg.sandwich_norm:
             h = h + self.post_attention_layernorm(a)
             return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))

@@ -1,0 +1,371 @@
+"""The compute side's view of an attention pool: fan one layer's attention out to the workers
+by KV-head range and put the outputs back together.
+
+`PoolClient(addresses, shape)` asks every worker for its head range (Stats) and checks that
+the ranges partition the model's KV heads. Then, from any thread:
+
+- `attend(layer, items)`: for each sequence its q [n, H, hd], k_new / v_new [n, KVH, hd] and
+  the position its new rows start at; every worker gets its heads' slices over its own
+  persistent bidirectional stream (one stream per worker per calling thread, so two
+  micro-batches in two threads run their RPCs independently). q goes out first (phase Q) and
+  k, v right after (phase KV), so a worker starts the previous tokens' attention while k and v
+  are still on the wire (Lamina's overlap); the outputs come back as [n, H, hd].
+- `load_kv(loads)`: prefill KV computed on the compute side, sent layer by layer on a
+  background thread (never blocks decode; a worker holds an Attend for a session until its
+  load has arrived).
+- `release(session_id)`: free the session's KV on every worker.
+
+Errors: `PoolKVLost` names the sessions a worker has no (or inconsistent) KV for: rebuild
+them. `PoolUnavailable`: a worker did not answer (dead, restarting); the stream is dropped
+and the next call reconnects.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+
+from tandem.transport.grpc_auth import bearer_metadata
+from tandem_proto.attn.v1 import attn_pb2, attn_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+WIRE_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+_STOP = object()
+
+
+class PoolError(RuntimeError):
+    pass
+
+
+class PoolKVLost(PoolError):
+    """Workers hold no (or inconsistent) KV for these sessions: recompute it."""
+
+    def __init__(self, sessions: set[str], detail: str) -> None:
+        super().__init__(f"attention pool lost the KV of {sorted(sessions)}: {detail}")
+        self.sessions = sessions
+
+
+class PoolUnavailable(PoolError):
+    """A worker did not answer."""
+
+
+@dataclass(frozen=True)
+class PoolShape:
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype = torch.bfloat16
+
+    @property
+    def group(self) -> int:
+        return self.n_heads // self.n_kv_heads
+
+
+@dataclass(frozen=True)
+class AttendItem:
+    session_id: str
+    start_pos: int
+    q: torch.Tensor  # [n, H, hd]
+    k: torch.Tensor  # [n, KVH, hd]
+    v: torch.Tensor
+
+
+@dataclass(frozen=True)
+class KVLoad:
+    session_id: str
+    layer: int
+    start_pos: int
+    k: torch.Tensor  # [n, KVH, hd]
+    v: torch.Tensor
+
+
+@dataclass
+class PoolTraffic:
+    """Bytes on the wire (tensor payloads only) and calls, for the bench and metrics."""
+
+    sent: int = 0
+    received: int = 0
+    loaded: int = 0
+    calls: int = 0
+    call_s: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, sent: int, received: int, seconds: float) -> None:
+        with self.lock:
+            self.sent += sent
+            self.received += received
+            self.calls += 1
+            self.call_s += seconds
+
+
+def to_wire(t: torch.Tensor, dtype: torch.dtype) -> bytes:
+    return t.to(dtype).contiguous().view(torch.int16).numpy().tobytes()
+
+
+def from_wire(data: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.int16).view(dtype).reshape(shape)
+
+
+class _Worker:
+    def __init__(self, address: str, token: str | None) -> None:
+        self.address = address
+        self.channel = grpc.insecure_channel(address)
+        self.stub = attn_pb2_grpc.AttentionWorkerStub(self.channel)
+        self.metadata = bearer_metadata(token)
+        self.kv_start = self.kv_end = 0
+        self.worker_id = ""
+
+    def stats(self, timeout: float) -> attn_pb2.StatsReply:
+        return self.stub.Stats(attn_pb2.StatsRequest(), timeout=timeout, metadata=self.metadata)
+
+
+class _Lane:
+    """One bidirectional Attend stream to one worker, used by one thread."""
+
+    def __init__(self, worker: _Worker) -> None:
+        self._q: queue.Queue = queue.Queue()
+        self._replies = worker.stub.Attend(iter(self._q.get, _STOP), metadata=worker.metadata)
+
+    def send(self, message: attn_pb2.AttendRequest) -> None:
+        self._q.put(message)
+
+    def receive(self) -> attn_pb2.AttendReply:
+        return next(self._replies)
+
+    def close(self) -> None:
+        self._q.put(_STOP)
+        self._replies.cancel()
+
+
+class PoolClient:
+    def __init__(
+        self,
+        addresses: Sequence[str],
+        shape: PoolShape,
+        *,
+        token: str | None = None,
+        connect_timeout_s: float = 30.0,
+        phased: bool = True,
+    ) -> None:
+        if shape.n_heads % shape.n_kv_heads:
+            raise ValueError("n_heads must be a multiple of n_kv_heads")
+        if shape.dtype not in WIRE_DTYPES:
+            raise ValueError(f"wire dtype must be bf16 or fp16, got {shape.dtype}")
+        self.shape = shape
+        self.phased = phased
+        self.workers = [_Worker(a, token) for a in addresses]
+        self.traffic = PoolTraffic()
+        self._local = threading.local()
+        self._call_ids = iter(range(1, 1 << 62))
+        self._ids_lock = threading.Lock()
+        self._loads: queue.Queue = queue.Queue()
+        self._loader = threading.Thread(target=self._load_loop, name="kv-loader", daemon=True)
+        self._loader_error: Exception | None = None
+        self.refresh(connect_timeout_s)
+        self._loader.start()
+
+    # -- topology ----------------------------------------------------------------------
+
+    def refresh(self, timeout_s: float) -> None:
+        """(Re)learn every worker's head range; they must partition [0, n_kv_heads)."""
+        deadline = time.monotonic() + timeout_s
+        for w in self.workers:
+            while True:
+                try:
+                    grpc.channel_ready_future(w.channel).result(timeout=1)
+                    reply = w.stats(timeout=5)
+                    break
+                except (grpc.FutureTimeoutError, grpc.RpcError) as exc:
+                    if time.monotonic() > deadline:
+                        raise PoolUnavailable(f"worker {w.address}: {exc}") from exc
+            w.kv_start, w.kv_end, w.worker_id = (
+                reply.kv_head_start,
+                reply.kv_head_end,
+                reply.worker_id,
+            )
+        ranges = sorted((w.kv_start, w.kv_end) for w in self.workers)
+        pos = 0
+        for a, b in ranges:
+            if a != pos or b <= a:
+                raise ValueError(f"worker head ranges {ranges} do not partition the KV heads")
+            pos = b
+        if pos != self.shape.n_kv_heads:
+            raise ValueError(f"worker head ranges {ranges} miss heads of {self.shape.n_kv_heads}")
+
+    # -- attention ---------------------------------------------------------------------
+
+    def attend(self, layer: int, items: Sequence[AttendItem]) -> list[torch.Tensor]:
+        """Attention output [n, H, hd] of every item, in order (model dtype)."""
+        if not items:
+            return []
+        with self._ids_lock:
+            call_id = next(self._call_ids)
+        dt, wire = self.shape.dtype, WIRE_DTYPES[self.shape.dtype]
+        g, hd = self.shape.group, self.shape.head_dim
+        lanes = self._lanes()
+        t0 = time.perf_counter()
+        sent = 0
+        try:
+            for w, lane in zip(self.workers, lanes, strict=True):
+                qs = slice(w.kv_start * g, w.kv_end * g)
+                ks = slice(w.kv_start, w.kv_end)
+                head = {
+                    "call_id": call_id,
+                    "layer": layer,
+                    "kv_head_start": w.kv_start,
+                    "kv_head_end": w.kv_end,
+                    "dtype": wire,
+                }
+                q_items = [
+                    attn_pb2.SeqItem(
+                        session_id=it.session_id,
+                        start_pos=it.start_pos,
+                        n=it.q.shape[0],
+                        q=to_wire(it.q[:, qs], dt),
+                    )
+                    for it in items
+                ]
+                kv_items = [
+                    attn_pb2.SeqItem(
+                        session_id=it.session_id,
+                        start_pos=it.start_pos,
+                        n=it.q.shape[0],
+                        k=to_wire(it.k[:, ks], dt),
+                        v=to_wire(it.v[:, ks], dt),
+                    )
+                    for it in items
+                ]
+                sent += sum(len(i.q) for i in q_items) + sum(len(i.k) + len(i.v) for i in kv_items)
+                if self.phased:
+                    lane.send(attn_pb2.AttendRequest(**head, phase=attn_pb2.PHASE_Q, items=q_items))
+                    lane.send(
+                        attn_pb2.AttendRequest(**head, phase=attn_pb2.PHASE_KV, items=kv_items)
+                    )
+                else:
+                    both = [
+                        attn_pb2.SeqItem(
+                            session_id=a.session_id,
+                            start_pos=a.start_pos,
+                            n=a.n,
+                            q=a.q,
+                            k=b.k,
+                            v=b.v,
+                        )
+                        for a, b in zip(q_items, kv_items, strict=True)
+                    ]
+                    lane.send(attn_pb2.AttendRequest(**head, phase=attn_pb2.PHASE_QKV, items=both))
+            replies = [lane.receive() for lane in lanes]
+        except grpc.RpcError as exc:
+            self._drop_lanes()
+            code = exc.code() if hasattr(exc, "code") else None
+            raise PoolUnavailable(f"attention worker failed ({code}): {exc}") from exc
+        lost: set[str] = set()
+        details = []
+        for reply in replies:
+            for err in reply.errors:
+                lost.add(err.session_id)
+                details.append(f"{err.session_id}: {err.code} {err.message}")
+        if lost:
+            raise PoolKVLost(lost, "; ".join(details[:4]))
+        received = sum(len(b) for r in replies for b in r.out)
+        self.traffic.add(sent, received, time.perf_counter() - t0)
+        outs = []
+        for i, it in enumerate(items):
+            n = it.q.shape[0]
+            parts = [
+                from_wire(r.out[i], dt, (n, (w.kv_end - w.kv_start) * g, hd))
+                for w, r in zip(self.workers, replies, strict=True)
+            ]
+            outs.append(torch.cat(parts, dim=1))
+        return outs
+
+    def _lanes(self) -> list[_Lane]:
+        lanes = getattr(self._local, "lanes", None)
+        if lanes is None:
+            lanes = [_Lane(w) for w in self.workers]
+            self._local.lanes = lanes
+        return lanes
+
+    def _drop_lanes(self) -> None:
+        for lane in getattr(self._local, "lanes", None) or ():
+            lane.close()
+        self._local.lanes = None
+
+    # -- prefill KV and release --------------------------------------------------------
+
+    def load_kv(self, loads: Sequence[KVLoad]) -> None:
+        """Queue prefill KV for the workers (sent in order on the loader thread)."""
+        if self._loader_error is not None:
+            err, self._loader_error = self._loader_error, None
+            raise PoolUnavailable(f"loading KV failed: {err}") from err
+        if loads:
+            self._loads.put(list(loads))
+
+    def flush(self, timeout_s: float = 30.0) -> None:
+        """Wait until every queued load has been sent (tests, benchmarks)."""
+        done = threading.Event()
+        self._loads.put(done)
+        if not done.wait(timeout_s):
+            raise PoolUnavailable("KV loads did not drain")
+
+    def _load_loop(self) -> None:
+        while True:
+            job = self._loads.get()
+            if isinstance(job, threading.Event):
+                job.set()
+                continue
+            try:
+                self._send_loads(job)
+            except grpc.RpcError as exc:  # the next attend for those sessions sees NOT_FOUND
+                log.warning("KV load failed: %s", exc)
+                self._loader_error = exc
+
+    def _send_loads(self, loads: list[KVLoad]) -> None:
+        dt, wire = self.shape.dtype, WIRE_DTYPES[self.shape.dtype]
+        for w in self.workers:
+            ks = slice(w.kv_start, w.kv_end)
+
+            def messages(w: _Worker = w, ks: slice = ks) -> Iterator[attn_pb2.LoadKVRequest]:
+                for ld in loads:
+                    k, v = to_wire(ld.k[:, ks], dt), to_wire(ld.v[:, ks], dt)
+                    with self.traffic.lock:
+                        self.traffic.loaded += len(k) + len(v)
+                    yield attn_pb2.LoadKVRequest(
+                        session_id=ld.session_id,
+                        layer=ld.layer,
+                        kv_head_start=w.kv_start,
+                        kv_head_end=w.kv_end,
+                        dtype=wire,
+                        start_pos=ld.start_pos,
+                        n=ld.k.shape[0],
+                        k=k,
+                        v=v,
+                    )
+
+            w.stub.LoadKV(messages(), timeout=60, metadata=w.metadata)
+
+    def release(self, session_id: str) -> None:
+        """Free the session on every worker (best effort: a dead worker holds nothing)."""
+        for w in self.workers:
+            try:
+                w.stub.Release(
+                    attn_pb2.ReleaseRequest(session_id=session_id), timeout=5, metadata=w.metadata
+                )
+            except grpc.RpcError as exc:
+                log.warning("release of %r on %s failed: %s", session_id, w.address, exc)
+
+    def stats(self) -> list[attn_pb2.StatsReply]:
+        return [w.stats(timeout=5) for w in self.workers]
+
+    def close(self) -> None:
+        self._drop_lanes()
+        for w in self.workers:
+            w.channel.close()

@@ -1,0 +1,129 @@
+"""cloud_ctx's offload mode: its layers run here, every attention runs in the attention pool.
+
+Per layer, for the batch's rows: the input norm and q/k/v projections (with RoPE) here; then
+each sequence's attention:
+
+- a sequence starting at position 0 (a new session's prefill, or a rebuild) attends locally
+  over its own rows (nothing earlier exists) and its k, v go to the pool on the loader thread,
+  layer by layer, without blocking anyone's decode;
+- every other sequence's q, k_new, v_new go to the pool (`PoolClient.attend`), which appends
+  k, v to the session's KV and returns the attention output;
+
+then the output projection, residuals and MLP here. Nothing of the KV stays on this side.
+
+Rotational staggered pipelining with n = 2 (`micro_batches=2`): the batch's sequences are
+split into two micro-batches that run in two threads; while one waits for the pool's
+attention of a layer, the other runs its dense part (torch and gRPC both release the GIL).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from services.attention_pool.client import (
+    AttendItem,
+    KVLoad,
+    PoolClient,
+    PoolKVLost,
+    PoolUnavailable,
+)
+from services.cloud_ctx.session_store import CloudSession
+from tandem.runtime.model import DecoderModel, attention
+
+
+class OffloadRunner:
+    def __init__(
+        self,
+        model: DecoderModel,
+        start: int,
+        pool: PoolClient,
+        *,
+        micro_batches: int = 1,
+        pool_wait_s: float = 30.0,
+    ) -> None:
+        windows = [model.cfg.sliding_window[i] for i in range(start, model.cfg.n_layers)]
+        if any(w is not None for w in windows):
+            raise ValueError("offload mode supports full causal attention only (no sliding window)")
+        if micro_batches < 1:
+            raise ValueError("micro_batches must be >= 1")
+        self.model = model
+        self.start = start
+        self.pool = pool
+        self.micro_batches = micro_batches
+        self.pool_wait_s = pool_wait_s
+        self._threads = ThreadPoolExecutor(micro_batches, thread_name_prefix="offload")
+
+    def run(self, batch: Sequence[tuple[CloudSession, torch.Tensor]]) -> list[torch.Tensor]:
+        """Raises PoolKVLost (recompute those sessions) also after a worker failed and came
+        back within `pool_wait_s`: whatever the batch appended before the failure is
+        suspect. PoolUnavailable if the pool stays down."""
+        items = [(s.session_id, s.computed, rows) for s, rows in batch]
+        try:
+            return self.run_rows(items)
+        except PoolUnavailable as exc:
+            self.pool.refresh(self.pool_wait_s)  # raises PoolUnavailable if still down
+            raise PoolKVLost({sid for sid, _, _ in items}, f"a worker failed: {exc}") from exc
+
+    def run_rows(self, items: Sequence[tuple[str, int, torch.Tensor]]) -> list[torch.Tensor]:
+        """(session id, first position, rows [n, d]) per sequence -> output rows."""
+        parts = split_micro_batches(items, self.micro_batches)
+        if len(parts) == 1:
+            return self._run(parts[0][1])
+        futures = [self._threads.submit(self._run, part) for _, part in parts]
+        outs: list[torch.Tensor | None] = [None] * len(items)
+        for (index, _), fut in zip(parts, futures, strict=True):
+            for i, out in zip(index, fut.result(), strict=True):
+                outs[i] = out
+        return outs  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def _run(self, items: Sequence[tuple[str, int, torch.Tensor]]) -> list[torch.Tensor]:
+        model = self.model
+        h = torch.cat([rows for _, _, rows in items])
+        positions = torch.cat([torch.arange(p, p + rows.shape[0]) for _, p, rows in items])
+        rot = model.rope.at(positions, h.dtype)
+        bounds, off = [], 0
+        for _, _, rows in items:
+            bounds.append(slice(off, off + rows.shape[0]))
+            off += rows.shape[0]
+        for layer in model.layers[self.start :]:
+            q, k, v = layer.qkv(layer.input_layernorm(h), rot)
+            attn = torch.empty_like(q)
+            remote, where, loads = [], [], []
+            for (sid, pos, _), rows in zip(items, bounds, strict=True):
+                if pos == 0:
+                    kk, vv = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
+                    attn[rows] = attention(q[rows], kk, vv, model.cfg.attn_scale, None)
+                    loads.append(KVLoad(sid, layer.index, 0, k[rows], v[rows]))
+                else:
+                    remote.append(AttendItem(sid, pos, q[rows], k[rows], v[rows]))
+                    where.append(rows)
+            self.pool.load_kv(loads)
+            for rows, out in zip(where, self.pool.attend(layer.index, remote), strict=True):
+                attn[rows] = out
+            h = layer.after_attention(h, attn)
+        return [h[rows] for rows in bounds]
+
+    def release(self, session_id: str) -> None:
+        self.pool.release(session_id)
+
+    def close(self) -> None:
+        self._threads.shutdown(wait=False)
+
+
+def split_micro_batches(
+    items: Sequence[tuple[str, int, torch.Tensor]], n: int
+) -> list[tuple[list[int], list[tuple[str, int, torch.Tensor]]]]:
+    """Split sequences into up to n micro-batches with balanced row counts (greedy, largest
+    first); returns (original indices, items) per non-empty micro-batch."""
+    order = sorted(range(len(items)), key=lambda i: -items[i][2].shape[0])
+    groups: list[list[int]] = [[] for _ in range(min(n, len(items)))]
+    load = [0] * len(groups)
+    for i in order:
+        j = load.index(min(load))
+        groups[j].append(i)
+        load[j] += items[i][2].shape[0]
+    return [(sorted(g), [items[i] for i in sorted(g)]) for g in groups if g]
