@@ -1,0 +1,547 @@
+"""One attention worker (tandem.attn.v1.AttentionWorker): the KV cache of a range of KV heads
+over the cloud layers, and the attention over it.
+
+- `Attend` (bidirectional stream): each message is one (step, layer) for a batch of
+  sequences. PHASE_QKV appends k_new / v_new and answers causal attention over the cache.
+  PHASE_Q computes the previous tokens' part (output + log-sum-exp) at once and keeps it;
+  the PHASE_KV message with the same call_id (same stream) appends k_new / v_new, computes
+  the new rows' part and merges the two exactly (`tandem.runtime.partial_attention`). One
+  reply per QKV or KV message, none for a Q message. Messages of one stream run
+  concurrently (replies carry call_id and layer); a KV message waits for its Q part.
+- An item whose session holds fewer positions at that layer than its start_pos (or is not
+  here yet, at start_pos > 0) waits up to `load_wait_s` for `LoadKV` to bring it there:
+  prefill KV is loaded asynchronously. Then NOT_FOUND / FAILED_PRECONDITION (with `have`) /
+  RESOURCE_EXHAUSTED go in the reply's `errors`; bad shapes, dtype, head range or layer end
+  the call with INVALID_ARGUMENT.
+- `LoadKV` (client stream) appends prefill KV (same position rule; start_pos 0 creates the
+  session) and wakes the Attend items waiting for it. `Release`, `Stats` (worker_id is random
+  per start, so a restart shows).
+
+All tensor work (decode, append, attention) runs on one compute thread: one worker is one
+core's worth of attention, and the event loop stays free to read, wait and reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+import torch
+
+from services.attention_pool.kv_store import (
+    KVCapacityExceeded,
+    KVStore,
+    KVStoreError,
+    PositionMismatch,
+    UnknownSession,
+)
+from services.attention_pool.metrics import AttnMetrics
+from tandem.runtime.partial_attention import attend_with_cache, merge, partial_attention
+from tandem.transport.grpc_auth import BearerAuth
+from tandem_proto.attn.v1 import attn_pb2, attn_pb2_grpc
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+WIRE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+HAVE_KEY = "tandem-have"  # trailing metadata of a FAILED_PRECONDITION LoadKV: positions held
+PHASES = {attn_pb2.PHASE_QKV: "qkv", attn_pb2.PHASE_Q: "q", attn_pb2.PHASE_KV: "kv"}
+_END = object()
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the worker must know of the model: total heads, head size, attention scale."""
+
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    scale: float
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads:
+            raise ValueError(f"{self.n_heads} heads do not group over {self.n_kv_heads} kv heads")
+
+    @property
+    def group(self) -> int:
+        return self.n_heads // self.n_kv_heads
+
+
+class CallError(Exception):
+    """Ends the whole call with `code`."""
+
+    def __init__(self, code: grpc.StatusCode, detail: str) -> None:
+        super().__init__(detail)
+        self.code, self.detail = code, detail
+
+
+def _invalid(detail: str) -> CallError:
+    return CallError(grpc.StatusCode.INVALID_ARGUMENT, detail)
+
+
+def decode(data: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """Raw little-endian bytes -> tensor of `shape` (a copy: the message buffer is read-only)."""
+    return torch.frombuffer(bytearray(data), dtype=torch.int16).view(dtype).reshape(shape)
+
+
+def encode(t: torch.Tensor, dtype: torch.dtype) -> bytes:
+    return t.to(dtype).contiguous().view(torch.int16).numpy().tobytes()
+
+
+def item_error(session_id: str, exc: Exception) -> attn_pb2.ItemError:
+    if isinstance(exc, UnknownSession):
+        return attn_pb2.ItemError(session_id=session_id, code="NOT_FOUND", message=str(exc))
+    if isinstance(exc, PositionMismatch):
+        return attn_pb2.ItemError(
+            session_id=session_id, code="FAILED_PRECONDITION", message=str(exc), have=exc.have
+        )
+    if isinstance(exc, KVCapacityExceeded):
+        return attn_pb2.ItemError(
+            session_id=session_id, code="RESOURCE_EXHAUSTED", message=str(exc)
+        )
+    if isinstance(exc, ValueError):
+        return attn_pb2.ItemError(session_id=session_id, code="INVALID_ARGUMENT", message=str(exc))
+    log.error("attend item of %r failed", session_id, exc_info=exc)
+    return attn_pb2.ItemError(session_id=session_id, code="INTERNAL", message=repr(exc))
+
+
+@dataclass
+class _Partial:
+    """A phase-Q result kept for its phase-KV message."""
+
+    q: torch.Tensor  # [n, q_heads, hd]
+    out: torch.Tensor  # [n, q_heads, hd] float32, over positions [0, start_pos)
+    lse: torch.Tensor  # [n, q_heads]
+    start_pos: int
+    n: int
+
+
+_QResult = _Partial | attn_pb2.ItemError
+
+
+class AttentionWorkerServicer(attn_pb2_grpc.AttentionWorkerServicer):
+    def __init__(
+        self,
+        store: KVStore,
+        shape: ModelShape,
+        *,
+        load_wait_s: float = 5.0,
+        metrics: AttnMetrics | None = None,
+        worker_id: str | None = None,
+    ) -> None:
+        if store.head_dim != shape.head_dim or store.kv_head_end > shape.n_kv_heads:
+            raise ValueError("the store's heads do not fit the model shape")
+        self.store = store
+        self.shape = shape
+        self.load_wait_s = load_wait_s
+        self.metrics = metrics
+        self.worker_id = worker_id or uuid.uuid4().hex[:12]
+        self.kv_heads = store.kv_head_end - store.kv_head_start
+        self.q_heads = self.kv_heads * shape.group
+        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="attn-compute")
+        self._changed = asyncio.Condition()  # notified after every append and release
+
+    def close(self) -> None:
+        self._compute.shutdown(wait=False, cancel_futures=True)
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _count(self, rpc: str, code: str) -> None:
+        if self.metrics is not None:
+            self.metrics.record_request(rpc, code)
+
+    async def _run(self, fn: Callable[[], T], phase: str) -> T:
+        def timed() -> T:
+            t0 = time.perf_counter()
+            try:
+                return fn()
+            finally:
+                if self.metrics is not None:
+                    self.metrics.record_compute(phase, time.perf_counter() - t0)
+
+        return await asyncio.get_running_loop().run_in_executor(self._compute, timed)
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    def _check_header(self, layer: int, start: int, end: int, dtype: str) -> torch.dtype:
+        first, last = self.store.first_layer, self.store.first_layer + self.store.n_layers
+        if not first <= layer < last:
+            raise _invalid(f"layer {layer} is outside this worker's layers [{first}, {last})")
+        if (start, end) != (self.store.kv_head_start, self.store.kv_head_end):
+            raise _invalid(
+                f"kv heads [{start}, {end}) are not this worker's "
+                f"[{self.store.kv_head_start}, {self.store.kv_head_end})"
+            )
+        if dtype not in WIRE_DTYPES:
+            raise _invalid(f"dtype {dtype!r} is not one of {sorted(WIRE_DTYPES)}")
+        return WIRE_DTYPES[dtype]
+
+    def _check_item(self, item: attn_pb2.SeqItem, phase: int) -> None:
+        if item.n < 1:
+            raise _invalid(f"item {item.session_id!r}: n must be >= 1")
+        hd, sid = self.shape.head_dim, item.session_id
+        q_len, kv_len = item.n * self.q_heads * hd * 2, item.n * self.kv_heads * hd * 2
+        if phase != attn_pb2.PHASE_KV and len(item.q) != q_len:
+            raise _invalid(f"item {sid!r}: q has {len(item.q)} bytes, [n, q_heads, hd] is {q_len}")
+        if phase != attn_pb2.PHASE_Q and (len(item.k) != kv_len or len(item.v) != kv_len):
+            raise _invalid(
+                f"item {sid!r}: k / v have {len(item.k)} / {len(item.v)} bytes, "
+                f"[n, kv_heads, hd] is {kv_len}"
+            )
+
+    def _ready(self, session_id: str, layer: int, start_pos: int) -> bool:
+        try:
+            return self.store.length(session_id, layer) >= start_pos
+        except UnknownSession:
+            return start_pos == 0
+
+    async def _await_loaded(self, session_id: str, layer: int, start_pos: int) -> None:
+        """Until the session holds start_pos positions at layer (or load_wait_s passes);
+        the compute step then answers with the right error if it still does not."""
+        if self._ready(session_id, layer, start_pos):
+            return
+        t0 = time.perf_counter()
+        ok = True
+        async with self._changed:
+            try:
+                await asyncio.wait_for(
+                    self._changed.wait_for(lambda: self._ready(session_id, layer, start_pos)),
+                    self.load_wait_s,
+                )
+            except TimeoutError:
+                ok = False
+        if self.metrics is not None:
+            self.metrics.record_wait(ok, time.perf_counter() - t0)
+
+    def _reply(
+        self,
+        req: attn_pb2.AttendRequest,
+        outs: list[bytes],
+        errors: list,
+        arrived: float,
+        ms: float,
+    ) -> attn_pb2.AttendReply:
+        if self.metrics is not None:
+            self.metrics.record_attend(req.layer, time.perf_counter() - arrived, len(req.items))
+            for e in errors:
+                self.metrics.record_item_error(e.code)
+        return attn_pb2.AttendReply(
+            call_id=req.call_id, layer=req.layer, out=outs, errors=errors, compute_ms=ms
+        )
+
+    # -- compute (on the compute thread) -------------------------------------------------
+
+    def _append(self, sid: str, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor):
+        """Append k, v [n, kvh, hd]; return the layer's cache split at start_pos:
+        (k_prev, v_prev, k_new, v_new), each [kvh, *, hd] in the store's dtype."""
+        end = self.store.append(sid, layer, start_pos, k, v)
+        k_all, v_all = self.store.view(sid, layer)
+        return (
+            k_all[:, :start_pos],
+            v_all[:, :start_pos],
+            k_all[:, start_pos:end],
+            v_all[:, start_pos:end],
+        )
+
+    def _kv_of(self, item: attn_pb2.SeqItem, dt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (item.n, self.kv_heads, self.shape.head_dim)
+        return decode(item.k, dt, shape), decode(item.v, dt, shape)
+
+    def _q_of(self, item: attn_pb2.SeqItem, dt: torch.dtype) -> torch.Tensor:
+        return decode(item.q, dt, (item.n, self.q_heads, self.shape.head_dim))
+
+    def _compute_qkv(self, req: attn_pb2.AttendRequest, dt: torch.dtype):
+        t0 = time.perf_counter()
+        outs, errors = [], []
+        for item in req.items:
+            try:
+                q = self._q_of(item, dt)
+                k, v = self._kv_of(item, dt)
+                kp, vp, kn, vn = self._append(item.session_id, req.layer, item.start_pos, k, v)
+                out = attend_with_cache(q, kp, vp, kn, vn, self.shape.scale)
+                outs.append(encode(out, dt))
+            except Exception as exc:
+                outs.append(b"")
+                errors.append(item_error(item.session_id, exc))
+        return outs, errors, (time.perf_counter() - t0) * 1e3
+
+    def _compute_q(self, req: attn_pb2.AttendRequest, dt: torch.dtype) -> list[_QResult]:
+        results: list[_QResult] = []
+        for item in req.items:
+            sid, sp = item.session_id, item.start_pos
+            try:
+                q = self._q_of(item, dt)
+                if sid in self.store or sp > 0:
+                    have = self.store.length(sid, req.layer)
+                    if have != sp:
+                        raise PositionMismatch(sid, req.layer, sp, have)
+                    kp, vp = self.store.view(sid, req.layer)
+                else:  # a new session: created by the KV phase's append
+                    kp = vp = torch.empty(self.kv_heads, 0, self.shape.head_dim)
+                out, lse = partial_attention(q, kp[:, :sp], vp[:, :sp], self.shape.scale, False)
+                results.append(_Partial(q, out, lse, sp, item.n))
+            except Exception as exc:
+                results.append(item_error(sid, exc))
+        return results
+
+    def _compute_kv(
+        self, req: attn_pb2.AttendRequest, dt: torch.dtype, parts: list[_QResult | None]
+    ):
+        t0 = time.perf_counter()
+        outs, errors = [], []
+        for item, part in zip(req.items, parts, strict=True):
+            sid = item.session_id
+            try:
+                if part is None:
+                    raise ValueError(f"no phase-Q message for call {req.call_id} on this stream")
+                if isinstance(part, attn_pb2.ItemError):
+                    outs.append(b"")
+                    errors.append(part)
+                    continue
+                if (part.start_pos, part.n) != (item.start_pos, item.n):
+                    raise ValueError(
+                        f"phase KV (start_pos {item.start_pos}, n {item.n}) does not match "
+                        f"phase Q (start_pos {part.start_pos}, n {part.n})"
+                    )
+                k, v = self._kv_of(item, dt)
+                _, _, kn, vn = self._append(sid, req.layer, item.start_pos, k, v)
+                new, new_lse = partial_attention(part.q, kn, vn, self.shape.scale, causal=True)
+                out = merge(part.out, part.lse, new, new_lse)[0]
+                outs.append(encode(out, dt))
+            except Exception as exc:
+                outs.append(b"")
+                errors.append(item_error(sid, exc))
+        return outs, errors, (time.perf_counter() - t0) * 1e3
+
+    # -- Attend ----------------------------------------------------------------------------
+
+    async def Attend(self, request_iterator, context):
+        replies: asyncio.Queue = asyncio.Queue()
+        pending: dict[tuple[int, int, str], asyncio.Future] = {}  # phase-Q parts, this stream
+        tasks: set[asyncio.Task] = set()
+
+        def spawn(coro) -> None:
+            async def guarded():
+                try:
+                    await coro
+                except Exception as exc:  # an unexpected failure ends the call
+                    replies.put_nowait(exc)
+
+            task = asyncio.create_task(guarded())
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+        async def read() -> None:
+            try:
+                async for req in request_iterator:
+                    arrived = time.perf_counter()
+                    try:
+                        self._start_message(req, arrived, pending, spawn, replies)
+                    except CallError as exc:
+                        replies.put_nowait(exc)
+                        return
+                    self._count("Attend", "OK")
+                while tasks:
+                    await asyncio.gather(*list(tasks))
+            finally:
+                replies.put_nowait(_END)
+
+        reader = asyncio.create_task(read())
+        try:
+            while True:
+                reply = await replies.get()
+                if reply is _END:
+                    break
+                if isinstance(reply, CallError):
+                    self._count("Attend", reply.code.name)
+                    await context.abort(reply.code, reply.detail)
+                if isinstance(reply, Exception):
+                    log.error("Attend failed", exc_info=reply)
+                    self._count("Attend", "INTERNAL")
+                    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {reply!r}")
+                yield reply
+        finally:
+            reader.cancel()
+            for task in list(tasks):
+                task.cancel()
+            for fut in pending.values():
+                fut.cancel()
+
+    def _start_message(self, req, arrived: float, pending: dict, spawn, replies) -> None:
+        """Validate one Attend message and start its work (on the event loop, no waiting)."""
+        dt = self._check_header(req.layer, req.kv_head_start, req.kv_head_end, req.dtype)
+        if req.phase not in PHASES:
+            raise _invalid(f"unknown phase {req.phase}")
+        for item in req.items:
+            self._check_item(item, req.phase)
+        keys = [(req.call_id, req.layer, item.session_id) for item in req.items]
+        if len(set(keys)) != len(keys):
+            raise _invalid(f"call {req.call_id}: a session appears twice in one message")
+
+        if req.phase == attn_pb2.PHASE_Q:
+            loop = asyncio.get_running_loop()
+            futures = []
+            for key in keys:
+                if key in pending:
+                    raise _invalid(f"call {req.call_id}: phase Q for {key[2]!r} sent twice")
+                futures.append(loop.create_future())
+                pending[key] = futures[-1]
+            spawn(self._phase_q(req, dt, futures))
+        elif req.phase == attn_pb2.PHASE_KV:
+            spawn(
+                self._phase_kv(req, dt, [pending.pop(key, None) for key in keys], arrived, replies)
+            )
+        else:
+            spawn(self._phase_qkv(req, dt, arrived, replies))
+
+    async def _wait_items(self, req: attn_pb2.AttendRequest) -> None:
+        await asyncio.gather(
+            *(self._await_loaded(it.session_id, req.layer, it.start_pos) for it in req.items)
+        )
+
+    async def _phase_qkv(self, req, dt, arrived: float, replies: asyncio.Queue) -> None:
+        await self._wait_items(req)
+        outs, errors, ms = await self._run(lambda: self._compute_qkv(req, dt), "qkv")
+        await self._notify()
+        replies.put_nowait(self._reply(req, outs, errors, arrived, ms))
+
+    async def _phase_q(self, req, dt, futures: list[asyncio.Future]) -> None:
+        try:
+            await self._wait_items(req)
+            results = await self._run(lambda: self._compute_q(req, dt), "q")
+        except BaseException as exc:
+            for fut in futures:
+                if not fut.done():
+                    fut.set_exception(
+                        exc if isinstance(exc, Exception) else RuntimeError("cancelled")
+                    )
+            raise
+        for fut, result in zip(futures, results, strict=True):
+            if not fut.done():
+                fut.set_result(result)
+
+    async def _phase_kv(self, req, dt, futures: list, arrived: float, replies) -> None:
+        parts: list[_QResult | None] = []
+        for fut in futures:
+            parts.append(None if fut is None else await fut)
+        outs, errors, ms = await self._run(lambda: self._compute_kv(req, dt, parts), "kv")
+        await self._notify()
+        replies.put_nowait(self._reply(req, outs, errors, arrived, ms))
+
+    # -- LoadKV, Release, Stats --------------------------------------------------------------
+
+    def _load(self, req: attn_pb2.LoadKVRequest, dt: torch.dtype) -> None:
+        shape = (req.n, self.kv_heads, self.shape.head_dim)
+        k, v = decode(req.k, dt, shape), decode(req.v, dt, shape)
+        self.store.append(req.session_id, req.layer, req.start_pos, k, v)
+
+    async def LoadKV(self, request_iterator, context):
+        loaded = 0
+        async for req in request_iterator:
+            try:
+                dt = self._check_header(req.layer, req.kv_head_start, req.kv_head_end, req.dtype)
+                want = req.n * self.kv_heads * self.shape.head_dim * 2
+                if req.n < 1 or len(req.k) != want or len(req.v) != want:
+                    raise _invalid(
+                        f"k / v have {len(req.k)} / {len(req.v)} bytes, "
+                        f"[n={req.n}, kv_heads, hd] is {want}"
+                    )
+                await self._run(lambda r=req, d=dt: self._load(r, d), "load")
+            except (CallError, KVStoreError) as exc:
+                await self._abort_load(context, exc)
+            self._count("LoadKV", "OK")
+            if self.metrics is not None:
+                self.metrics.record_loaded(req.n)
+            loaded += 1
+            await self._notify()
+        return attn_pb2.LoadKVReply(loaded=loaded)
+
+    async def _abort_load(self, context, exc: Exception):
+        if isinstance(exc, CallError):
+            code, detail = exc.code, exc.detail
+        elif isinstance(exc, UnknownSession):
+            code, detail = grpc.StatusCode.NOT_FOUND, str(exc)
+        elif isinstance(exc, PositionMismatch):
+            code, detail = grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+            context.set_trailing_metadata(((HAVE_KEY, str(exc.have)),))
+        elif isinstance(exc, KVCapacityExceeded):
+            code, detail = grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+        else:
+            code, detail = grpc.StatusCode.INTERNAL, repr(exc)
+        self._count("LoadKV", code.name)
+        await context.abort(code, detail)
+
+    async def Release(self, request, context):
+        released = self.store.release(request.session_id)
+        self._count("Release", "OK")
+        await self._notify()
+        return attn_pb2.ReleaseReply(released=released)
+
+    async def Stats(self, request, context):
+        st = self.store.stats()
+        self._count("Stats", "OK")
+        return attn_pb2.StatsReply(
+            kv_head_start=self.store.kv_head_start,
+            kv_head_end=self.store.kv_head_end,
+            n_layers=self.store.n_layers,
+            first_layer=self.store.first_layer,
+            kv_bytes=st.kv_bytes,
+            capacity_bytes=st.capacity_bytes,
+            sessions=st.sessions,
+            evictions=st.evictions,
+            worker_id=self.worker_id,
+        )
+
+
+@dataclass
+class RunningAttentionWorker:
+    server: grpc.aio.Server
+    port: int
+    servicer: AttentionWorkerServicer
+
+    async def stop(self, grace: float | None = 5.0) -> None:
+        await self.server.stop(grace)
+        self.servicer.close()
+
+
+async def start_attention_worker(
+    servicer: AttentionWorkerServicer,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    token: str | None = None,
+) -> RunningAttentionWorker:
+    """Serve `servicer` on host:port (0: a free port). With `token`, every call but Stats
+    (the health check) needs `authorization: Bearer <token>`."""
+    stats = "/tandem.attn.v1.AttentionWorker/Stats"
+    server = grpc.aio.server(
+        interceptors=[BearerAuth(token, exempt=frozenset({stats}))] if token else [],
+        options=[
+            ("grpc.max_receive_message_length", 256 << 20),
+            ("grpc.max_send_message_length", 256 << 20),
+        ],
+    )
+    attn_pb2_grpc.add_AttentionWorkerServicer_to_server(servicer, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind {host}:{port}")
+    await server.start()
+    log.info(
+        "attention worker %s (kv heads [%d, %d), layers [%d, %d)) on %s:%d",
+        servicer.worker_id,
+        servicer.store.kv_head_start,
+        servicer.store.kv_head_end,
+        servicer.store.first_layer,
+        servicer.store.first_layer + servicer.store.n_layers,
+        host,
+        bound,
+    )
+    return RunningAttentionWorker(server, bound, servicer)
