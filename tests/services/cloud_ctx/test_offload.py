@@ -1,0 +1,240 @@
+"""cloud_ctx in offload mode (Lamina): its layers run here and every attention runs in a real
+attention pool (2 worker processes, KV partitioned by head, real gRPC over loopback).
+
+- tiny llama (bf16): offloaded layer outputs and logits equal local ones within tolerance,
+  through prefill, decode and a multi-row catch-up, with and without the n = 2 ping-pong;
+- qwen05 (real, slow): greedy tokens through the context manager are identical to local mode;
+  then a pool worker is SIGKILLed mid-generation, the pool restarts, and the session's KV is
+  recomputed from the Redis log: every request is answered and the tokens stay identical.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from services.attention_pool.client import PoolClient, PoolShape
+from services.cloud_ctx.context_manager import CloudContextManager
+from services.cloud_ctx.offload import OffloadRunner, split_micro_batches
+from services.cloud_ctx.session_log import SessionLog
+from services.cloud_ctx.session_store import SessionStore, StoreLimits
+from tandem.launch import ServiceProcess
+from tandem.runtime.model import DecoderModel
+from tandem.runtime.sampling import SamplingParams
+from tandem.transport.hidden import encode_hidden
+from tests.services.cloud_ctx.edge_half import EdgeHalf
+from tests.tiny import tiny_model
+
+GREEDY = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+
+
+def two_free_ports() -> int:
+    """A port p with p and p + 1 free (the pool's worker i listens on p + i)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            p = s.getsockname()[1]
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", p + 1))
+                return p
+            except OSError:
+                continue
+    raise RuntimeError("no two consecutive free ports")
+
+
+class Pool:
+    """`python -m services.attention_pool.main --workers 2` as a real process tree."""
+
+    def __init__(self, shape_args: list[str], log_dir: Path) -> None:
+        self.port, self.metrics = two_free_ports(), two_free_ports()
+        self.args = ["services.attention_pool.main", "--workers", "2", *shape_args]
+        self.args += ["--port", str(self.port), "--metrics-port", str(self.metrics)]
+        self.log_dir = log_dir
+        self.runs = 0
+        self.start()
+
+    @property
+    def addresses(self) -> list[str]:
+        return [f"127.0.0.1:{self.port + i}" for i in range(2)]
+
+    def start(self) -> None:
+        self.runs += 1
+        self.proc = ServiceProcess.start(f"pool-{self.runs}", self.args, self.log_dir)
+        for a in self.addresses:
+            self.proc.wait_grpc(a, timeout=120)
+
+    def worker_pids(self) -> list[int]:
+        return [int(p) for p in re.findall(r"pid (\d+)", self.proc.log_path.read_text())]
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+
+def tiny_shape_args(model: DecoderModel, split: int) -> list[str]:
+    cfg = model.cfg
+    return [
+        *("--n-heads", str(cfg.n_heads), "--n-kv-heads", str(cfg.n_kv_heads)),
+        *("--head-dim", str(cfg.head_dim), "--n-layers", str(cfg.n_layers)),
+        *("--first-layer", str(split), "--scale", repr(cfg.attn_scale)),
+    ]
+
+
+def pool_client(model: DecoderModel, pool: Pool) -> PoolClient:
+    cfg = model.cfg
+    shape = PoolShape(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, model.dtype)
+    return PoolClient(pool.addresses, shape)
+
+
+# ------------------------------------------------------------------ tiny model, layer level
+
+TINY_SPLIT = 3
+
+
+@pytest.fixture(scope="module")
+def tiny() -> DecoderModel:
+    return tiny_model("llama", torch.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def tiny_pool(tiny, tmp_path_factory) -> Iterator[Pool]:
+    pool = Pool(tiny_shape_args(tiny, TINY_SPLIT), tmp_path_factory.mktemp("pool"))
+    try:
+        yield pool
+    finally:
+        pool.stop()
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_offloaded_layers_equal_local_ones(tiny, tiny_pool, micro_batches) -> None:
+    model, L = tiny, tiny.cfg.n_layers
+    client = pool_client(model, tiny_pool)
+    runner = OffloadRunner(model, TINY_SPLIT, client, micro_batches=micro_batches)
+    g = torch.Generator().manual_seed(micro_batches)
+    sids = [f"mb{micro_batches}-a", f"mb{micro_batches}-b", f"mb{micro_batches}-c"]
+    kvs = {s: model.new_kv(first_layer=TINY_SPLIT) for s in sids}
+    pos = dict.fromkeys(sids, 0)
+    d = model.cfg.hidden_size
+
+    def step(rows_per_session: dict[str, int]) -> None:
+        items = [
+            (s, pos[s], torch.randn(n, d, generator=g).to(torch.bfloat16))
+            for s, n in rows_per_session.items()
+        ]
+        local = model.run_rows([(kvs[s], p, h) for s, p, h in items], TINY_SPLIT, L)
+        remote = runner.run_rows(items)
+        for a, b in zip(remote, local, strict=True):
+            torch.testing.assert_close(a.float(), b.float(), atol=0.08, rtol=0.05)
+            la, lb = model.logits(a).float(), model.logits(b).float()
+            torch.testing.assert_close(la, lb, atol=0.1, rtol=0.05)
+        for s, n in rows_per_session.items():
+            pos[s] += n
+
+    step({sids[0]: 5, sids[1]: 3})  # prefill: local attention, KV loaded to the pool
+    for _ in range(4):  # decode: attention in the pool
+        step({sids[0]: 1, sids[1]: 1})
+    step({sids[0]: 3, sids[2]: 4, sids[1]: 1})  # catch-up rows + a new session in one batch
+    stats = client.stats()
+    assert sum(s.kv_bytes for s in stats) > 0 and {s.kv_head_start for s in stats} == {0, 1}
+    # Bytes per token per layer on the wire: q + k + v out, attention output back.
+    cfg = model.cfg
+    per_row = 2 * (cfg.n_heads * cfg.head_dim * 2 + 2 * cfg.n_kv_heads * cfg.head_dim)
+    decode_rows = (4 * 2 + 3 + 1) * (L - TINY_SPLIT)
+    assert client.traffic.sent + client.traffic.received == per_row * decode_rows
+    for s in sids:
+        runner.release(s)
+    assert sum(s.sessions for s in client.stats()) == 0
+    client.close()
+
+
+def test_micro_batches_balance_rows() -> None:
+    rows = [("a", 0, torch.zeros(5, 2)), ("b", 0, torch.zeros(1, 2)), ("c", 0, torch.zeros(4, 2))]
+    parts = split_micro_batches(rows, 2)
+    assert sorted(sum(r[2].shape[0] for r in items) for _, items in parts) == [5, 5]
+    assert sorted(i for index, _ in parts for i in index) == [0, 1, 2]
+    assert len(split_micro_batches(rows[:1], 2)) == 1
+
+
+# ------------------------------------------------------------ real model, manager level
+
+
+class Edge:
+    """Runs layers [0, split) locally and asks the cloud for every token (greedy)."""
+
+    def __init__(self, model: DecoderModel, split: int, sid: str, prompt: list[int]) -> None:
+        self.half = EdgeHalf(model, split)
+        self.sid = sid
+        self.pending = prompt
+        self.tokens: list[int] = []
+
+    def step(self, cloud: CloudContextManager) -> int:
+        rows = encode_hidden(self.half.hidden(self.pending), "fp16")
+        position = self.half.length - 1
+        token = cloud.next_token(self.sid, position, GREEDY, rows).token
+        self.tokens.append(token)
+        self.pending = [token]
+        return token
+
+
+def manager(model, split, runner=None, log=None) -> CloudContextManager:
+    n = model.cfg.n_layers
+    if runner is None:
+        store = SessionStore(lambda: model.new_kv(first_layer=split), StoreLimits())
+    else:
+        store = SessionStore(
+            lambda: model.new_kv(first_layer=n, last_layer=n), StoreLimits(), on_drop=runner.release
+        )
+    return CloudContextManager(model, split, store, log, runner)
+
+
+@pytest.mark.slow
+def test_real_model_greedy_identical_and_worker_kill_recomputes_from_the_log(
+    tmp_path, redis_client, redis_prefix
+) -> None:
+    from tandem.models.loader import LoadOptions, load_model
+    from tandem.models.registry import ModelRegistry
+
+    spec = ModelRegistry().get("qwen05")
+    lm = load_model(spec, LoadOptions(quant=spec.default_quant, exits=False))
+    model, split = lm.model, lm.model.cfg.n_layers // 2
+    prompt = lm.codec.encode("def fibonacci(n):")
+    n_before, n_after = 6, 6
+
+    local = manager(model, split)
+    ref = Edge(model, split, "ref", prompt)
+    for _ in range(n_before + n_after):
+        ref.step(local)
+
+    pool = Pool(["--model", "qwen05", "--first-layer", str(split)], tmp_path)
+    try:
+        runner = OffloadRunner(model, split, pool_client(model, pool), micro_batches=2)
+        log = SessionLog(redis_client, replica_id="a", ttl_s=600, prefix=redis_prefix)
+        cloud = manager(model, split, runner, log)
+        edge = Edge(model, split, "off", prompt)
+        for _ in range(n_before):
+            edge.step(cloud)
+        assert edge.tokens == ref.tokens[:n_before]
+        assert sum(s.kv_bytes for s in runner.pool.stats()) > 0
+
+        # Kill one worker: the pool stops (its launcher ends when a worker dies) and
+        # restarts with empty KV; the next request waits for it and recomputes from the log.
+        os.kill(pool.worker_pids()[1], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while pool.proc.proc.poll() is None:
+            assert time.monotonic() < deadline, "the pool did not notice its dead worker"
+            time.sleep(0.1)
+        pool.start()
+        for _ in range(n_after):
+            edge.step(cloud)  # no exception: no request lost
+        assert edge.tokens == ref.tokens
+        assert cloud.kv_rebuilds >= 1
+    finally:
+        pool.stop()
