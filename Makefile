@@ -4,7 +4,7 @@ PY := .venv/bin/python
 PORT ?= 8000
 export PORT
 
-.PHONY: setup run run-cloud run-collab run-router redis test proto calibrate bench-edge bench-batch bench-collab bench-router bench-router-solver gate-data gate lint fmt
+.PHONY: setup run run-cloud run-collab run-router redis test proto calibrate bench-edge bench-batch bench-collab bench-router bench-router-solver bench-attn run-pool gate-data gate lint fmt
 
 setup:
 	bash scripts/bootstrap.sh
@@ -25,6 +25,11 @@ run-cloud: setup proto redis
 # CE-CoLLM pair: cloud_ctx + a collaborative edge node (qwen15 split at layer 14 by default).
 run-collab: setup proto redis
 	bash scripts/run_collab.sh
+
+# Lamina attention pool: 2 worker processes holding qwen15's cloud-layer KV by head
+# (then: make run-cloud with TANDEM_ATTENTION_POOL=127.0.0.1:50071,127.0.0.1:50072).
+run-pool: setup proto
+	$(PY) -m services.attention_pool.main --model $${TANDEM_ATTN_MODEL:-qwen15} --workers $${TANDEM_ATTN_WORKERS:-2}
 
 # The router (OpenAI API + MoE² "auto") over the experts in configs/router.yaml.
 run-router: setup proto
@@ -52,6 +57,11 @@ bench-collab: setup proto
 bench-router: setup proto gate-data bench-router-solver
 	$(PY) -m bench.router
 	$(PY) -m bench.router_overhead
+
+# Attention offload (Lamina): local vs offloaded vs offloaded + ping-pong decode throughput,
+# bytes per token per layer, compute-side memory, bandwidth formula, schedule simulation.
+bench-attn: setup proto
+	$(PY) -m bench.attn
 
 # MoE² coarse-level solver: time and nodes vs number of experts (synthetic profiles, < 1 min).
 bench-router-solver: setup

@@ -37,7 +37,7 @@ from prometheus_client import CollectorRegistry
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from services.attention_pool.client import PoolClient, PoolShape, PoolUnavailable
+from services.attention_pool.client import WIRE_DTYPES, PoolClient, PoolShape, PoolUnavailable
 from services.cloud_ctx.context_manager import CloudContextManager
 from services.cloud_ctx.grpc_server import start_cloud_server
 from services.cloud_ctx.metrics import CloudMetrics
@@ -143,7 +143,8 @@ def parse_settings(registry: ModelRegistry, argv: list[str] | None = None) -> Cl
 def offload_runner(settings: CloudSettings, model: DecoderModel, split: int) -> OffloadRunner:
     """Connect to the attention pool (waits for its workers) and run the layers through it."""
     cfg = model.cfg
-    shape = PoolShape(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, model.dtype)
+    wire = model.dtype if model.dtype in WIRE_DTYPES else torch.float16
+    shape = PoolShape(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, wire)
     try:
         pool = PoolClient(settings.attention_pool, shape, token=settings.grpc_token)
     except PoolUnavailable as exc:

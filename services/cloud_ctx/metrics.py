@@ -143,3 +143,27 @@ class _ManagerCollector(Collector):
         )
         rb.add_metric([self.model], self.manager.rebuilds)
         yield rb
+        kv = CounterMetricFamily(
+            f"{self.ns}_kv_rebuilds",
+            "Sessions recomputed because the attention pool lost their KV (offload mode).",
+            labels=["model"],
+        )
+        kv.add_metric([self.model], self.manager.kv_rebuilds)
+        yield kv
+        traffic = getattr(getattr(self.manager.runner, "pool", None), "traffic", None)
+        if traffic is None:  # local attention
+            return
+        for name, doc, value in (
+            ("pool_sent_bytes", "Tensor bytes sent to the attention pool in Attend.", traffic.sent),
+            ("pool_received_bytes", "Attention output bytes received.", traffic.received),
+            ("pool_loaded_bytes", "Prefill KV bytes loaded into the pool.", traffic.loaded),
+            (
+                "pool_attend_calls",
+                "Attend round trips (one per layer per micro-batch).",
+                traffic.calls,
+            ),
+            ("pool_attend_seconds", "Time spent in Attend round trips.", traffic.call_s),
+        ):
+            c = CounterMetricFamily(f"{self.ns}_{name}", doc, labels=["model"])
+            c.add_metric([self.model], value)
+            yield c

@@ -238,3 +238,64 @@ def test_real_model_greedy_identical_and_worker_kill_recomputes_from_the_log(
         assert cloud.kv_rebuilds >= 1
     finally:
         pool.stop()
+
+
+def test_cloud_service_in_offload_mode_serves_the_same_tokens(tiny_pool) -> None:
+    """`services.cloud_ctx.main.serve` with --attention-pool (tiny fp32 model, fp16 on the
+    wire): gRPC tokens equal the full model's greedy run; /metrics shows the pool traffic
+    and /health answers; a released session's KV is freed in the pool."""
+    import asyncio
+
+    import grpc
+
+    from services.cloud_ctx.main import parse_settings, serve
+    from tandem.runtime.decoder import ExitDecoder
+    from tandem.runtime.generate import generate
+    from tandem.transport.cloud_wire import hidden_to_proto
+    from tandem_proto.cloud.v1 import cloud_pb2, cloud_pb2_grpc
+    from tests.services.cloud_ctx.test_service import GREEDY as SHORT
+    from tests.services.cloud_ctx.test_service import PROMPT, _get, _metric
+    from tests.services.cloud_ctx.tiny_cloud import REGISTRY, SPLIT, TINY, tiny_upper_half
+
+    model = tiny_model("llama")
+    expected = list(generate(ExitDecoder(model), PROMPT, SHORT).token_ids)
+    edge = EdgeHalf(model, SPLIT)
+    args = ["--model", TINY.id, "--grpc-port", "0", "--metrics-port", "0", "--no-redis"]
+    args += ["--attention-pool", ",".join(tiny_pool.addresses)]
+    settings = parse_settings(REGISTRY, args)
+    client = pool_client(tiny_model("llama", torch.bfloat16), tiny_pool)
+
+    async def main() -> tuple[list[int], str, int, int]:
+        stop = asyncio.Event()
+        ready = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(serve(settings, tiny_upper_half(), None, stop, ready.set_result))
+        try:
+            ep = await asyncio.wait_for(asyncio.shield(ready), 60)
+            out: list[int] = []
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{ep.grpc_port}") as ch:
+                stub = cloud_pb2_grpc.CloudContextStub(ch)
+                hidden, pos = edge.hidden(PROMPT), len(PROMPT) - 1
+                for _ in range(SHORT.max_tokens):
+                    req = cloud_pb2.TokenRequest(
+                        session_id="svc", position=pos, hidden=hidden_to_proto(hidden)
+                    )
+                    token = (await stub.NextToken(req)).token_id
+                    out.append(token)
+                    hidden, pos = edge.hidden([token]), pos + 1
+                held = sum(s.sessions for s in await asyncio.to_thread(client.stats))
+                await stub.Release(cloud_pb2.ReleaseRequest(session_id="svc"))
+                after = sum(s.sessions for s in await asyncio.to_thread(client.stats))
+            _, text = await asyncio.to_thread(_get, ep.metrics_port, "/metrics")
+            return out, text, held, after
+        finally:
+            stop.set()
+            await task
+
+    out, text, held, after = asyncio.run(main())
+    assert out == expected
+    assert held == 2 and after == 0  # one session, on both workers; freed on release
+    assert _metric(text, "tandem_cloud_pool_sent_bytes_total") > 0
+    assert _metric(text, "tandem_cloud_pool_attend_calls_total") > 0
+    assert _metric(text, "tandem_cloud_kv_rebuilds_total") == 0
+    assert _metric(text, "tandem_cloud_session_bytes") == 0  # no KV on the compute side
+    client.close()
