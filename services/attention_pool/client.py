@@ -315,6 +315,9 @@ class PoolClient:
         self._loads.put(done)
         if not done.wait(timeout_s):
             raise PoolUnavailable("KV loads did not drain")
+        if self._loader_error is not None:
+            err, self._loader_error = self._loader_error, None
+            raise PoolUnavailable(f"loading KV failed: {err}") from err
 
     def _load_loop(self) -> None:
         while True:
@@ -324,8 +327,8 @@ class PoolClient:
                 continue
             try:
                 self._send_loads(job)
-            except grpc.RpcError as exc:  # the next attend for those sessions sees NOT_FOUND
-                log.warning("KV load failed: %s", exc)
+            except Exception as exc:  # noqa: BLE001 - the thread must live; the next attend
+                log.warning("KV load failed: %s", exc)  # for those sessions sees NOT_FOUND
                 self._loader_error = exc
 
     def _send_loads(self, loads: list[KVLoad]) -> None:

@@ -31,16 +31,18 @@ def partial_attention(
     if length == 0:
         return q.new_zeros(n, heads, hd, dtype=torch.float32), torch.full((n, heads), float("-inf"))
     group = heads // kv_heads
-    qf = q.float().transpose(0, 1)  # [H, n, hd]
-    kf = k.float().repeat_interleave(group, dim=0)  # [H, L, hd]
-    vf = v.float().repeat_interleave(group, dim=0)
-    scores = torch.matmul(qf, kf.transpose(1, 2)) * scale  # [H, n, L]
+    # Grouped: each kv head's G query heads become G*n rows against that head's keys, so K
+    # and V are read once per kv head instead of being copied G times.
+    qf = q.float().reshape(n, kv_heads, group, hd).permute(1, 2, 0, 3).reshape(kv_heads, -1, hd)
+    scores = torch.matmul(qf, k.float().transpose(1, 2)) * scale  # [KVH, G*n, L]
     if causal:
-        mask = torch.ones(n, n, dtype=torch.bool).triu(1)
+        mask = torch.ones(n, n, dtype=torch.bool).triu(1).repeat(group, 1)  # row (g, i)
         scores = scores.masked_fill(mask, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)  # [H, n]
-    out = torch.matmul(torch.exp(scores - lse[..., None]), vf)  # [H, n, hd]
-    return out.transpose(0, 1), lse.transpose(0, 1)
+    lse = torch.logsumexp(scores, dim=-1)  # [KVH, G*n]
+    out = torch.matmul(torch.exp(scores - lse[..., None]), v.float())  # [KVH, G*n, hd]
+    out = out.reshape(kv_heads, group, n, hd).permute(2, 0, 1, 3).reshape(n, heads, hd)
+    lse = lse.reshape(kv_heads, group, n).permute(2, 0, 1).reshape(n, heads)
+    return out, lse
 
 
 def merge(
