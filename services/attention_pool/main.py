@@ -52,6 +52,7 @@ from services.attention_pool.worker import (
     start_attention_worker,
 )
 from services.cloud_ctx.monitor import start_monitor
+from tandem.config_file import Settings
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[2]
@@ -115,30 +116,55 @@ def _model_shape(model: str, cache_dir: Path):
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[PoolSettings, argparse.Namespace]:
-    env = os.environ.get
+    file_cfg = Settings.from_argv(argv, "attention_pool")
+    fenv = file_cfg.get
     p = argparse.ArgumentParser(description="Tandem attention pool (Lamina)")
-    p.add_argument("--model", default=env("TANDEM_ATTN_MODEL", "qwen15"))
-    p.add_argument("--cache-dir", default=env("TANDEM_CACHE", "model_cache"))
-    p.add_argument("--n-heads", type=int)
-    p.add_argument("--n-kv-heads", type=int)
-    p.add_argument("--head-dim", type=int)
-    p.add_argument("--n-layers", type=int, help="the model's layers (total)")
-    p.add_argument("--scale", type=float, help="attention scale (default head_dim ** -0.5)")
-    p.add_argument("--first-layer", type=int, default=env("TANDEM_ATTN_FIRST_LAYER"))
-    p.add_argument("--workers", type=int, default=int(env("TANDEM_ATTN_WORKERS", "1")))
+    p.add_argument("--config", help="cluster YAML; this service reads its own section")
+    p.add_argument("--name", help="this service's name in the cluster YAML")
+    p.add_argument("--model", default=fenv("TANDEM_ATTN_MODEL", "model", "qwen15"))
+    p.add_argument("--cache-dir", default=fenv("TANDEM_CACHE", "cache_dir", "model_cache"))
+    p.add_argument("--n-heads", type=int, default=fenv(None, "n_heads"))
+    p.add_argument("--n-kv-heads", type=int, default=fenv(None, "n_kv_heads"))
+    p.add_argument("--head-dim", type=int, default=fenv(None, "head_dim"))
+    p.add_argument(
+        "--n-layers", type=int, default=fenv(None, "n_layers"), help="the model's layers (total)"
+    )
+    p.add_argument(
+        "--scale",
+        type=float,
+        default=fenv(None, "scale"),
+        help="attention scale (default head_dim ** -0.5)",
+    )
+    p.add_argument(
+        "--first-layer", type=int, default=fenv("TANDEM_ATTN_FIRST_LAYER", "first_layer")
+    )
+    p.add_argument("--workers", type=int, default=int(fenv("TANDEM_ATTN_WORKERS", "workers", "1")))
     p.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     p.add_argument("--ready-file", help=argparse.SUPPRESS)
     p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--host", default=env("HOST", "127.0.0.1"))
-    p.add_argument("--port", type=int, default=int(env("ATTN_GRPC_PORT", "50071")))
-    p.add_argument("--metrics-port", type=int, default=int(env("ATTN_METRICS_PORT", "9471")))
+    p.add_argument("--host", default=fenv("HOST", "host", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=int(fenv("ATTN_GRPC_PORT", "port", "50071")))
     p.add_argument(
-        "--capacity-mb", type=float, default=float(env("TANDEM_ATTN_CAPACITY_MB", "1024"))
+        "--metrics-port", type=int, default=int(fenv("ATTN_METRICS_PORT", "metrics_port", "9471"))
     )
-    p.add_argument("--dtype", choices=sorted(KV_DTYPES), default=env("TANDEM_ATTN_DTYPE", "bf16"))
-    p.add_argument("--load-wait-s", type=float, default=float(env("TANDEM_ATTN_LOAD_WAIT_S", "5")))
-    p.add_argument("--threads", type=int, default=int(env("TANDEM_ATTN_THREADS", "1")))
+    p.add_argument(
+        "--capacity-mb",
+        type=float,
+        default=float(fenv("TANDEM_ATTN_CAPACITY_MB", "capacity_mb", "1024")),
+    )
+    p.add_argument(
+        "--dtype", choices=sorted(KV_DTYPES), default=fenv("TANDEM_ATTN_DTYPE", "dtype", "bf16")
+    )
+    p.add_argument(
+        "--load-wait-s",
+        type=float,
+        default=float(fenv("TANDEM_ATTN_LOAD_WAIT_S", "load_wait_s", "5")),
+    )
+    p.add_argument("--threads", type=int, default=int(fenv("TANDEM_ATTN_THREADS", "threads", "1")))
     a = p.parse_args(argv)
+    unknown = file_cfg.unknown([act.dest for act in p._actions])
+    if unknown:
+        p.error(f"unknown key(s) in this service's config section: {', '.join(unknown)}")
 
     explicit = (a.n_heads, a.n_kv_heads, a.head_dim, a.n_layers)
     model = None

@@ -46,6 +46,7 @@ from services.cloud_ctx.offload import OffloadRunner
 from services.cloud_ctx.session_log import SessionLog
 from services.cloud_ctx.session_store import SessionStore, StoreLimits
 from services.cloud_ctx.weights import UpperHalf, load_upper_half
+from tandem.config_file import Settings
 from tandem.models.registry import ModelRegistry
 from tandem.runtime.model import DecoderModel
 from tandem.runtime.quant import QuantMode
@@ -75,46 +76,68 @@ class CloudSettings:
 
 def parse_settings(registry: ModelRegistry, argv: list[str] | None = None) -> CloudSettings:
     env = os.environ.get
+    file_cfg = Settings.from_argv(argv, "cloud_ctx")
+    fenv = file_cfg.get
     p = argparse.ArgumentParser(description="Tandem cloud context manager (CE-CoLLM)")
-    p.add_argument("--model", default=env("TANDEM_CLOUD_MODEL", "qwen15"))
-    p.add_argument("--split", type=int, default=env("TANDEM_CLOUD_SPLIT"))
-    quant_default = env("TANDEM_CLOUD_QUANT", "bf16")
+    p.add_argument("--config", help="cluster YAML; this service reads its own section")
+    p.add_argument("--name", help="this service's name in the cluster YAML")
+    p.add_argument("--model", default=fenv("TANDEM_CLOUD_MODEL", "model", "qwen15"))
+    p.add_argument("--split", type=int, default=fenv("TANDEM_CLOUD_SPLIT", "split"))
+    quant_default = fenv("TANDEM_CLOUD_QUANT", "quant", "bf16")
     p.add_argument("--quant", choices=["bf16", "int8", "int4"], default=quant_default)
-    p.add_argument("--host", default=env("HOST", "127.0.0.1"))
-    p.add_argument("--grpc-port", type=int, default=int(env("CLOUD_GRPC_PORT", "50061")))
-    p.add_argument("--metrics-port", type=int, default=int(env("CLOUD_METRICS_PORT", "9461")))
-    p.add_argument("--redis-url", default=env("TANDEM_REDIS_URL", "redis://127.0.0.1:6379/0"))
+    p.add_argument("--host", default=fenv("HOST", "host", "127.0.0.1"))
+    p.add_argument(
+        "--grpc-port", type=int, default=int(fenv("CLOUD_GRPC_PORT", "grpc_port", "50061"))
+    )
+    p.add_argument(
+        "--metrics-port", type=int, default=int(fenv("CLOUD_METRICS_PORT", "metrics_port", "9461"))
+    )
+    p.add_argument(
+        "--redis-url", default=fenv("TANDEM_REDIS_URL", "redis_url", "redis://127.0.0.1:6379/0")
+    )
     p.add_argument(
         "--no-redis",
         action="store_true",
-        default=env("TANDEM_NO_REDIS", "") not in ("", "0"),
+        default=str(fenv("TANDEM_NO_REDIS", "no_redis", "")).lower() not in ("", "0", "false"),
         help="keep sessions in memory only (a restart loses them)",
     )
-    p.add_argument("--redis-prefix", default=env("TANDEM_REDIS_PREFIX"))
+    p.add_argument("--redis-prefix", default=fenv("TANDEM_REDIS_PREFIX", "redis_prefix"))
     p.add_argument(
-        "--replica-id", default=env("TANDEM_REPLICA_ID", f"{socket.gethostname()}-{os.getpid()}")
+        "--replica-id",
+        default=fenv("TANDEM_REPLICA_ID", "replica_id", f"{socket.gethostname()}-{os.getpid()}"),
     )
     limits = StoreLimits()
     p.add_argument(
         "--max-memory-mib",
         type=float,
-        default=float(env("TANDEM_CLOUD_MAX_MEMORY_MIB", limits.max_bytes / 2**20)),
+        default=float(
+            fenv("TANDEM_CLOUD_MAX_MEMORY_MIB", "max_memory_mib", limits.max_bytes / 2**20)
+        ),
     )
-    p.add_argument("--ttl", type=float, default=float(env("TANDEM_CLOUD_TTL", limits.ttl_s)))
+    p.add_argument(
+        "--ttl", type=float, default=float(fenv("TANDEM_CLOUD_TTL", "ttl", limits.ttl_s))
+    )
     p.add_argument(
         "--max-sessions",
         type=int,
-        default=int(env("TANDEM_CLOUD_MAX_SESSIONS", limits.max_sessions)),
+        default=int(fenv("TANDEM_CLOUD_MAX_SESSIONS", "max_sessions", limits.max_sessions)),
     )
-    p.add_argument("--max-context", type=int, default=int(env("TANDEM_MAX_CONTEXT", "4096")))
-    p.add_argument("--cache-dir", default=env("TANDEM_CACHE", "model_cache"))
+    p.add_argument(
+        "--max-context", type=int, default=int(fenv("TANDEM_MAX_CONTEXT", "max_context", "4096"))
+    )
+    p.add_argument("--cache-dir", default=fenv("TANDEM_CACHE", "cache_dir", "model_cache"))
     p.add_argument(
         "--attention-pool",
-        default=env("TANDEM_ATTENTION_POOL", ""),
+        default=fenv("TANDEM_ATTENTION_POOL", "attention_pool", ""),
         help="offload mode: comma-separated host:port of the attention pool workers",
     )
-    p.add_argument("--micro-batches", type=int, default=int(env("TANDEM_MICRO_BATCHES", "2")))
+    p.add_argument(
+        "--micro-batches", type=int, default=int(fenv("TANDEM_MICRO_BATCHES", "micro_batches", "2"))
+    )
     a = p.parse_args(argv)
+    unknown = file_cfg.unknown([act.dest for act in p._actions])
+    if unknown:
+        p.error(f"unknown key(s) in this service's config section: {', '.join(unknown)}")
     try:
         registry.get(a.model)
     except KeyError as exc:

@@ -32,6 +32,7 @@ from services.edge_node.grpc_server import start_grpc_server
 from services.edge_node.http_api import ApiLimits, build_app
 from services.edge_node.metrics import EdgeMetrics
 from services.edge_node.tau_policy import TauPolicy
+from tandem.config_file import Settings
 from tandem.models.loader import LoadOptions, load_model
 from tandem.models.registry import ModelRegistry
 from tandem.runtime.quant import QuantMode
@@ -60,31 +61,50 @@ class EdgeSettings:
 
 def parse_settings(registry: ModelRegistry, argv: list[str] | None = None) -> EdgeSettings:
     env = os.environ.get
+    file_cfg = Settings.from_argv(argv, "edge")
+    fenv = file_cfg.get
     p = argparse.ArgumentParser(description="Tandem edge node")
-    p.add_argument("--model", default=env("TANDEM_MODEL", "smollm2"))
-    p.add_argument("--quant", choices=["bf16", "int8", "int4"], default=env("TANDEM_QUANT"))
-    p.add_argument("--tau", type=float, default=env("TANDEM_TAU"))
-    p.add_argument("--host", default=env("HOST", "127.0.0.1"))
-    p.add_argument("--port", type=int, default=int(env("PORT", "8000")))
-    p.add_argument("--grpc-port", type=int, default=int(env("GRPC_PORT", "50051")))
-    p.add_argument("--max-batch", type=int, default=int(env("TANDEM_MAX_BATCH", "8")))
-    p.add_argument("--max-context", type=int, default=int(env("TANDEM_MAX_CONTEXT", "4096")))
-    p.add_argument("--cache-dir", default=env("TANDEM_CACHE", "model_cache"))
+    p.add_argument("--config", help="cluster YAML; this service reads its own section")
+    p.add_argument("--name", help="this service's name in the cluster YAML")
+    p.add_argument("--model", default=fenv("TANDEM_MODEL", "model", "smollm2"))
+    p.add_argument(
+        "--quant", choices=["bf16", "int8", "int4"], default=fenv("TANDEM_QUANT", "quant")
+    )
+    p.add_argument("--tau", type=float, default=fenv("TANDEM_TAU", "tau"))
+    p.add_argument("--host", default=fenv("HOST", "host", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=int(fenv("PORT", "port", "8000")))
+    p.add_argument("--grpc-port", type=int, default=int(fenv("GRPC_PORT", "grpc_port", "50051")))
+    p.add_argument("--max-batch", type=int, default=int(fenv("TANDEM_MAX_BATCH", "max_batch", "8")))
+    p.add_argument(
+        "--max-context", type=int, default=int(fenv("TANDEM_MAX_CONTEXT", "max_context", "4096"))
+    )
+    p.add_argument("--cache-dir", default=fenv("TANDEM_CACHE", "cache_dir", "model_cache"))
     p.add_argument(
         "--split",
-        default=env("TANDEM_SPLIT"),
+        default=fenv("TANDEM_SPLIT", "split"),
         help="collaborative mode: edge layers [0, split); 'auto' = the middle exit layer",
     )
-    p.add_argument("--cloud", default=env("TANDEM_CLOUD"), help="cloud_ctx host:port")
+    p.add_argument("--cloud", default=fenv("TANDEM_CLOUD", "cloud"), help="cloud_ctx host:port")
     p.add_argument(
-        "--cloud-encoding", choices=["fp16", "int8"], default=env("TANDEM_CLOUD_ENCODING", "fp16")
+        "--cloud-encoding",
+        choices=["fp16", "int8"],
+        default=fenv("TANDEM_CLOUD_ENCODING", "cloud_encoding", "fp16"),
     )
-    p.add_argument("--cloud-timeout", type=float, default=float(env("TANDEM_CLOUD_TIMEOUT", "2.0")))
-    p.add_argument("--tau-min", type=float, default=float(env("TANDEM_TAU_MIN", "0.5")))
     p.add_argument(
-        "--cloud-budget-ms", type=float, default=float(env("TANDEM_CLOUD_BUDGET_MS", "200"))
+        "--cloud-timeout",
+        type=float,
+        default=float(fenv("TANDEM_CLOUD_TIMEOUT", "cloud_timeout", "2.0")),
+    )
+    p.add_argument("--tau-min", type=float, default=float(fenv("TANDEM_TAU_MIN", "tau_min", "0.5")))
+    p.add_argument(
+        "--cloud-budget-ms",
+        type=float,
+        default=float(fenv("TANDEM_CLOUD_BUDGET_MS", "cloud_budget_ms", "200")),
     )
     a = p.parse_args(argv)
+    unknown = file_cfg.unknown([act.dest for act in p._actions])
+    if unknown:
+        p.error(f"unknown key(s) in this service's config section: {', '.join(unknown)}")
     try:
         spec = registry.get(a.model)  # per-model defaults for quant and tau
     except KeyError as exc:

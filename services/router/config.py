@@ -159,4 +159,6 @@ def load_router_config(path: Path, env: Mapping[str, str]) -> RouterConfig:
         raise RouterConfigError(f"router config: cannot read {path}: {exc}") from exc
     except yaml.YAMLError as exc:
         raise RouterConfigError(f"router config: {path} is not valid YAML: {exc}") from exc
+    if isinstance(raw, Mapping) and "router" in raw and "experts" not in raw:
+        raw = raw["router"]  # a whole-cluster file (configs/cluster.yaml): the router's part
     return parse_router_config(raw, env)

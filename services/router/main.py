@@ -110,8 +110,12 @@ def build(config: RouterConfig, *, registry: CollectorRegistry | None = None) ->
 def main(argv: list[str] | None = None, env: Mapping[str, str] = os.environ) -> None:
     ap = argparse.ArgumentParser(description="Tandem router (OpenAI API, MoE² routing)")
     ap.add_argument(
-        "--config", type=Path, default=Path(env.get("TANDEM_ROUTER_CONFIG", DEFAULT_CONFIG))
+        "--config",
+        type=Path,
+        default=Path(env.get("TANDEM_ROUTER_CONFIG") or env.get("TANDEM_CONFIG") or DEFAULT_CONFIG),
+        help="router YAML, or a cluster YAML with a `router:` section",
     )
+    ap.add_argument("--name", help="ignored (the router's section is `router:`)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(1)  # the feature model shares the box with the event loop

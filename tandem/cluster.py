@@ -1,0 +1,211 @@
+"""`make run`: the whole Tandem cluster on this machine, from one YAML file.
+
+    python -m tandem.cluster --config configs/cluster.yaml
+
+Starts, in dependency order and each gated on its health: Redis (`scripts/redis.sh`), the
+attention pool, cloud_ctx, the edge nodes (all of `edges:`), then the router; sends one demo
+request through the router; then waits. Every service gets `--config <file> --name <name>`
+and reads its own section (environment variables still override it). Logs go to
+`.run/logs/<service>.log`. Ctrl-C (or SIGTERM) stops everything in reverse order (SIGTERM,
+then SIGKILL after a grace period) and stops the Redis it started; a service that dies takes
+the cluster down with it (exit 1, the tail of its log printed). Sections that are absent are
+not started, so a smaller file runs a smaller cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tandem.config_file import ConfigFileError, load_yaml
+from tandem.launch import ROOT, ServiceProcess
+
+LOG_DIR = ROOT / ".run" / "logs"
+READY_TIMEOUT_S = 600.0
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """One service to start: its module, and how to tell it is up."""
+
+    name: str
+    module: str
+    grpc_targets: tuple[str, ...] = ()
+    http_ready: str | None = None
+
+
+def plan(raw: Mapping[str, Any]) -> list[ServiceSpec]:
+    """The services of a cluster file, in start order."""
+    out: list[ServiceSpec] = []
+    pool = raw.get("attention_pool")
+    if pool is not None:
+        port, n = int(pool.get("port", 50071)), int(pool.get("workers", 1))
+        targets = tuple(f"127.0.0.1:{port + i}" for i in range(n))
+        out.append(ServiceSpec("attention_pool", "services.attention_pool.main", targets))
+    cloud = raw.get("cloud_ctx")
+    if cloud is not None:
+        target = f"127.0.0.1:{int(cloud.get('grpc_port', 50061))}"
+        out.append(ServiceSpec("cloud_ctx", "services.cloud_ctx.main", (target,)))
+    for name, edge in (raw.get("edges") or {}).items():
+        target = f"127.0.0.1:{int(edge.get('grpc_port', 50051))}"
+        out.append(ServiceSpec(name, "services.edge_node.main", (target,)))
+    router = raw.get("router")
+    if router is not None:
+        url = f"http://127.0.0.1:{int(router.get('port', 8080))}/ready"
+        out.append(ServiceSpec("router", "services.router.main", http_ready=url))
+    return out
+
+
+class Cluster:
+    def __init__(self, config: Path, log_dir: Path = LOG_DIR, say: Callable[[str], None] = print):
+        self.config = config.resolve()
+        self.raw = load_yaml(self.config)
+        self.log_dir = log_dir
+        self.say = say
+        self.running: list[tuple[ServiceSpec, ServiceProcess]] = []
+        self.redis_port: int | None = None
+
+    # -- start / stop ------------------------------------------------------------------
+
+    def start(self) -> None:
+        redis = self.raw.get("redis")
+        if redis is not None:
+            self.redis_port = int(redis.get("port", 6390))
+            self._redis("start")
+            self.say(f"  redis           127.0.0.1:{self.redis_port}")
+        for spec in plan(self.raw):
+            args = [spec.module, "--config", str(self.config), "--name", spec.name]
+            # The user's environment passes through (it overrides the file, as documented);
+            # one torch thread per service unless said otherwise: they share the cores.
+            env = {"TANDEM_THREADS": os.environ.get("TANDEM_THREADS", "1")}
+            env.update({k: "" for k in ("TANDEM_CONFIG", "TANDEM_SERVICE")})
+            proc = ServiceProcess.start(spec.name, args, self.log_dir, env, inherit_tandem_env=True)
+            self.running.append((spec, proc))
+            t0 = time.monotonic()
+            for target in spec.grpc_targets:
+                proc.wait_grpc(target, timeout=READY_TIMEOUT_S)
+            if spec.http_ready:
+                proc.wait_http(spec.http_ready, timeout=READY_TIMEOUT_S)
+            where = ", ".join(spec.grpc_targets) or spec.http_ready or ""
+            self.say(
+                f"  {spec.name:<15} ready in {time.monotonic() - t0:5.1f} s  {where}  "
+                f"(pid {proc.proc.pid}, log {proc.log_path})"
+            )
+
+    def stop(self, grace_s: float = 20.0) -> None:
+        for _, proc in reversed(self.running):
+            proc.stop(grace_s)
+        self.running.clear()
+        if self.redis_port is not None:
+            self._redis("stop")
+            self.redis_port = None
+
+    def _redis(self, action: str) -> None:
+        env = {"REDIS_PORT": str(self.redis_port)}
+        subprocess.run(
+            ["bash", str(ROOT / "scripts" / "redis.sh"), action],
+            check=True,
+            env={**os.environ, **env},
+            stdout=subprocess.DEVNULL,
+        )
+
+    # -- while running -----------------------------------------------------------------
+
+    def failed(self) -> ServiceProcess | None:
+        for _, proc in self.running:
+            if proc.proc.poll() is not None:
+                return proc
+        return None
+
+    def pids(self) -> list[int]:
+        return [proc.proc.pid for _, proc in self.running]
+
+    def demo(self) -> None:
+        router = self.raw.get("router")
+        if router is None:
+            return
+        url = f"http://127.0.0.1:{int(router.get('port', 8080))}/v1/chat/completions"
+        body = {
+            "model": "auto",
+            "messages": [
+                {"role": "user", "content": "Write a Python function that adds two numbers."}
+            ],
+            "max_tokens": 24,
+            "temperature": 0,
+        }
+        self.say(f"demo: POST {url} (model auto)")
+        try:
+            resp = httpx.post(url, json=body, timeout=300)
+        except httpx.HTTPError as exc:
+            self.say(f"demo request failed: {exc}")
+            return
+        if resp.status_code != 200:
+            self.say(f"demo request answered {resp.status_code}: {resp.text[:300]}")
+            return
+        data = resp.json()
+        route = data["usage"].get("tandem", {}).get("router", {})
+        self.say("  answer: " + json.dumps(data["choices"][0]["message"]["content"])[:300])
+        self.say(
+            f"  served by {route.get('answered_by')} (S = {route.get('subset')}), "
+            f"{route.get('latency_ms', 0):.0f} ms measured / "
+            f"{route.get('latency_predicted_ms', 0):.0f} ms predicted, "
+            f"~{route.get('energy_j', 0):.3g} J modelled"
+        )
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Run the whole Tandem cluster locally")
+    ap.add_argument("--config", type=Path, default=ROOT / "configs" / "cluster.yaml")
+    ap.add_argument("--no-demo", action="store_true", help="skip the demo request")
+    ap.add_argument("--log-dir", type=Path, default=LOG_DIR)
+    args = ap.parse_args(argv)
+    try:
+        cluster = Cluster(args.config, args.log_dir)
+    except ConfigFileError as exc:
+        print(f"cluster: {exc}", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, _interrupt)  # like Ctrl-C: stop everything, then exit
+    print(f"Tandem cluster from {args.config} (logs in {args.log_dir})", flush=True)
+    code = 0
+    try:
+        cluster.start()
+        print(f"cluster ready: pids {' '.join(map(str, cluster.pids()))}", flush=True)
+        if not args.no_demo:
+            cluster.demo()
+        print("Ctrl-C stops the cluster.", flush=True)
+        while (dead := cluster.failed()) is None:
+            time.sleep(0.5)
+        tail = dead.log_path.read_text()[-2000:]
+        print(f"cluster: {dead.name} exited ({dead.proc.returncode}):\n{tail}", flush=True)
+        code = 1
+    except KeyboardInterrupt:
+        pass
+    except (RuntimeError, TimeoutError) as exc:
+        print(f"cluster: {exc}", file=sys.stderr, flush=True)
+        code = 1
+    finally:
+        print("cluster: stopping", flush=True)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not orphan anyone
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        cluster.stop()
+        print("cluster: stopped", flush=True)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
