@@ -1093,12 +1093,12 @@ def render(data: dict) -> str:
         "",
         "The two sides do not run the same attention code: local mode calls "
         "`model.attention` (bf16 `scaled_dot_product_attention` with GQA); a pool worker "
-        "runs `partial_attention` (fp32, K and V `repeat_interleave`d to the query heads) "
-        "over the cache, again over the new row, and `merge`. One decode row, one layer, in "
-        "this process, one thread. With two workers in parallel, a session-layer's pool "
-        "attention takes about one worker's time. (`repeat_interleave` materializes G = 6 "
-        "fp32 copies of a head's K and V on every call: that is most of the worker's time at "
-        "long l.)",
+        "runs `partial_attention` (fp32 matmuls, the G = 6 query heads of a KV head "
+        "grouped against that head's K and V without copies) over the cache, again over the "
+        "new row, and `merge`. One decode row, one layer, in this process, one thread. With "
+        "two workers in parallel, a session-layer's pool attention takes about one worker's "
+        "time. The local kernel is the slower one at long l: that, and the pool's second "
+        "core, is most of offload's advantage at l = 2048 here.",
         "",
         kernel_table(data),
         "",
