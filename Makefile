@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 PY := .venv/bin/python
 
-.PHONY: setup run run-edge run-cloud run-collab run-router redis test proto calibrate bench-edge bench-batch bench-collab bench-router bench-router-solver bench-attn run-pool gate-data gate validate-compose validate-k8s lint fmt
+.PHONY: setup run run-edge run-cloud run-collab run-router redis test proto calibrate bench-edge bench-batch bench-collab bench-router bench-router-solver bench-attn run-pool run-ray gate-data gate validate-compose validate-k8s lint fmt
 
 setup:
 	bash scripts/bootstrap.sh
@@ -34,6 +34,10 @@ run-collab: setup proto redis
 # (then: make run-cloud with TANDEM_ATTENTION_POOL=127.0.0.1:50071,127.0.0.1:50072).
 run-pool: setup proto
 	$(PY) -m services.attention_pool.main --model $${TANDEM_ATTN_MODEL:-qwen15} --workers $${TANDEM_ATTN_WORKERS:-2}
+
+# Ray Serve: the router and one expert deployment per model (fractional CPUs, autoscaling).
+run-ray: setup proto
+	.venv/bin/serve run deploy.ray.app:build_app model=$${TANDEM_RAY_MODELS:-smollm2}
 
 # The router (OpenAI API + MoE² "auto") over the experts in configs/router.yaml.
 run-router: setup proto

@@ -266,17 +266,29 @@ class RoutedEngine:
         yield replace(merged, report=report.usage())
 
     async def _collect(
-        self, expert: str, request: GenerationRequest
+        self, expert: str, request: GenerationRequest, attempts: int = 2
     ) -> tuple[list[GenerationChunk], float]:
-        t0 = time.perf_counter()
-        chunks: list[GenerationChunk] = []
-        it = self.experts[expert].generate(request)
-        async with contextlib.aclosing(it):
-            async for chunk in it:
-                chunks.append(chunk)
-        if chunks:
-            self.predictor.observe(expert, _shape_of(chunks), time.perf_counter() - t0)
-        return chunks, t0
+        """The expert's whole answer. Nothing has reached the client yet, so an answer that
+        breaks off half-way (its replica died) is asked for again, once, from the expert's
+        other replicas; the client's own mistakes (ValueError) are not retried."""
+        for attempt in range(attempts):
+            t0 = time.perf_counter()
+            chunks: list[GenerationChunk] = []
+            it = self.experts[expert].generate(request)
+            try:
+                async with contextlib.aclosing(it):
+                    async for chunk in it:
+                        chunks.append(chunk)
+            except ValueError:
+                raise
+            except Exception:
+                if attempt + 1 == attempts:
+                    raise
+                continue
+            if chunks:
+                self.predictor.observe(expert, _shape_of(chunks), time.perf_counter() - t0)
+            return chunks, t0
+        raise AssertionError("unreachable")
 
     # -- bookkeeping ---------------------------------------------------------------------
 

@@ -1,0 +1,1 @@
+"""Tandem on Ray Serve (`deploy.ray.app:build_app`); see deploy/ray/app.py."""
