@@ -33,6 +33,7 @@ import grpc
 import torch
 
 from tandem.transport.grpc_auth import bearer_metadata
+from tandem.transport.grpc_tls import TlsConfig, sync_channel
 from tandem_proto.attn.v1 import attn_pb2, attn_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -115,9 +116,9 @@ def from_wire(data: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.
 
 
 class _Worker:
-    def __init__(self, address: str, token: str | None) -> None:
+    def __init__(self, address: str, token: str | None, tls: TlsConfig | None = None) -> None:
         self.address = address
-        self.channel = grpc.insecure_channel(address)
+        self.channel = sync_channel(address, tls)
         self.stub = attn_pb2_grpc.AttentionWorkerStub(self.channel)
         self.metadata = bearer_metadata(token)
         self.kv_start = self.kv_end = 0
@@ -152,6 +153,7 @@ class PoolClient:
         shape: PoolShape,
         *,
         token: str | None = None,
+        tls: TlsConfig | None = None,
         connect_timeout_s: float = 30.0,
         phased: bool = True,
     ) -> None:
@@ -161,7 +163,7 @@ class PoolClient:
             raise ValueError(f"wire dtype must be bf16 or fp16, got {shape.dtype}")
         self.shape = shape
         self.phased = phased
-        self.workers = [_Worker(a, token) for a in addresses]
+        self.workers = [_Worker(a, token, tls) for a in addresses]
         self.traffic = PoolTraffic()
         self._local = threading.local()
         self._call_ids = iter(range(1, 1 << 62))

@@ -53,6 +53,7 @@ from services.attention_pool.worker import (
 )
 from services.cloud_ctx.monitor import start_monitor
 from tandem.config_file import Settings
+from tandem.transport.grpc_tls import TlsConfig, tls_from_env
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[2]
@@ -241,6 +242,7 @@ async def serve_worker(
     ready_file: Path | None = None,
     parent_pid: int | None = None,
     token: str | None = None,
+    tls: TlsConfig | None = None,
 ) -> None:
     """Serve worker `index` until `stop` (default: SIGTERM / SIGINT) or its parent is gone."""
     start, end = settings.head_range(index)
@@ -283,7 +285,7 @@ async def serve_worker(
     )
     try:
         server = await start_attention_worker(
-            servicer, settings.host, settings.port_of(settings.port, index), token
+            servicer, settings.host, settings.port_of(settings.port, index), token, tls=tls
         )
     except BaseException:
         monitor.stop()
@@ -428,6 +430,10 @@ def run_pool(settings: PoolSettings, ready_timeout_s: float = 120.0) -> int:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO)
     settings, args = parse_args(argv)
+    try:
+        tls = tls_from_env(os.environ)  # checked here too, before any worker is spawned
+    except ValueError as exc:
+        raise SystemExit(f"attention_pool: {exc}") from None
     if args.worker_index is None:
         raise SystemExit(run_pool(settings))
     torch.set_num_threads(settings.threads)
@@ -438,6 +444,7 @@ def main(argv: list[str] | None = None) -> None:
             ready_file=Path(args.ready_file) if args.ready_file else None,
             parent_pid=args.parent_pid,
             token=os.environ.get("TANDEM_GRPC_TOKEN") or None,
+            tls=tls,
         )
     )
 

@@ -45,6 +45,7 @@ from services.attention_pool.kv_store import (
 from services.attention_pool.metrics import AttnMetrics
 from tandem.runtime.partial_attention import attend_with_cache, merge, partial_attention
 from tandem.transport.grpc_auth import BearerAuth
+from tandem.transport.grpc_tls import TlsConfig, add_port
 from tandem_proto.attn.v1 import attn_pb2, attn_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -518,9 +519,10 @@ async def start_attention_worker(
     host: str = "127.0.0.1",
     port: int = 0,
     token: str | None = None,
+    tls: TlsConfig | None = None,
 ) -> RunningAttentionWorker:
     """Serve `servicer` on host:port (0: a free port). With `token`, every call but Stats
-    (the health check) needs `authorization: Bearer <token>`."""
+    (the health check) needs `authorization: Bearer <token>`. With `tls`, TLS only."""
     stats = "/tandem.attn.v1.AttentionWorker/Stats"
     server = grpc.aio.server(
         interceptors=[BearerAuth(token, exempt=frozenset({stats}))] if token else [],
@@ -530,7 +532,7 @@ async def start_attention_worker(
         ],
     )
     attn_pb2_grpc.add_AttentionWorkerServicer_to_server(servicer, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    bound = add_port(server, f"{host}:{port}", tls)
     if bound == 0:
         raise OSError(f"cannot bind {host}:{port}")
     await server.start()

@@ -34,6 +34,7 @@ from services.cloud_ctx.session_store import SessionTooLarge, UnknownSession
 from tandem.runtime.sampling import SamplingParams
 from tandem.transport.cloud_wire import EXPECTED_POSITION_KEY, hidden_from_proto
 from tandem.transport.grpc_auth import BearerAuth
+from tandem.transport.grpc_tls import TlsConfig, add_port
 from tandem.transport.hidden import HiddenPayload
 from tandem_proto.cloud.v1 import cloud_pb2, cloud_pb2_grpc
 
@@ -224,8 +225,10 @@ async def start_cloud_server(
     port: int = 0,
     metrics: CloudMetrics | None = None,
     token: str | None = None,
+    tls: TlsConfig | None = None,
 ) -> RunningCloudServer:
-    """With `token`, every call needs `authorization: Bearer <token>` (UNAUTHENTICATED)."""
+    """With `token`, every call needs `authorization: Bearer <token>` (UNAUTHENTICATED).
+    With `tls`, the port serves TLS only (tandem.transport.grpc_tls)."""
     server = grpc.aio.server(
         interceptors=[BearerAuth(token)] if token else [],
         options=[
@@ -234,7 +237,14 @@ async def start_cloud_server(
         ],
     )
     cloud_pb2_grpc.add_CloudContextServicer_to_server(CloudServicer(manager, metrics), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    bound = add_port(server, f"{host}:{port}", tls)
+    if bound == 0:
+        raise OSError(f"cannot bind {host}:{port}")
     await server.start()
-    log.info("cloud context gRPC server listening on %s:%d", host, bound)
+    log.info(
+        "cloud context gRPC server listening on %s:%d (%s)",
+        host,
+        bound,
+        "TLS" if tls else "plaintext",
+    )
     return RunningCloudServer(server, bound)

@@ -28,7 +28,7 @@ import os
 import signal
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
@@ -50,6 +50,7 @@ from tandem.config_file import Settings
 from tandem.models.registry import ModelRegistry
 from tandem.runtime.model import DecoderModel
 from tandem.runtime.quant import QuantMode
+from tandem.transport.grpc_tls import TlsConfig, tls_from_env
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +70,17 @@ class CloudSettings:
     max_context: int
     cache_dir: Path
     grace_s: float = 5.0
-    grpc_token: str | None = None  # TANDEM_GRPC_TOKEN: required bearer token on gRPC
+    grpc_token: str | None = field(default=None, repr=False)  # TANDEM_GRPC_TOKEN
+    tls: TlsConfig | None = None  # TANDEM_TLS_*: TLS on its gRPC server and to the pool
     attention_pool: tuple[str, ...] = ()  # offload mode: the pool workers' addresses
     micro_batches: int = 2
+
+
+def _tls(p: argparse.ArgumentParser) -> TlsConfig | None:
+    try:
+        return tls_from_env(os.environ)
+    except ValueError as exc:
+        p.error(str(exc))
 
 
 def parse_settings(registry: ModelRegistry, argv: list[str] | None = None) -> CloudSettings:
@@ -158,6 +167,7 @@ def parse_settings(registry: ModelRegistry, argv: list[str] | None = None) -> Cl
         max_context=a.max_context,
         cache_dir=Path(a.cache_dir),
         grpc_token=env("TANDEM_GRPC_TOKEN") or None,
+        tls=_tls(p),
         attention_pool=tuple(x.strip() for x in a.attention_pool.split(",") if x.strip()),
         micro_batches=a.micro_batches,
     )
@@ -169,7 +179,9 @@ def offload_runner(settings: CloudSettings, model: DecoderModel, split: int) -> 
     wire = model.dtype if model.dtype in WIRE_DTYPES else torch.float16
     shape = PoolShape(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, wire)
     try:
-        pool = PoolClient(settings.attention_pool, shape, token=settings.grpc_token)
+        pool = PoolClient(
+            settings.attention_pool, shape, token=settings.grpc_token, tls=settings.tls
+        )
     except PoolUnavailable as exc:
         raise SystemExit(f"cloud_ctx: attention pool not reachable: {exc}") from None
     return OffloadRunner(model, split, pool, micro_batches=settings.micro_batches)
@@ -258,7 +270,12 @@ async def serve(
     monitor = start_monitor(registry, health, settings.host, settings.metrics_port)
     try:
         server = await start_cloud_server(
-            manager, settings.host, settings.grpc_port, metrics, token=settings.grpc_token
+            manager,
+            settings.host,
+            settings.grpc_port,
+            metrics,
+            token=settings.grpc_token,
+            tls=settings.tls,
         )
     except BaseException:
         monitor.stop()

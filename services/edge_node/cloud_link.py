@@ -39,6 +39,7 @@ from tandem.runtime.decoder import Reached
 from tandem.runtime.sampling import SamplingParams
 from tandem.transport.cloud_wire import EXPECTED_POSITION_KEY, hidden_to_proto
 from tandem.transport.grpc_auth import bearer_metadata
+from tandem.transport.grpc_tls import TlsConfig, aio_channel
 from tandem.transport.hidden import Encoding
 from tandem.transport.network import EmulatedLink, LinkProfile
 from tandem_proto.cloud.v1 import cloud_pb2, cloud_pb2_grpc
@@ -65,6 +66,7 @@ class CloudLinkConfig:
     link: LinkProfile | None = None  # emulated network; None = the real one
     client_id: str = "edge"  # prefix of this edge's cloud session ids
     token: str | None = None  # internal bearer token, sent as `authorization` metadata
+    tls: TlsConfig | None = None  # TLS to cloud_ctx (None: plaintext)
 
 
 @dataclass(frozen=True)
@@ -158,7 +160,7 @@ class CloudLink:
             ("grpc.max_send_message_length", 64 << 20),
             ("grpc.max_receive_message_length", 64 << 20),
         ]
-        self._channel = grpc.aio.insecure_channel(self.config.target, options=opts)
+        self._channel = aio_channel(self.config.target, self.config.tls, opts)
         self._stub = cloud_pb2_grpc.CloudContextStub(self._channel)
 
     async def _disconnect(self) -> None:

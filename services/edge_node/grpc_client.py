@@ -32,6 +32,7 @@ from tandem.runtime.engine_api import (
     PromptTooLong,
 )
 from tandem.runtime.sampling import SamplingParams
+from tandem.transport.grpc_tls import TlsConfig, aio_channel
 from tandem_proto.edge.v1 import edge_pb2, edge_pb2_grpc
 
 ERROR_KEY = "tandem-error"  # trailing metadata set by grpc_server
@@ -180,8 +181,10 @@ class EdgeClient:
         *,
         token: str | None = None,
         options: Sequence[tuple[str, int | str]] | None = None,
+        tls: TlsConfig | None = None,
     ) -> None:
         self.target = target
+        self._tls = tls
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._options = list(options or ())
         self._channel: grpc.aio.Channel | None = None
@@ -189,7 +192,7 @@ class EdgeClient:
 
     def _get_stub(self) -> edge_pb2_grpc.EdgeNodeStub:
         if self._stub is None:
-            self._channel = grpc.aio.insecure_channel(self.target, options=self._options)
+            self._channel = aio_channel(self.target, self._tls, self._options)
             self._stub = edge_pb2_grpc.EdgeNodeStub(self._channel)
         return self._stub
 

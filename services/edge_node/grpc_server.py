@@ -32,6 +32,7 @@ from tandem.runtime.engine_api import (
 )
 from tandem.runtime.sampling import SamplingParams
 from tandem.transport.grpc_auth import ERROR_KEY, BearerAuth
+from tandem.transport.grpc_tls import TlsConfig, add_port
 from tandem_proto.edge.v1 import edge_pb2, edge_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -217,8 +218,10 @@ async def start_grpc_server(
     *,
     token: str | None = None,
     options: list[tuple[str, int | str]] | None = None,
+    tls: TlsConfig | None = None,
 ) -> RunningGrpcServer:
-    """Serve `engine` on host:port (0 picks a free port) and return once listening."""
+    """Serve `engine` on host:port (0 picks a free port) and return once listening; over
+    TLS with `tls` (see tandem.transport.grpc_tls), else plaintext."""
     servicer = EdgeServicer(engine)
     health = f"/{edge_pb2.DESCRIPTOR.package}.EdgeNode/Health"  # probes carry no token
     auth = [BearerAuth(token, exempt=frozenset({health}))] if token else []
@@ -226,11 +229,15 @@ async def start_grpc_server(
     edge_pb2_grpc.add_EdgeNodeServicer_to_server(servicer, server)
     address = _address(host, port)
     try:
-        bound = server.add_insecure_port(address)
+        bound = add_port(server, address, tls)
     except RuntimeError as exc:
         raise OSError(f"gRPC server could not bind {address}: {exc}") from exc
     if bound == 0:
         raise OSError(f"gRPC server could not bind {address}")
     await server.start()
-    log.info("edge gRPC server listening on %s", _address(host, bound))
+    log.info(
+        "edge gRPC server listening on %s (%s)",
+        _address(host, bound),
+        "TLS" if tls else "plaintext",
+    )
     return RunningGrpcServer(server=server, port=bound, servicer=servicer)

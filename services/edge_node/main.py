@@ -19,7 +19,7 @@ import argparse
 import asyncio
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,6 +36,7 @@ from tandem.config_file import Settings
 from tandem.models.loader import LoadOptions, load_model
 from tandem.models.registry import ModelRegistry
 from tandem.runtime.quant import QuantMode
+from tandem.transport.grpc_tls import TlsConfig, tls_from_env
 
 
 @dataclass(frozen=True)
@@ -48,8 +49,8 @@ class EdgeSettings:
     grpc_port: int
     max_batch: int
     max_context: int
-    api_key: str | None
-    grpc_token: str | None
+    api_key: str | None = field(repr=False)
+    grpc_token: str | None = field(repr=False)
     cache_dir: Path
     split: int | None = None  # collaborative mode: run layers [0, split) only
     cloud: str | None = None  # host:port of the cloud context manager
@@ -57,6 +58,14 @@ class EdgeSettings:
     cloud_timeout_s: float = 2.0
     tau_min: float = 0.5
     cloud_budget_ms: float = 200.0
+    tls: TlsConfig | None = None  # TANDEM_TLS_*: TLS on its gRPC server and to the cloud
+
+
+def _tls(p: argparse.ArgumentParser) -> TlsConfig | None:
+    try:
+        return tls_from_env(os.environ)
+    except ValueError as exc:
+        p.error(str(exc))
 
 
 def parse_settings(registry: ModelRegistry, argv: list[str] | None = None) -> EdgeSettings:
@@ -128,6 +137,7 @@ def parse_settings(registry: ModelRegistry, argv: list[str] | None = None) -> Ed
         max_context=a.max_context,
         api_key=env("TANDEM_API_KEY") or None,
         grpc_token=env("TANDEM_GRPC_TOKEN") or None,
+        tls=_tls(p),
         cache_dir=Path(a.cache_dir),
         split=split,
         cloud=a.cloud or None,
@@ -163,6 +173,7 @@ def build_engine(settings: EdgeSettings, registry: ModelRegistry) -> EdgeEngine:
                 timeout_s=settings.cloud_timeout_s,
                 client_id=f"{spec.id}-{os.getpid()}",
                 token=settings.grpc_token,
+                tls=settings.tls,
             )
         )
         cloud.start()
@@ -192,7 +203,7 @@ async def serve(settings: EdgeSettings, registry: ModelRegistry) -> None:
         api_key=settings.api_key,
     )
     grpc_server = await start_grpc_server(
-        engine, settings.host, settings.grpc_port, token=settings.grpc_token
+        engine, settings.host, settings.grpc_port, token=settings.grpc_token, tls=settings.tls
     )
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port))
     base = f"http://{settings.host}:{settings.port}/v1"

@@ -32,6 +32,7 @@ from tandem.runtime.engine_api import (
     GenerationChunk,
     GenerationRequest,
 )
+from tandem.transport.grpc_tls import TlsConfig
 
 # Per-message allowance (in tokens) for chat template markup, and for the generation prompt.
 CHAT_TOKENS_PER_MESSAGE = 16
@@ -97,8 +98,11 @@ class ExpertEngine(RemoteExpert):
     """Forward generation for one edge expert to its replicas. Create it anywhere; gRPC
     channels open lazily on the event loop that first uses them. `close()` closes them."""
 
-    def __init__(self, expert_id: str, table: ReplicaTable, **kwargs: Any) -> None:
+    def __init__(
+        self, expert_id: str, table: ReplicaTable, *, tls: TlsConfig | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(expert_id, table, **kwargs)
+        self.tls = tls  # TLS to the edge replicas (None: plaintext)
         self._clients: dict[str, EdgeClient] = {}
 
     # -- internals -----------------------------------------------------------------------
@@ -106,7 +110,9 @@ class ExpertEngine(RemoteExpert):
     def _client(self, replica: Replica) -> EdgeClient:
         client = self._clients.get(replica.address)
         if client is None:
-            client = EdgeClient(replica.address, token=replica.token, options=EDGE_CHANNEL_OPTIONS)
+            client = EdgeClient(
+                replica.address, token=replica.token, options=EDGE_CHANNEL_OPTIONS, tls=self.tls
+            )
             self._clients[replica.address] = client
         return client
 

@@ -20,7 +20,7 @@ Every mistake raises `ExpertConfigError` (a ValueError) naming the entry and the
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
 from services.router.profiles import DEVICE_PROFILES, DeviceProfile
@@ -54,7 +54,7 @@ class ExpertConfig:
     kind: ExpertKind
     replicas: tuple[str, ...]
     device: str
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)
     model: str | None = None
     max_context: int = DEFAULT_MAX_CONTEXT
     decode_s_per_token: float | None = None

@@ -34,6 +34,7 @@ from services.router.profiles import DEVICE_PROFILES, ExpertSpec
 from services.router.replicas import HealthMonitor, ReplicaTable, default_prober
 from services.router.telemetry import LatencyTelemetry
 from tandem.runtime.engine_api import Engine
+from tandem.transport.grpc_tls import TlsConfig, tls_from_env
 
 log = logging.getLogger("tandem.router")
 
@@ -56,11 +57,15 @@ def expert_specs(config: RouterConfig) -> dict[str, ExpertSpec]:
     return specs
 
 
-def expert_engines(config: RouterConfig, table: ReplicaTable) -> dict[str, Engine]:
+def expert_engines(
+    config: RouterConfig, table: ReplicaTable, tls: TlsConfig | None = None
+) -> dict[str, Engine]:
     engines: dict[str, Engine] = {}
     for e in config.experts:
         if e.kind == "edge":
-            engines[e.expert_id] = ExpertEngine(e.expert_id, table, max_context=e.max_context)
+            engines[e.expert_id] = ExpertEngine(
+                e.expert_id, table, max_context=e.max_context, tls=tls
+            )
         else:
             engines[e.expert_id] = OpenAIEngine(
                 e.expert_id, table, max_context=e.max_context, upstream_model=e.upstream_model
@@ -68,7 +73,12 @@ def expert_engines(config: RouterConfig, table: ReplicaTable) -> dict[str, Engin
     return engines
 
 
-def build(config: RouterConfig, *, registry: CollectorRegistry | None = None) -> FastAPI:
+def build(
+    config: RouterConfig,
+    *,
+    registry: CollectorRegistry | None = None,
+    tls: TlsConfig | None = None,
+) -> FastAPI:
     """The router app for `config` (loads the gate and the feature model when configured)."""
     table = ReplicaTable(config.experts, failure_threshold=config.health.failure_threshold)
     telemetry = LatencyTelemetry(
@@ -88,12 +98,12 @@ def build(config: RouterConfig, *, registry: CollectorRegistry | None = None) ->
         featurizer = ModelFeaturizer.load(config.gate.feature_model)
     monitor = HealthMonitor(
         table,
-        default_prober(timeout_s=config.health.timeout_s),
+        default_prober(timeout_s=config.health.timeout_s, tls=tls),
         interval_s=config.health.interval_s,
         timeout_s=config.health.timeout_s,
     )
     return build_router_app(
-        expert_engines(config, table),
+        expert_engines(config, table, tls),
         table,
         predictor,
         selector=selector,
@@ -120,7 +130,11 @@ def main(argv: list[str] | None = None, env: Mapping[str, str] = os.environ) -> 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(1)  # the feature model shares the box with the event loop
     config = load_router_config(args.config, env)
-    app = build(config)
+    try:
+        tls = tls_from_env(env)  # TANDEM_TLS_CA (+ cert/key for mTLS) towards the edge nodes
+    except ValueError as exc:
+        raise SystemExit(f"router: {exc}") from None
+    app = build(config, tls=tls)
     log.info(
         "router: %d experts, listening on %s:%d", len(config.experts), config.host, config.port
     )

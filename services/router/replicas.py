@@ -35,7 +35,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 import grpc
@@ -43,6 +43,7 @@ import httpx
 
 from services.edge_node.grpc_client import EdgeClient, EdgeRpcError
 from services.router.experts import ExpertConfig, ExpertKind
+from tandem.transport.grpc_tls import TlsConfig
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ class Replica:
     expert_id: str
     kind: ExpertKind
     address: str
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)  # never in logs
 
 
 @dataclass(frozen=True)
@@ -390,14 +391,17 @@ class Prober(Protocol):
 class EdgeProber:
     """Health of edge nodes through tandem.edge.v1 Health (one cached channel per address)."""
 
-    def __init__(self, *, timeout_s: float = 1.0) -> None:
+    def __init__(self, *, timeout_s: float = 1.0, tls: TlsConfig | None = None) -> None:
         self.timeout_s = timeout_s
+        self.tls = tls
         self._clients: dict[str, EdgeClient] = {}
 
     async def probe(self, replica: Replica) -> Probe:
         client = self._clients.get(replica.address)
         if client is None:
-            client = EdgeClient(replica.address, token=replica.token, options=EDGE_CHANNEL_OPTIONS)
+            client = EdgeClient(
+                replica.address, token=replica.token, options=EDGE_CHANNEL_OPTIONS, tls=self.tls
+            )
             self._clients[replica.address] = client
         health = await client.health(timeout=self.timeout_s)
         return Probe(serving=health.serving, queue_depth=health.queue_depth)
@@ -448,10 +452,13 @@ class KindProber:
             await prober.close()
 
 
-def default_prober(*, timeout_s: float = 1.0) -> KindProber:
-    """Edge replicas over gRPC Health, openai replicas over GET /models."""
+def default_prober(*, timeout_s: float = 1.0, tls: TlsConfig | None = None) -> KindProber:
+    """Edge replicas over gRPC Health (TLS with `tls`), openai replicas over GET /models."""
     return KindProber(
-        {"edge": EdgeProber(timeout_s=timeout_s), "openai": OpenAIProber(timeout_s=timeout_s)}
+        {
+            "edge": EdgeProber(timeout_s=timeout_s, tls=tls),
+            "openai": OpenAIProber(timeout_s=timeout_s),
+        }
     )
 
 
