@@ -88,8 +88,9 @@ def test_concurrent_clients_get_their_own_answers(base_url: str) -> None:
         return r.choices[0].text
 
     async def main():
-        alone = [await one(p) for p in prompts]
-        together = await asyncio.gather(*[one(p) for p in prompts])
+        async with client:  # closed on this loop, not garbage-collected on a dead one later
+            alone = [await one(p) for p in prompts]
+            together = await asyncio.gather(*[one(p) for p in prompts])
         return alone, together
 
     alone, together = asyncio.run(main())
