@@ -31,6 +31,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from pydantic.json_schema import models_json_schema
 from starlette.types import Message, Receive, Scope, Send
 
 from services.edge_node.body_limit import BodySizeLimitMiddleware
@@ -41,8 +42,26 @@ from services.edge_node.errors import (
 )
 from services.edge_node.http_api import ApiLimits, build_app, check_api_key
 from services.edge_node.metrics import EdgeMetrics
-from services.edge_node.protocol import ModelCard, ModelList
-from services.router.budget import BudgetDefaults, parse_budget
+from services.edge_node.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+)
+from services.router.budget import (
+    BEST_EFFORT_FIELD,
+    BEST_EFFORT_HEADER,
+    ENERGY_FIELD,
+    ENERGY_HEADER,
+    LATENCY_FIELD,
+    LATENCY_HEADER,
+    TOP_K_FIELD,
+    TOP_K_HEADER,
+    BudgetDefaults,
+    parse_budget,
+)
 from services.router.expert_engine import served
 from services.router.features import Featurizer
 from services.router.metrics import RouterMetrics
@@ -198,6 +217,175 @@ def _namespace(expert_id: str) -> str:
     return "tandem_router_" + re.sub(r"[^a-zA-Z0-9_]", "_", expert_id)
 
 
+# ------------------------------------------------------------------------ OpenAPI
+
+_REF = "#/components/schemas/{model}"
+_ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "param", "code"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
+_ERRORS = {
+    "400": "Invalid request (body, parameters, budgets) or infeasible budget",
+    "401": "Missing or wrong API key",
+    "404": "Unknown model",
+    "413": "Request body over the limit",
+    "429": "Overloaded; retry after Retry-After seconds",
+}
+# Budgets (services.router.budget): a number (strings are parsed, as headers are), a flag
+# (true/false or one of its spellings), an integer 1..max_top_k.
+_NUMBER_TEXT = {"type": "string", "pattern": r"^[0-9]{1,12}(\.[0-9]{1,6})?$"}
+_FLAG_TEXT = {"type": "string", "enum": ["1", "0", "true", "false", "yes", "no", "on", "off"]}
+
+
+def _budget_schemas(max_top_k: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(body properties, header schemas) of the budgets."""
+    number = {"anyOf": [{"type": "number", "exclusiveMinimum": 0}, _NUMBER_TEXT]}
+    flag = {"anyOf": [{"type": "boolean"}, _FLAG_TEXT]}
+    top_k = {"type": "integer", "minimum": 1, "maximum": max_top_k}
+    k_text = {"type": "string", "enum": [str(k) for k in range(1, max_top_k + 1)]}
+    nullable = {"type": "null"}
+    body = {
+        LATENCY_FIELD: {"anyOf": [*number["anyOf"], nullable], "description": "ms"},
+        ENERGY_FIELD: {"anyOf": [*number["anyOf"], nullable], "description": "joules"},
+        BEST_EFFORT_FIELD: {"anyOf": [*flag["anyOf"], nullable]},
+        TOP_K_FIELD: {"anyOf": [top_k, k_text, nullable]},
+    }
+    headers = {
+        LATENCY_HEADER: _NUMBER_TEXT,
+        ENERGY_HEADER: _NUMBER_TEXT,
+        BEST_EFFORT_HEADER: _FLAG_TEXT,
+        TOP_K_HEADER: k_text,
+    }
+    return body, headers
+
+
+def _error_responses(*statuses: str) -> dict[str, Any]:
+    """OpenAPI `responses` entries for `statuses`, each in OpenAI's error shape."""
+    error = {"application/json": {"schema": {"$ref": _REF.format(model="Error")}}}
+    return {s: {"description": _ERRORS[s], "content": error} for s in statuses}
+
+
+def _honoured(limits: ApiLimits) -> dict[str, Any]:
+    """Schemas of the fields whose accepted values are narrower than their type: the
+    explicit limits, and the OpenAI fields accepted only at their no-op value."""
+    count = {"anyOf": [{"type": "integer", "minimum": 1, "maximum": limits.max_tokens_cap}]}
+    count["anyOf"].append({"type": "null"})
+    return {
+        "max_tokens": count,
+        "max_completion_tokens": count,
+        "stop": {
+            "anyOf": [
+                {"type": "string", "minLength": 1},
+                {
+                    "type": "array",
+                    "items": {"type": "string", "minLength": 1},
+                    "maxItems": limits.max_stop,
+                },
+                {"type": "null"},
+            ]
+        },
+        "n": {"type": "integer", "enum": [1]},
+        "presence_penalty": {"type": ["number", "null"], "enum": [0, None]},
+        "frequency_penalty": {"type": ["number", "null"], "enum": [0, None]},
+        "logit_bias": {"type": ["object", "null"], "maxProperties": 0},
+        "echo": {"type": "boolean", "enum": [False]},
+        "logprobs": {"type": "null"},
+        "best_of": {"type": ["integer", "null"], "enum": [1, None]},
+        "suffix": {"type": ["string", "null"], "maxLength": 0},
+        "top_logprobs": {"type": ["integer", "null"], "enum": [0, None]},
+        "tools": {"type": ["array", "null"], "maxItems": 0},
+        "response_format": {
+            "anyOf": [
+                {"type": "object", "properties": {"type": {"enum": ["text"]}}},
+                {"type": "null"},
+            ]
+        },
+    }
+
+
+def _openapi_docs(
+    model_ids: list[str], limits: ApiLimits, max_top_k: int
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """(route path -> `openapi_extra` for the generation routes, component schemas).
+
+    The generation handlers read the raw body (to route on `model` before validating), so
+    FastAPI cannot see their request models; this describes them: the body is the edge
+    node's request model plus the router's budget fields (with `model` one of `model_ids`),
+    the budget headers, the 200 bodies (JSON, or SSE when streaming) and the error shape.
+    Fields are narrowed to the values this server accepts (`_honoured`)."""
+    models = [
+        (CompletionRequest, "validation"),
+        (ChatCompletionRequest, "validation"),
+        (CompletionResponse, "serialization"),
+        (ChatCompletionResponse, "serialization"),
+    ]
+    _, top = models_json_schema(models, ref_template=_REF)
+    schemas: dict[str, Any] = dict(top["$defs"])
+    schemas["Error"] = _ERROR_SCHEMA
+    # Content may be left out (or null) only by the assistant.
+    message = schemas["ChatMessageIn"]
+    schemas["ChatMessageIn"] = {
+        **message,
+        "anyOf": [
+            {"properties": {"role": {"const": "assistant"}}},
+            {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}},
+        ],
+    }
+    budget_body, budget_headers = _budget_schemas(max_top_k)
+    extras: dict[str, dict[str, Any]] = {}
+    honoured = _honoured(limits)
+    for path, request, response in (
+        ("/v1/completions", "CompletionRequest", "CompletionResponse"),
+        ("/v1/chat/completions", "ChatCompletionRequest", "ChatCompletionResponse"),
+    ):
+        base = schemas[request]
+        name = "Router" + request
+        schemas[name] = {
+            **base,
+            "title": name,
+            "properties": {
+                **base["properties"],
+                **{k: v for k, v in honoured.items() if k in base["properties"]},
+                "model": {"type": "string", "enum": model_ids},
+                **budget_body,
+            },
+        }
+        responses: dict[str, Any] = {
+            "200": {
+                "description": "The completion (JSON), or its SSE stream when stream=true",
+                "content": {
+                    "application/json": {"schema": {"$ref": _REF.format(model=response)}},
+                    "text/event-stream": {"schema": {"type": "string"}},
+                },
+            }
+        }
+        responses.update(_error_responses(*_ERRORS))
+        extras[path] = {
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": _REF.format(model=name)}}},
+            },
+            "parameters": [
+                {"name": h, "in": "header", "required": False, "schema": schema}
+                for h, schema in budget_headers.items()
+            ],
+            "responses": responses,
+        }
+    return extras, schemas
+
+
 def build_router_app(
     experts: Mapping[str, Engine],
     table: ReplicaTable,
@@ -254,9 +442,28 @@ def build_router_app(
     app.add_api_route("/ready", router.ready, methods=["GET"])
     app.add_api_route("/metrics", router.prometheus, methods=["GET"], include_in_schema=False)
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(router.check_auth)])
-    v1.add_api_route("/models", router.list_models, methods=["GET"])
-    v1.add_api_route("/models/{model:path}", router.get_model, methods=["GET"])
-    v1.add_api_route("/completions", router.generate, methods=["POST"])
-    v1.add_api_route("/chat/completions", router.generate, methods=["POST"])
+    v1.add_api_route(
+        "/models", router.list_models, methods=["GET"], responses=_error_responses("401")
+    )
+    v1.add_api_route(
+        "/models/{model:path}",
+        router.get_model,
+        methods=["GET"],
+        responses=_error_responses("401", "404"),
+    )
+    extras, schemas = _openapi_docs(list(routes), limits, budget_defaults.max_top_k)
+    for path in ("/completions", "/chat/completions"):
+        v1.add_api_route(
+            path, router.generate, methods=["POST"], openapi_extra=extras["/v1" + path]
+        )
     app.include_router(v1)
+    generated = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generated()
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(schemas)
+        return app.openapi_schema or {}
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app

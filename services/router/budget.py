@@ -85,9 +85,13 @@ def _positive(value: object, field: str) -> float:
             value = None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ApiError(400, f"'{field}' must be a number > 0.", param=field)
-    if not (math.isfinite(value) and value > 0):
-        raise ApiError(400, f"'{field}' must be a finite number > 0, got {value}.", param=field)
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # a JSON integer too large for a float
+        number = math.inf
+    if not (math.isfinite(number) and number > 0):
+        raise ApiError(400, f"'{field}' must be a finite number > 0, got {number}.", param=field)
+    return number
 
 
 def _flag(value: object, field: str) -> bool:
@@ -99,8 +103,11 @@ def _flag(value: object, field: str) -> bool:
 
 
 def _top_k(value: object, field: str, limit: int) -> int:
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
+    if isinstance(value, str):
+        text = value.strip()
+        # ASCII digits only: str.isdigit() is also true for "²", which int() rejects.
+        if text.isascii() and text.isdigit() and len(text) <= 18:
+            value = int(text)
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
         raise ApiError(400, f"'{field}' must be an integer from 1 to {limit}.", param=field)
     return value
