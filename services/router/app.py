@@ -25,7 +25,7 @@ import contextlib
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -50,6 +50,7 @@ from services.edge_node.protocol import (
     ModelCard,
     ModelList,
 )
+from services.router.admission import Admission, AdmissionLimits
 from services.router.budget import (
     BEST_EFFORT_FIELD,
     BEST_EFFORT_HEADER,
@@ -80,16 +81,31 @@ class _Forward(Response):
     """Run `app` (a model id's own ASGI app) on this request, replaying the body already
     read, with the request's `RouteContext` set, and add the route headers to its response."""
 
-    def __init__(self, app: Any, body: bytes, model: str, ctx: RouteContext | None) -> None:
+    def __init__(
+        self,
+        app: Any,
+        body: bytes,
+        model: str,
+        ctx: RouteContext | None,
+        on_done: Callable[[], None] | None = None,
+    ) -> None:
         self.app = app
         self.body_bytes = body
         self.model = model
         self.ctx = ctx
+        self.on_done = on_done  # frees the admission slot once the response has ended
         self.background = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         holder: dict[str, str] = {}
         replayed = False
+        on_done, self.on_done = self.on_done, None
+
+        def done() -> None:
+            nonlocal on_done
+            if on_done is not None:
+                on_done, callback = None, on_done
+                callback()
 
         async def replay() -> Message:
             nonlocal replayed
@@ -110,6 +126,8 @@ class _Forward(Response):
                     headers.append((REPLICA_HEADER.encode(), holder["replica"].encode()))
                 message = {**message, "headers": headers}
             await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                done()  # the client has the whole answer: free the slot before cleanup
 
         token = served.set(holder)
         ctx_token = route_context.set(self.ctx)
@@ -118,6 +136,7 @@ class _Forward(Response):
         finally:
             route_context.reset(ctx_token)
             served.reset(token)
+            done()
 
 
 class _Router:
@@ -130,8 +149,10 @@ class _Router:
         limits: ApiLimits,
         registry: CollectorRegistry,
         budget_defaults: BudgetDefaults,
+        admission: Admission,
     ) -> None:
         self.engines = dict(routes)
+        self.admission = admission
         self.table = table
         self.api_key = api_key
         self.min_ready = min_ready
@@ -208,7 +229,10 @@ class _Router:
             raise model_not_found(model)
         assert isinstance(data, dict)
         budget = parse_budget(data, request.headers, self.budget_defaults)
-        return _Forward(app, body, model, RouteContext(budget, stream=data.get("stream") is True))
+        ctx = RouteContext(budget, stream=data.get("stream") is True)
+        client = self.admission.client_of(request, self.api_key is not None)
+        self.admission.acquire(client)  # 429 + Retry-After when full
+        return _Forward(app, body, model, ctx, lambda: self.admission.release(client))
 
 
 def _namespace(expert_id: str) -> str:
@@ -399,6 +423,7 @@ def build_router_app(
     limits: ApiLimits | None = None,
     registry: CollectorRegistry | None = None,
     monitor: HealthMonitor | None = None,
+    admission: AdmissionLimits | None = None,
 ) -> FastAPI:
     """The router's HTTP app over `experts` (expert id -> Engine, e.g. `ExpertEngine`), with
     MoE² as model "auto" when `selector` (and the `featurizer` its gate needs) is given.
@@ -418,7 +443,9 @@ def build_router_app(
         routes[AUTO_MODEL] = RoutedEngine(
             AUTO_MODEL, experts, predictor, selector=selector, featurizer=featurizer, **common
         )
-    router = _Router(routes, table, api_key, min_ready, limits, registry, budget_defaults)
+    gate = Admission(admission or AdmissionLimits())
+    metrics.watch_admission(gate)
+    router = _Router(routes, table, api_key, min_ready, limits, registry, budget_defaults, gate)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

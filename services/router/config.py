@@ -16,6 +16,7 @@
       feature_model: smollm2
     telemetry: {alpha: 0.2, resolve_ratio: 1.25}
     limits: {max_body_bytes: 1048576, max_tokens_cap: 2048}
+    admission: {max_in_flight: 64, max_per_client: 16}   # beyond: 429 + Retry-After
     experts: [...]              # services.router.experts
 
 Environment variables override the file: HOST, PORT, TANDEM_API_KEY (the client API key;
@@ -34,11 +35,23 @@ from typing import Any
 import yaml
 
 from services.edge_node.http_api import ApiLimits
+from services.router.admission import AdmissionLimits
 from services.router.budget import BudgetDefaults
 from services.router.experts import ExpertConfig, ExpertConfigError, parse_experts
 
 DEFAULT_CONFIG = Path("configs/router.yaml")
-_TOP = {"host", "port", "min_ready", "health", "budgets", "gate", "telemetry", "limits", "experts"}
+_TOP = {
+    "host",
+    "port",
+    "min_ready",
+    "health",
+    "budgets",
+    "gate",
+    "telemetry",
+    "limits",
+    "admission",
+    "experts",
+}
 
 
 class RouterConfigError(ValueError):
@@ -77,6 +90,7 @@ class RouterConfig:
     gate: GateSettings | None = None
     telemetry: TelemetrySettings = TelemetrySettings()
     limits: ApiLimits = ApiLimits()
+    admission: AdmissionLimits = AdmissionLimits()
 
 
 def _section(raw: Mapping[str, Any], key: str, cls: type, **convert: Any) -> Any:
@@ -149,6 +163,7 @@ def parse_router_config(
         gate=gate,
         telemetry=_section(raw, "telemetry", TelemetrySettings) or TelemetrySettings(),
         limits=_section(raw, "limits", ApiLimits) or ApiLimits(),
+        admission=_section(raw, "admission", AdmissionLimits) or AdmissionLimits(),
     )
 
 

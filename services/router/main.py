@@ -114,6 +114,7 @@ def build(
         limits=config.limits,
         registry=registry,
         monitor=monitor,
+        admission=config.admission,
     )
 
 

@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from services.router.admission import Admission
 from services.router.moe2 import Moe2Selector
 from services.router.report import RouteReport
 from services.router.telemetry import LatencyTelemetry
@@ -85,6 +86,10 @@ class RouterMetrics:
         if report.latency_ms is not None:
             self.latency.labels(kind="measured").observe(report.latency_ms / 1e3)
 
+    def watch_admission(self, admission: Admission) -> None:
+        """Requests in flight and refused (429) by the router's admission control."""
+        self.registry.register(_AdmissionCollector(admission))
+
     def watch(self, selector: Moe2Selector | None, telemetry: LatencyTelemetry) -> None:
         """Export the selector's solve/cache counters and the telemetry at scrape time."""
         self.registry.register(_StateCollector(selector, telemetry))
@@ -115,3 +120,23 @@ class _StateCollector(Collector):
         for snap in self.telemetry.snapshot():
             correction.add_metric([snap.expert_id], snap.correction)
         yield correction
+
+
+class _AdmissionCollector(Collector):
+    def __init__(self, admission: Admission) -> None:
+        self.admission = admission
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        yield GaugeMetricFamily(
+            "tandem_router_in_flight",
+            "Generation requests holding an admission slot",
+            value=self.admission.in_flight,
+        )
+        refused = CounterMetricFamily(
+            "tandem_router_admission_refused",
+            "Requests refused with 429 by admission control",
+            labels=["reason"],
+        )
+        for reason in ("router_full", "per_client"):
+            refused.add_metric([reason], self.admission.refused[reason])
+        yield refused

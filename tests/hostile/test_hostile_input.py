@@ -415,8 +415,9 @@ def test_overloaded_experts_answer_429_with_retry_after() -> None:
 
 
 def test_many_concurrent_sessions_from_one_client_get_no_5xx() -> None:
-    """The router has no per-client session limit (reported); 200 concurrent streaming and
-    non-streaming requests from one client all complete, and none is a 5xx."""
+    """Too many sessions from one client: 200 concurrent streaming and non-streaming requests
+    from one client; the router's per-client admission limit (16 by default) answers the
+    excess with 429 + Retry-After at once, the rest complete, and none is a 5xx."""
 
     async def main(url: str) -> list[int]:
         limits = httpx.Limits(max_connections=200)
@@ -433,7 +434,8 @@ def test_many_concurrent_sessions_from_one_client_get_no_5xx() -> None:
     with live_router(token_delay_s=0.01) as (url, _):
         statuses = asyncio.run(main(url))
     assert all(s < 500 for s in statuses), statuses
-    assert statuses.count(200) == len(statuses), statuses
+    assert set(statuses) <= {200, 429}, statuses
+    assert statuses.count(200) >= 16 and statuses.count(429) > 0, statuses
 
 
 def test_edge_limits_are_explicit() -> None:
