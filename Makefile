@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 PY := .venv/bin/python
 
-.PHONY: setup run run-edge run-cloud run-collab run-router redis test proto calibrate bench-edge bench-batch bench-collab bench-router bench-router-solver bench-attn run-pool run-ray vllm-venv run-vllm gate-data gate validate-compose validate-k8s lint fmt
+.PHONY: setup run run-edge run-cloud run-collab run-router redis test proto calibrate bench-edge bench-batch bench-collab bench-router bench-router-solver bench-attn run-pool run-ray vllm-venv run-vllm gate-data gate validate-compose validate-k8s drills lint fmt
 
 setup:
 	bash scripts/bootstrap.sh
@@ -95,6 +95,10 @@ gate-data: setup
 # (artifacts/gate/subset_loss.json, what the router's coarse level reads) and docs/bench/gate.md.
 gate: setup gate-data
 	$(PY) -m services.router.gate
+
+# Failure drills (real processes, real kills) -> docs/bench/drills.md; each is also a test.
+drills: setup proto redis
+	TANDEM_TEST_REDIS_URL="$$(bash scripts/redis.sh url)" $(PY) -m loadtest.drill_report
 
 # Offline checks of the deployment files (no Docker engine or cluster needed).
 validate-compose: setup

@@ -236,6 +236,8 @@ def test_real_model_greedy_identical_and_worker_kill_recomputes_from_the_log(
             edge.step(cloud)  # no exception: no request lost
         assert edge.tokens == ref.tokens
         assert cloud.kv_rebuilds >= 1
+        n = n_before + n_after
+        print(f"attention-worker-kill drill: sent {n}, succeeded {len(edge.tokens)}, lost 0")
     finally:
         pool.stop()
 

@@ -66,6 +66,7 @@ def test_cloud_killed_mid_generation_loses_no_context(redis_url, redis_prefix):
         for c in clouds:
             c.kill()
     assert len(clouds) == 2 and len(ids) == N_TOKENS
+    print(f"cloud-kill drill: sent {N_TOKENS}, succeeded {len(ids)}, lost {N_TOKENS - len(ids)}")
     prompt = ByteCodec().encode("restart the cloud")
     want = _greedy_after_each_prefix(model, prompt + ids)[len(prompt) - 1 :]
     cloud_positions = [i for i, s in enumerate(sources) if s == "cloud"]
