@@ -110,3 +110,36 @@ def test_disconnected_stream_frees_its_slot() -> None:
             assert time.monotonic() < deadline, "the slot of a gone client was not freed"
             time.sleep(0.05)
         assert engine.aborted  # and the engine dropped the request
+
+
+def test_ten_times_capacity_is_refused_at_once_and_memory_stays_bounded() -> None:
+    """Rounds of 10x the router's capacity in concurrent requests: the excess gets 429 at
+    once (no queue builds up anywhere), every round finishes, and the process's memory does
+    not grow from round to round."""
+    import asyncio
+
+    import psutil
+
+    capacity = 8
+    engine = FakeEngine(model_id=EXPERT, token_delay_s=0.01)
+    limits = AdmissionLimits(max_in_flight=capacity, max_per_client=capacity)
+    rss: list[int] = []
+
+    async def round_(base: str) -> list[int]:
+        async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=200)) as c:
+
+            async def one(i: int) -> int:
+                r = await c.post(f"{base}/v1/completions", json=body(stream=i % 2 == 0))
+                return r.status_code
+
+            return await asyncio.gather(*(one(i) for i in range(10 * capacity)))
+
+    with router(limits, engine) as base:
+        for _ in range(6):
+            statuses = asyncio.run(round_(base))
+            assert set(statuses) <= {200, 429} and statuses.count(429) > 0, statuses
+            assert statuses.count(200) >= capacity
+            rss.append(psutil.Process().memory_info().rss)
+        assert "tandem_router_in_flight 0.0" in httpx.get(f"{base}/metrics").text
+    growth = rss[-1] - rss[1]  # after the first round has warmed everything up
+    assert growth < 30 * 2**20, f"RSS grew {growth / 2**20:.1f} MiB over 4 rounds of 10x load"
