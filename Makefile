@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 PY := .venv/bin/python
 
-.PHONY: setup run run-edge run-cloud run-collab run-router redis test proto calibrate bench-edge bench-batch bench-collab bench-router bench-router-solver bench-attn run-pool run-ray vllm-venv run-vllm gate-data gate validate-compose validate-k8s drills lint fmt
+.PHONY: setup run run-edge run-cloud run-collab run-router redis test proto calibrate bench-edge bench-batch bench-collab bench-router bench-router-solver bench-attn run-pool run-ray vllm-venv run-vllm gate-data gate validate-compose validate-k8s drills loadtest lint fmt
 
 setup:
 	bash scripts/bootstrap.sh
@@ -95,6 +95,12 @@ gate-data: setup
 # (artifacts/gate/subset_loss.json, what the router's coarse level reads) and docs/bench/gate.md.
 gate: setup gate-data
 	$(PY) -m services.router.gate
+
+# Locust load test (own .venv-locust, locust==2.47.0), headless and bounded (~2 min): starts
+# configs/loadtest_cluster.yaml unless a router answers on LOADTEST_HOST; vLLM-style
+# TTFT/TPOT/ITL/E2E/goodput in docs/bench/loadtest.md. Settings: LOADTEST_* (scripts/loadtest.sh).
+loadtest: setup proto
+	bash scripts/loadtest.sh
 
 # Failure drills (real processes, real kills) -> docs/bench/drills.md; each is also a test.
 drills: setup proto redis

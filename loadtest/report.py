@@ -194,9 +194,10 @@ def markdown(phases: list[Phase], meta: dict) -> str:
         " completed only with HTTP 200, content, no error event and `[DONE]`; everything"
         " else (429s included) is a failure and never counts toward goodput; after a 429 the"
         " user waits its Retry-After (at most 5 s) before the next request. The overload phase"
-        " runs more users than the edge node batches (max_batch 8 in"
-        " configs/loadtest_cluster.yaml): the rest wait in its queue, so overload shows as"
-        " TTFT and goodput, or as 429s where an admission limit is lower than the load.",
+        " runs more users than the cluster serves at once (configs/loadtest_cluster.yaml: the"
+        " edge node batches 8, the router admits 8 streams in flight): the extra requests are"
+        " refused at once with 429, or, without an admission limit, wait in the edge node's"
+        " queue and show as TTFT.",
         "",
         "| phase | users | run time | duration (s) | sent | completed | failed | outcomes |"
         " req/s | output tok/s | goodput (req/s) | within SLO |",
@@ -223,7 +224,7 @@ def markdown(phases: list[Phase], meta: dict) -> str:
             d: Dist = getattr(p.summary, attr)
             pct = " | ".join(_ms(d.pct[q]) for q in PERCENTILES)
             lines.append(f"| {p.name} | {label} | {d.n} | {_ms(d.mean)} | {_ms(d.std)} | {pct} |")
-    lines += ["", "Every request ended (none hung):", ""]
+    lines += ["", "How long the slowest request took (a hang would show as a timeout):", ""]
     for p in phases:
         longest = max((r.e2e_s or 0.0 for r in p.records), default=0.0)
         lines.append(
@@ -237,7 +238,8 @@ def markdown(phases: list[Phase], meta: dict) -> str:
             lines.append(
                 f"- {p.name}: {r['Request Count']} requests, {r['Failure Count']} failures,"
                 f" median {r['Median Response Time']}, p99 {r.get('99%', '?')}"
-                f" (locust rounds and counts only requests ended before it stopped)."
+                " (locust rounds its percentiles, and its count can miss a request that ended"
+                " while it was stopping)."
             )
         else:
             lines.append(f"- {p.name}: no locust stats file.")
