@@ -49,6 +49,7 @@ from tandem.transport.grpc_tls import TlsConfig, add_port
 from tandem_proto.attn.v1 import attn_pb2, attn_pb2_grpc
 
 log = logging.getLogger(__name__)
+MAX_CONCURRENT_RPCS = 512
 T = TypeVar("T")
 
 WIRE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -525,6 +526,7 @@ async def start_attention_worker(
     (the health check) needs `authorization: Bearer <token>`. With `tls`, TLS only."""
     stats = "/tandem.attn.v1.AttentionWorker/Stats"
     server = grpc.aio.server(
+        maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,  # bounded; beyond: RESOURCE_EXHAUSTED
         interceptors=[BearerAuth(token, exempt=frozenset({stats}))] if token else [],
         options=[
             ("grpc.max_receive_message_length", 256 << 20),

@@ -39,6 +39,7 @@ from tandem.transport.hidden import HiddenPayload
 from tandem_proto.cloud.v1 import cloud_pb2, cloud_pb2_grpc
 
 log = logging.getLogger(__name__)
+MAX_CONCURRENT_RPCS = 1024
 T = TypeVar("T")
 
 
@@ -230,6 +231,8 @@ async def start_cloud_server(
     """With `token`, every call needs `authorization: Bearer <token>` (UNAUTHENTICATED).
     With `tls`, the port serves TLS only (tandem.transport.grpc_tls)."""
     server = grpc.aio.server(
+        # bounded: beyond this many calls at once gRPC answers RESOURCE_EXHAUSTED (overloaded)
+        maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
         interceptors=[BearerAuth(token)] if token else [],
         options=[
             ("grpc.max_receive_message_length", 64 << 20),

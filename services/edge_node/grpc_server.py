@@ -36,6 +36,7 @@ from tandem.transport.grpc_tls import TlsConfig, add_port
 from tandem_proto.edge.v1 import edge_pb2, edge_pb2_grpc
 
 log = logging.getLogger(__name__)
+MAX_CONCURRENT_RPCS = 1024
 
 
 _ROLES: dict[int, str] = {
@@ -225,7 +226,10 @@ async def start_grpc_server(
     servicer = EdgeServicer(engine)
     health = f"/{edge_pb2.DESCRIPTOR.package}.EdgeNode/Health"  # probes carry no token
     auth = [BearerAuth(token, exempt=frozenset({health}))] if token else []
-    server = grpc.aio.server(interceptors=auth, options=options)
+    # bounded: the engine's admission queue refuses first; this caps idle streams too
+    server = grpc.aio.server(
+        interceptors=auth, options=options, maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS
+    )
     edge_pb2_grpc.add_EdgeNodeServicer_to_server(servicer, server)
     address = _address(host, port)
     try:
