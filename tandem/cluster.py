@@ -81,9 +81,16 @@ class Cluster:
     def start(self) -> None:
         redis = self.raw.get("redis")
         if redis is not None:
-            self.redis_port = int(redis.get("port", 6390))
-            self._redis("start")
-            self.say(f"  redis           127.0.0.1:{self.redis_port}")
+            port = int(redis.get("port", 6390))
+            ping = subprocess.run(
+                ["redis-cli", "-p", str(port), "ping"], capture_output=True, text=True
+            )
+            if ping.stdout.strip() == "PONG":  # someone else's: use it, leave it running
+                self.say(f"  redis           127.0.0.1:{port} (already running, left as is)")
+            else:
+                self.redis_port = port  # ours: stopped with the cluster
+                self._redis("start")
+                self.say(f"  redis           127.0.0.1:{port}")
         for spec in plan(self.raw):
             args = [spec.module, "--config", str(self.config), "--name", spec.name]
             # The user's environment passes through (it overrides the file, as documented);
@@ -164,8 +171,19 @@ class Cluster:
         )
 
 
-def _interrupt(signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
+class _Interrupt:
+    """SIGINT / SIGTERM: the first one interrupts (the cluster then stops everything); any
+    further one (a second Ctrl-C, a wrapper forwarding the same signal) is ignored, so the
+    shutdown itself is never cut short and leaves no orphans."""
+
+    def __init__(self) -> None:
+        self.fired = False
+
+    def __call__(self, signum: int, _frame: object) -> None:
+        if self.fired:
+            return
+        self.fired = True
+        raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigFileError as exc:
         print(f"cluster: {exc}", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, _interrupt)  # like Ctrl-C: stop everything, then exit
+    interrupt = _Interrupt()
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)  # like Ctrl-C: stop everything, then exit
     print(f"Tandem cluster from {args.config} (logs in {args.log_dir})", flush=True)
     code = 0
     try:
@@ -199,9 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cluster: {exc}", file=sys.stderr, flush=True)
         code = 1
     finally:
+        interrupt.fired = True  # from here on every signal is ignored
         print("cluster: stopping", flush=True)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not orphan anyone
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         cluster.stop()
         print("cluster: stopped", flush=True)
     return code

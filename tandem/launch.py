@@ -79,11 +79,12 @@ class ServiceProcess:
         while True:
             self.check()
             with grpc.insecure_channel(target) as channel:
+                ready = grpc.channel_ready_future(channel)
                 try:
-                    grpc.channel_ready_future(channel).result(timeout=1)
+                    ready.result(timeout=1)
                     return
                 except grpc.FutureTimeoutError:
-                    pass
+                    ready.cancel()  # stop its polling thread before the channel closes
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{self.name}: no gRPC at {target} after {timeout:.0f} s")
 

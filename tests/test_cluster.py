@@ -118,7 +118,9 @@ def test_cluster_starts_serves_and_stops_everything(tmp_path: Path) -> None:
             ["redis-cli", "-p", str(raw["redis"]["port"]), "ping"], capture_output=True, text=True
         )
         assert redis_up.stdout.strip() == "PONG"
-        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        proc.send_signal(signal.SIGINT)  # Ctrl-C ...
+        time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)  # ... twice (or a wrapper forwarding it): still clean
         rest, _ = proc.communicate(timeout=120)
         lines.append(rest)
         assert proc.returncode == 0, "".join(lines)
