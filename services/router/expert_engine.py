@@ -19,12 +19,13 @@ import contextvars
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from services.edge_node.grpc_client import EdgeClient, EdgeRpcError
+from services.edge_node.grpc_client import EdgeClient
 from services.router.replicas import (
     EDGE_CHANNEL_OPTIONS,
     NoHealthyReplica,
     Replica,
     ReplicaTable,
+    is_retryable_elsewhere,
 )
 from tandem.runtime.engine_api import (
     ChatMessage,
@@ -90,8 +91,44 @@ class RemoteExpert:
             )
         return self._generate(request)
 
-    def _generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    def _open(self, request: GenerationRequest, replica: Replica) -> AsyncIterator[GenerationChunk]:
+        """Start the generation on one replica (and note the replica in `served`)."""
         raise NotImplementedError
+
+    def _broken_stream(self, exc: Exception) -> Exception | None:
+        """The error to raise instead of `exc` when a stream breaks after its first chunk
+        (None: raise `exc` itself)."""
+        return None
+
+    async def _generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        """The least-loaded healthy replica; another one if it fails before its first chunk
+        (`ReplicaTable.stream_with_failover`); ExpertUnavailable (429) when none could."""
+        stream = self.table.stream_with_failover(
+            self.expert_id, lambda r: self._open(request, r), attempts=self.attempts
+        )
+        async with contextlib.aclosing(stream):
+            try:
+                first = await anext(stream, None)
+            except NoHealthyReplica as exc:
+                cause = f" (last error: {exc.__cause__})" if exc.__cause__ else ""
+                raise ExpertUnavailable(f"{exc}{cause}") from exc
+            except Exception as exc:
+                if isinstance(exc, EngineOverloaded) or not is_retryable_elsewhere(exc):
+                    raise
+                raise ExpertUnavailable(  # every replica tried failed
+                    f"expert {self.expert_id!r} is unavailable: {exc}"
+                ) from exc
+            if first is None:
+                return
+            yield first
+            try:
+                async for chunk in stream:
+                    yield chunk
+            except Exception as exc:
+                mapped = self._broken_stream(exc)
+                if mapped is None:
+                    raise
+                raise mapped from exc
 
 
 class ExpertEngine(RemoteExpert):
@@ -127,25 +164,6 @@ class ExpertEngine(RemoteExpert):
             request_id=request.request_id,
             timeout=self.timeout_s,
         )
-
-    async def _generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        stream = self.table.stream_with_failover(
-            self.expert_id, lambda r: self._open(request, r), attempts=self.attempts
-        )
-        async with contextlib.aclosing(stream):
-            try:
-                first = await anext(stream, None)
-            except NoHealthyReplica as exc:
-                raise ExpertUnavailable(str(exc)) from exc
-            except EdgeRpcError as exc:
-                if isinstance(exc, EngineOverloaded) or not exc.retryable_elsewhere:
-                    raise
-                raise ExpertUnavailable(str(exc)) from exc  # every replica tried failed
-            if first is None:
-                return
-            yield first
-            async for chunk in stream:
-                yield chunk
 
     async def close(self) -> None:
         clients, self._clients = self._clients, {}

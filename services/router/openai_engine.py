@@ -44,7 +44,6 @@ disconnect and aborts the request. The replica that served the request is writte
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -53,15 +52,12 @@ from typing import Any
 import httpx
 
 from services.router.expert_engine import (
-    ExpertUnavailable,
     RemoteExpert,
     served,
 )
 from services.router.replicas import (
-    NoHealthyReplica,
     Replica,
     ReplicaTable,
-    is_retryable_elsewhere,
 )
 from tandem.runtime.engine_api import (
     FinishReason,
@@ -225,32 +221,12 @@ class OpenAIEngine(RemoteExpert):
                     yield chunk
             yield parser.final()
 
-    async def _generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        stream = self.table.stream_with_failover(
-            self.expert_id, lambda r: self._open(request, r), attempts=self.attempts
-        )
-        async with contextlib.aclosing(stream):
-            try:
-                first = await anext(stream, None)
-            except NoHealthyReplica as exc:
-                cause = f" (last error: {exc.__cause__})" if exc.__cause__ else ""
-                raise ExpertUnavailable(f"{exc}{cause}") from exc
-            except Exception as exc:
-                if not is_retryable_elsewhere(exc):
-                    raise
-                raise ExpertUnavailable(  # every replica tried failed
-                    f"expert {self.expert_id!r} is unavailable: {exc}"
-                ) from exc
-            if first is None:
-                return
-            yield first
-            try:
-                async for chunk in stream:
-                    yield chunk
-            except httpx.HTTPError as exc:  # output already went out: no failover
-                raise UpstreamError(
-                    f"the stream from expert {self.expert_id!r} broke: {type(exc).__name__}: {exc}"
-                ) from exc
+    def _broken_stream(self, exc: Exception) -> Exception | None:
+        if isinstance(exc, httpx.HTTPError):  # output already went out: no failover
+            return UpstreamError(
+                f"the stream from expert {self.expert_id!r} broke: {type(exc).__name__}: {exc}"
+            )
+        return None
 
 
 # -- responses -----------------------------------------------------------------------------
