@@ -93,7 +93,7 @@ def test_redis_restart_loses_no_session(tmp_path: Path) -> None:
             while len(e.tokens) < len(expected):
                 e.step(second)
                 answered += 1
-        print(f"redis-restart drill: answered {answered}, lost {lost}")
+        print(f"redis-restart drill: sent {answered + lost}, succeeded {answered}, lost {lost}")
         assert lost == 0
         assert all(e.tokens == expected for e in edges)
         assert second.rebuilds == len(edges)
