@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from services.edge_node.http_api import ApiLimits
 from tandem.runtime.engine_api import (
     ChatMessage,
     Engine,
@@ -36,6 +37,7 @@ from tandem.transport.grpc_tls import TlsConfig, add_port
 from tandem_proto.edge.v1 import edge_pb2, edge_pb2_grpc
 
 log = logging.getLogger(__name__)
+DEFAULT_LIMITS = ApiLimits()
 MAX_CONCURRENT_RPCS = 1024
 
 
@@ -52,9 +54,18 @@ _FINISH: dict[str | None, int] = {
 }
 
 
-def sampling_from_proto(msg: edge_pb2.SamplingParams) -> SamplingParams:
-    """Unset optional fields keep SamplingParams' defaults. Raises ValueError."""
+def sampling_from_proto(
+    msg: edge_pb2.SamplingParams, limits: ApiLimits = DEFAULT_LIMITS
+) -> SamplingParams:
+    """Unset optional fields keep SamplingParams' defaults. The HTTP API's explicit limits
+    (max_tokens cap, number of stop strings) hold here too. Raises ValueError."""
     defaults = SamplingParams()
+    if msg.HasField("max_tokens") and msg.max_tokens > limits.max_tokens_cap:
+        raise ValueError(
+            f"max_tokens is too large: {msg.max_tokens}; at most {limits.max_tokens_cap}"
+        )
+    if len(msg.stop) > limits.max_stop:
+        raise ValueError(f"at most {limits.max_stop} stop sequences are allowed")
     return SamplingParams(
         max_tokens=msg.max_tokens if msg.HasField("max_tokens") else defaults.max_tokens,
         temperature=msg.temperature if msg.HasField("temperature") else defaults.temperature,

@@ -371,3 +371,15 @@ def test_auth_token() -> None:
         assert len(engine.requests) == 1  # rejected calls never reached the engine
 
     run(body())
+
+
+def test_grpc_sampling_keeps_the_http_api_limits() -> None:
+    from services.edge_node.grpc_server import sampling_from_proto
+    from services.edge_node.http_api import ApiLimits
+
+    cap = ApiLimits().max_tokens_cap
+    with pytest.raises(ValueError, match="max_tokens is too large"):
+        sampling_from_proto(edge_pb2.SamplingParams(max_tokens=cap + 1))
+    with pytest.raises(ValueError, match="stop sequences"):
+        sampling_from_proto(edge_pb2.SamplingParams(stop=["a", "b", "c", "d", "e"]))
+    assert sampling_from_proto(edge_pb2.SamplingParams(max_tokens=cap)).max_tokens == cap
