@@ -29,9 +29,6 @@ import contextlib
 import json
 import math
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -50,6 +47,7 @@ from services.edge_node.grpc_client import EdgeClient, build_generate_request
 from services.edge_node.grpc_server import chunk_to_proto
 from services.edge_node.tau_policy import TauPolicy
 from tandem.data.corpus import TextSample, load_corpus
+from tandem.launch import ServiceProcess, free_port
 from tandem.models.loader import LoadedModel, LoadOptions, load_model
 from tandem.models.registry import ModelRegistry
 from tandem.runtime.decoder import ExitDecoder
@@ -98,38 +96,18 @@ def build_prompts(n: int) -> list[list[ChatMessage]]:
 # ---- processes ------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _pin(cores: set[int] | None):
-    if cores is None:
-        return None
-    return lambda: os.sched_setaffinity(0, cores)
-
-
 @dataclass
 class Server:
-    name: str
-    proc: subprocess.Popen
+    """A server process and the gRPC target it answers on."""
+
+    proc: ServiceProcess
     target: str
-    log_path: Path
 
     def check(self) -> None:
-        if self.proc.poll() is not None:
-            tail = self.log_path.read_text()[-3000:]
-            raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{tail}")
+        self.proc.check()
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        self.proc.stop(grace_s=30)
 
 
 def start_server(
@@ -137,34 +115,13 @@ def start_server(
 ) -> Server:
     # No inherited TANDEM_* settings (TANDEM_SPLIT would turn the cloud-only server into
     # a split edge, TANDEM_REDIS_URL would give the cloud a log); the flags say it all.
-    env = {k: v for k, v in os.environ.items() if k == "TANDEM_CACHE" or "TANDEM_" not in k}
-    env.update(TANDEM_THREADS="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    log_path = log_dir / f"{name}.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", *args],
-        stdout=log_path.open("w"),
-        stderr=subprocess.STDOUT,
-        env=env,
-        preexec_fn=_pin(cores),
-    )
-    return Server(name, proc, f"127.0.0.1:{port}", log_path)
+    env = {"TANDEM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    proc = ServiceProcess.start(name, args, log_dir, env, cores=cores)
+    return Server(proc, f"127.0.0.1:{port}")
 
 
 def wait_ready(server: Server, timeout: float = READY_TIMEOUT_S) -> None:
-    import grpc
-
-    deadline = time.monotonic() + timeout
-    while True:
-        server.check()
-        channel = grpc.insecure_channel(server.target)
-        try:
-            grpc.channel_ready_future(channel).result(timeout=2)
-            return
-        except grpc.FutureTimeoutError:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{server.name} not ready after {timeout:.0f} s") from None
-        finally:
-            channel.close()
+    server.proc.wait_grpc(server.target, timeout=timeout)
 
 
 @contextlib.contextmanager

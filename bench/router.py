@@ -32,7 +32,6 @@ Writes docs/bench/router.md, .json and router_quality.png.
 from __future__ import annotations
 
 import argparse
-import inspect
 import itertools
 import json
 import math
@@ -62,7 +61,6 @@ from services.router.reference import DEFAULT_DEVICES, REFERENCE_TIMINGS
 from services.router.selection import (
     BudgetClass,
     SelectionProblem,
-    solve_brb,
     solve_brute_force,
     top_k_energy,
 )
@@ -275,16 +273,10 @@ class Evaluator:
 
 
 def moe2_select(ev: Evaluator, budget: BudgetClass, k: int | None) -> frozenset[str] | None:
-    """The planner's choice with the fine level's worst-case energy. Uses `planner.plan` when
-    it accepts `energy_of`; otherwise the same computation (BRB on the monotone hull, then the
-    hull's maximiser) spelled out here."""
+    """The planner's choice (`planner.plan`) with the fine level's worst-case energy."""
     energy_of = ev.energy_of(k)
-    if "energy_of" in inspect.signature(plan).parameters:
-        sel = plan(ev.problem, budget, ev.gate, ev.val, k, hull=True, energy_of=energy_of)
-        return sel.experts if sel.feasible else None
-    hull = ev.hull(k)
-    sel = solve_brb(ev.problem, budget, hull, energy_of=energy_of)
-    return hull.argmax(sel.experts)[1] if sel.feasible else None
+    sel = plan(ev.problem, budget, ev.gate, ev.val, k, hull=True, energy_of=energy_of)
+    return sel.experts if sel.feasible else None
 
 
 def singles(ev: Evaluator, budget: BudgetClass, k: int | None) -> list[frozenset[str]]:
@@ -424,11 +416,7 @@ def sweep(
     """Every method at every (k, delay budget, energy budget); selection on val, scores on
     test. Also checks MoE² against brute force on val."""
     rows: list[Row] = []
-    checks = Checks(
-        planner_path="planner.plan(energy_of=top_k_energy)"
-        if "energy_of" in inspect.signature(plan).parameters
-        else "bench equivalent of planner.plan (solve_brb on MonotoneHull, energy_of)"
-    )
+    checks = Checks(planner_path="planner.plan(energy_of=top_k_energy)")
     n = len(ev.problem.experts)
     every = [ev.problem.ids_of(m) for m in range(1, 1 << n)]
     for k in ks:

@@ -44,10 +44,12 @@ class ServiceProcess:
         log_dir: Path,
         env: dict[str, str] | None = None,
         inherit_tandem_env: bool = False,
+        cores: set[int] | None = None,
     ) -> ServiceProcess:
         """`python -m <args>` from the repository root. The child gets this environment minus
         inherited TANDEM_* settings (the flags and `env` say everything; with
-        `inherit_tandem_env` they pass through), plus `env`."""
+        `inherit_tandem_env` they pass through), plus `env`; with `cores`, it is pinned to
+        those CPU cores."""
         base = {
             k: v
             for k, v in os.environ.items()
@@ -65,6 +67,7 @@ class ServiceProcess:
                 stderr=subprocess.STDOUT,
                 env=base,
                 start_new_session=True,  # Ctrl-C in a terminal reaches the parent only
+                preexec_fn=None if cores is None else lambda: os.sched_setaffinity(0, cores),
             )
         return cls(name, proc, log_path)
 

@@ -53,7 +53,7 @@ from services.attention_pool.worker import (
 )
 from services.cloud_ctx.monitor import start_monitor
 from tandem.config_file import Settings
-from tandem.transport.grpc_tls import TlsConfig, tls_from_env
+from tandem.transport.grpc_tls import TlsConfig, tls_from_env_or
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[2]
@@ -430,10 +430,8 @@ def run_pool(settings: PoolSettings, ready_timeout_s: float = 120.0) -> int:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO)
     settings, args = parse_args(argv)
-    try:
-        tls = tls_from_env(os.environ)  # checked here too, before any worker is spawned
-    except ValueError as exc:
-        raise SystemExit(f"attention_pool: {exc}") from None
+    # checked here too, before any worker is spawned
+    tls = tls_from_env_or(lambda why: sys.exit(f"attention_pool: {why}"))
     if args.worker_index is None:
         raise SystemExit(run_pool(settings))
     torch.set_num_threads(settings.threads)

@@ -50,7 +50,7 @@ from tandem.config_file import Settings
 from tandem.models.registry import ModelRegistry
 from tandem.runtime.model import DecoderModel
 from tandem.runtime.quant import QuantMode
-from tandem.transport.grpc_tls import TlsConfig, tls_from_env
+from tandem.transport.grpc_tls import TlsConfig, tls_from_env_or
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +74,6 @@ class CloudSettings:
     tls: TlsConfig | None = None  # TANDEM_TLS_*: TLS on its gRPC server and to the pool
     attention_pool: tuple[str, ...] = ()  # offload mode: the pool workers' addresses
     micro_batches: int = 2
-
-
-def _tls(p: argparse.ArgumentParser) -> TlsConfig | None:
-    try:
-        return tls_from_env(os.environ)
-    except ValueError as exc:
-        p.error(str(exc))
 
 
 def parse_settings(registry: ModelRegistry, argv: list[str] | None = None) -> CloudSettings:
@@ -167,7 +160,7 @@ def parse_settings(registry: ModelRegistry, argv: list[str] | None = None) -> Cl
         max_context=a.max_context,
         cache_dir=Path(a.cache_dir),
         grpc_token=env("TANDEM_GRPC_TOKEN") or None,
-        tls=_tls(p),
+        tls=tls_from_env_or(p.error),
         attention_pool=tuple(x.strip() for x in a.attention_pool.split(",") if x.strip()),
         micro_batches=a.micro_batches,
     )

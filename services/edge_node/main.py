@@ -36,7 +36,7 @@ from tandem.config_file import Settings
 from tandem.models.loader import LoadOptions, load_model
 from tandem.models.registry import ModelRegistry
 from tandem.runtime.quant import QuantMode
-from tandem.transport.grpc_tls import TlsConfig, tls_from_env
+from tandem.transport.grpc_tls import TlsConfig, tls_from_env_or
 
 
 @dataclass(frozen=True)
@@ -59,13 +59,6 @@ class EdgeSettings:
     tau_min: float = 0.5
     cloud_budget_ms: float = 200.0
     tls: TlsConfig | None = None  # TANDEM_TLS_*: TLS on its gRPC server and to the cloud
-
-
-def _tls(p: argparse.ArgumentParser) -> TlsConfig | None:
-    try:
-        return tls_from_env(os.environ)
-    except ValueError as exc:
-        p.error(str(exc))
 
 
 def parse_settings(registry: ModelRegistry, argv: list[str] | None = None) -> EdgeSettings:
@@ -137,7 +130,7 @@ def parse_settings(registry: ModelRegistry, argv: list[str] | None = None) -> Ed
         max_context=a.max_context,
         api_key=env("TANDEM_API_KEY") or None,
         grpc_token=env("TANDEM_GRPC_TOKEN") or None,
-        tls=_tls(p),
+        tls=tls_from_env_or(p.error),
         cache_dir=Path(a.cache_dir),
         split=split,
         cloud=a.cloud or None,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from services.router.profiles import DEVICE_PROFILES, ExpertSpec
 from services.router.replicas import HealthMonitor, ReplicaTable, default_prober
 from services.router.telemetry import LatencyTelemetry
 from tandem.runtime.engine_api import Engine
-from tandem.transport.grpc_tls import TlsConfig, tls_from_env
+from tandem.transport.grpc_tls import TlsConfig, tls_from_env_or
 
 log = logging.getLogger("tandem.router")
 
@@ -131,10 +132,8 @@ def main(argv: list[str] | None = None, env: Mapping[str, str] = os.environ) -> 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(1)  # the feature model shares the box with the event loop
     config = load_router_config(args.config, env)
-    try:
-        tls = tls_from_env(env)  # TANDEM_TLS_CA (+ cert/key for mTLS) towards the edge nodes
-    except ValueError as exc:
-        raise SystemExit(f"router: {exc}") from None
+    # TANDEM_TLS_CA (+ cert/key for mTLS) towards the edge nodes
+    tls = tls_from_env_or(lambda why: sys.exit(f"router: {why}"), env)
     app = build(config, tls=tls)
     log.info(
         "router: %d experts, listening on %s:%d", len(config.experts), config.host, config.port

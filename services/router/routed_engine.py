@@ -204,8 +204,11 @@ class RoutedEngine:
             async with contextlib.aclosing(it):
                 chunk = first
                 while chunk is not None:
-                    if chunk.finish_reason is not None:
-                        self._finish(report, expert, chunk, t0, start)
+                    if chunk.finish_reason is not None:  # one expert ran: its energy, its time
+                        actual = Shape(chunk.prompt_tokens, chunk.completion_tokens)
+                        report.energy_j = self.predictor.energy_j(expert, actual)
+                        self.predictor.observe(expert, actual, time.perf_counter() - t0)
+                        self._finish(report, expert, start)
                         chunk = replace(chunk, report=report.usage())
                     yield chunk
                     chunk = await anext(it, None)
@@ -217,7 +220,7 @@ class RoutedEngine:
         k = report.top_k
         weights = report.weights
         pending = list(order)
-        results: dict[str, tuple[list[GenerationChunk], float]] = {}
+        results: dict[str, list[GenerationChunk]] = {}
         tasks: dict[asyncio.Task, str] = {}
         ran: list[str] = []
 
@@ -250,24 +253,22 @@ class RoutedEngine:
         if not results:
             raise _unavailable(report)
         answers = [
-            Answer(e, weights.get(e, 0.0), "".join(c.text for c in results[e][0]))
+            Answer(e, weights.get(e, 0.0), "".join(c.text for c in results[e]))
             for e in order
             if e in results
         ]
         winner = weighted_vote(answers).expert_id
-        chunks, t0 = results[winner]
-        merged = _merge(chunks)
         # Modelled energy of every expert that answered, for its actual tokens (an expert
         # that failed half-way is not charged: its work is unknown).
         report.energy_j = sum(
-            self.predictor.energy_j(e, _shape_of(cs)) for e, (cs, _) in results.items()
+            self.predictor.energy_j(e, _shape_of(cs)) for e, cs in results.items()
         )
-        self._finish(report, winner, merged, t0, start, energy=False)
-        yield replace(merged, report=report.usage())
+        self._finish(report, winner, start)
+        yield replace(_merge(results[winner]), report=report.usage())
 
     async def _collect(
         self, expert: str, request: GenerationRequest, attempts: int = 2
-    ) -> tuple[list[GenerationChunk], float]:
+    ) -> list[GenerationChunk]:
         """The expert's whole answer. Nothing has reached the client yet, so an answer that
         breaks off half-way (its replica died) is asked for again, once, from the expert's
         other replicas; the client's own mistakes (ValueError) are not retried."""
@@ -287,7 +288,7 @@ class RoutedEngine:
                 continue
             if chunks:
                 self.predictor.observe(expert, _shape_of(chunks), time.perf_counter() - t0)
-            return chunks, t0
+            return chunks
         raise AssertionError("unreachable")
 
     # -- bookkeeping ---------------------------------------------------------------------
@@ -297,23 +298,9 @@ class RoutedEngine:
         if self.metrics is not None:
             self.metrics.expert_failures.labels(expert=expert).inc()
 
-    def _finish(
-        self,
-        report: RouteReport,
-        expert: str,
-        last: GenerationChunk,
-        t0: float,
-        start: float,
-        *,
-        energy: bool = True,
-    ) -> None:
-        now = time.perf_counter()
-        actual = Shape(last.prompt_tokens, last.completion_tokens)
-        if energy:  # streaming: one expert ran
-            report.energy_j = self.predictor.energy_j(expert, actual)
-            self.predictor.observe(expert, actual, now - t0)
+    def _finish(self, report: RouteReport, expert: str, start: float) -> None:
         report.answered_by = expert
-        report.latency_ms = (now - start) * 1e3
+        report.latency_ms = (time.perf_counter() - start) * 1e3
         if self.metrics is not None:
             self.metrics.observe(report)
 

@@ -26,9 +26,10 @@ Environment (read by `tls_from_env`, one place for every service):
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import grpc
 
@@ -123,6 +124,17 @@ def tls_from_env(env: Mapping[str, str] = os.environ) -> TlsConfig | None:
 
 
 # -- servers ---------------------------------------------------------------------------------
+
+
+def tls_from_env_or(
+    fail: Callable[[str], NoReturn], env: Mapping[str, str] = os.environ
+) -> TlsConfig | None:
+    """`tls_from_env`, with a bad setting handed to `fail` (a parser's `error`, or an exit
+    naming the service) so a service stops at start-up saying why."""
+    try:
+        return tls_from_env(env)
+    except TlsConfigError as exc:
+        fail(str(exc))
 
 
 def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from contextlib import contextmanager
 
 import torch
@@ -12,6 +11,7 @@ import torch
 from services.edge_node.cloud_link import CloudLink, CloudLinkConfig
 from services.edge_node.engine import EdgeEngine, EngineConfig
 from services.edge_node.tau_policy import TauPolicy
+from tandem.launch import free_port
 from tandem.runtime.decoder import ExitDecoder
 from tandem.runtime.engine_api import GenerationRequest
 from tandem.runtime.generate import generate
@@ -58,12 +58,6 @@ def _run(engine, prompts: list[str], params: SamplingParams = GREEDY):
         return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
 
     return asyncio.run(asyncio.wait_for(main(), 60))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_tau_one_sends_every_token_to_the_cloud_and_equals_full_model():
@@ -129,7 +123,7 @@ def test_cloud_tokens_are_exact_when_the_edge_exits_early():
 
 def test_unreachable_cloud_falls_back_to_the_edge_and_says_so():
     model = tiny_model("llama")
-    dead = f"127.0.0.1:{_free_port()}"
+    dead = f"127.0.0.1:{free_port()}"
     with collab_engine(model, dead, tau=0.9, timeout_s=1.0, backoff_s=30.0) as (eng, link):
         [(ids, sources)] = _run(eng, ["no cloud today"])
     assert len(ids) == GREEDY.max_tokens

@@ -11,11 +11,12 @@ import torch
 
 from services.edge_node.cloud_link import CloudLink, CloudLinkConfig
 from services.edge_node.engine import EdgeEngine, EngineConfig
+from tandem.launch import free_port
 from tandem.runtime.decoder import ExitDecoder
 from tandem.runtime.model import Segment
 from tests.services.cloud_ctx.cloud_process import CloudProcess
 from tests.services.cloud_ctx.tiny_cloud import SPLIT
-from tests.services.edge_node.test_collab import GREEDY, _free_port, _run
+from tests.services.edge_node.test_collab import GREEDY, _run
 from tests.tiny import ByteCodec, tiny_model
 
 KILL_AT = 5  # tokens generated before the kill
@@ -33,7 +34,7 @@ def _greedy_after_each_prefix(model, ids: list[int]) -> list[int]:
 
 def test_cloud_killed_mid_generation_loses_no_context(redis_url, redis_prefix):
     model = tiny_model("llama")
-    port = _free_port()
+    port = free_port()
 
     def start(replica: str) -> CloudProcess:
         args = ["--grpc-port", str(port), "--redis-url", redis_url]

@@ -4,7 +4,6 @@ a real uvicorn router, and the official `openai` client."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
@@ -23,6 +22,7 @@ from services.router.predictor import Predictor
 from services.router.profiles import CPU, ExpertSpec
 from services.router.replicas import EdgeProber, HealthMonitor, ReplicaTable
 from services.router.telemetry import LatencyTelemetry
+from tandem.launch import free_port
 from tests.services.edge_node.fakes import DEFAULT_REPLY, FakeEngine
 from tests.services.edge_node.live_server import live_server
 
@@ -70,12 +70,6 @@ def edges() -> Iterator[EdgeLoop]:
         for srv in servers:
             edge_loop.run(srv.stop(grace=0))
         edge_loop.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cpu_predictor(*experts: str) -> Predictor:
