@@ -38,7 +38,7 @@ KEYS = ("sent", "succeeded", "failed_cleanly", "lost")
 
 def counts(text: str) -> dict[str, int]:
     out = {}
-    for key in KEYS + ("answered",):
+    for key in KEYS:
         m = re.search(rf"'?{key}'?[:,]?\s*:?\s*(\d+)", text)
         if m:
             out[key] = int(m.group(1))
@@ -75,7 +75,7 @@ def main() -> int:
         "|---|---|---|---|---|---|---|---|",
     ]
     for title, result, c, seconds, target in rows:
-        cells = [str(c.get(k, c.get("answered", "—") if k == "sent" else "—")) for k in KEYS]
+        cells = [str(c.get(k, "—")) for k in KEYS]
         if c and "failed_cleanly" not in c:
             cells[2] = "0"
         lines.append(f"| {title} | {result} | {' | '.join(cells)} | {seconds:.0f} s | `{target}` |")
