@@ -4,12 +4,16 @@ by KV-head range and put the outputs back together.
 `PoolClient(addresses, shape)` asks every worker for its head range (Stats) and checks that
 the ranges partition the model's KV heads. Then, from any thread:
 
-- `attend(layer, items)`: for each sequence its q [n, H, hd], k_new / v_new [n, KVH, hd] and
-  the position its new rows start at; every worker gets its heads' slices over its own
-  persistent bidirectional stream (one stream per worker per calling thread, so two
-  micro-batches in two threads run their RPCs independently). q goes out first (phase Q) and
-  k, v right after (phase KV), so a worker starts the previous tokens' attention while k and v
-  are still on the wire (Lamina's overlap); the outputs come back as [n, H, hd].
+- `attend_rows(layer, session_ids, start_positions, rows, q, k, v)`: one layer's attention
+  for a batch whose rows are already stacked (q [R, H, hd], k_new / v_new [R, KVH, hd], R =
+  sum(rows)): every worker gets ONE packed message with its heads' slices of all sequences
+  (one contiguous blob, `wire`) over its own long-lived bidirectional stream (one stream
+  per worker per calling thread, i.e. per micro-batch, open for the client's lifetime), and
+  answers with one blob; the output comes back as [R, H, hd]. `attend(layer, items)` is
+  the same for per-sequence tensors. With `phased=True`, q goes out first (phase Q) and k, v
+  right after (phase KV), so a worker starts the previous tokens' attention while k and v
+  are still on the wire (Lamina's overlap); on loopback that costs a second message and a
+  merge for nothing, so the default sends q, k and v together.
 - `load_kv(loads)`: prefill KV computed on the compute side, sent layer by layer on a
   background thread (never blocks decode; a worker holds an Attend for a session until its
   load has arrived).
@@ -32,13 +36,14 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
+from services.attention_pool.wire import DTYPE_NAMES, from_bytes, pack_rows, to_bytes
 from tandem.transport.grpc_auth import bearer_metadata
 from tandem.transport.grpc_tls import TlsConfig, sync_channel
 from tandem_proto.attn.v1 import attn_pb2, attn_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-WIRE_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+WIRE_DTYPES = DTYPE_NAMES
 _STOP = object()
 
 
@@ -107,14 +112,6 @@ class PoolTraffic:
             self.call_s += seconds
 
 
-def to_wire(t: torch.Tensor, dtype: torch.dtype) -> bytes:
-    return t.to(dtype).contiguous().view(torch.int16).numpy().tobytes()
-
-
-def from_wire(data: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    return torch.frombuffer(bytearray(data), dtype=torch.int16).view(dtype).reshape(shape)
-
-
 class _Worker:
     def __init__(self, address: str, token: str | None, tls: TlsConfig | None = None) -> None:
         self.address = address
@@ -155,7 +152,7 @@ class PoolClient:
         token: str | None = None,
         tls: TlsConfig | None = None,
         connect_timeout_s: float = 30.0,
-        phased: bool = True,
+        phased: bool = False,
     ) -> None:
         if shape.n_heads % shape.n_kv_heads:
             raise ValueError("n_heads must be a multiple of n_kv_heads")
@@ -208,6 +205,33 @@ class PoolClient:
         """Attention output [n, H, hd] of every item, in order (model dtype)."""
         if not items:
             return []
+        out = self.attend_rows(
+            layer,
+            [it.session_id for it in items],
+            [it.start_pos for it in items],
+            [it.q.shape[0] for it in items],
+            torch.cat([it.q for it in items]),
+            torch.cat([it.k for it in items]),
+            torch.cat([it.v for it in items]),
+        )
+        return list(out.split([it.q.shape[0] for it in items]))
+
+    def attend_rows(
+        self,
+        layer: int,
+        session_ids: Sequence[str],
+        start_positions: Sequence[int],
+        rows: Sequence[int],
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+    ) -> torch.Tensor:
+        """One layer's attention for stacked rows: sequence i owns `rows[i]` consecutive
+        rows starting at position `start_positions[i]`; q [R, H, hd], k / v [R, KVH, hd].
+        Returns [R, H, hd] in q's dtype."""
+        total = q.shape[0]
+        if not session_ids:
+            return q.new_empty(q.shape)
         with self._ids_lock:
             call_id = next(self._call_ids)
         dt, wire = self.shape.dtype, WIRE_DTYPES[self.shape.dtype]
@@ -217,53 +241,33 @@ class PoolClient:
         sent = 0
         try:
             for w, lane in zip(self.workers, lanes, strict=True):
-                qs = slice(w.kv_start * g, w.kv_end * g)
-                ks = slice(w.kv_start, w.kv_end)
-                head = {
-                    "call_id": call_id,
-                    "layer": layer,
-                    "kv_head_start": w.kv_start,
-                    "kv_head_end": w.kv_end,
-                    "dtype": wire,
-                }
-                q_items = [
-                    attn_pb2.SeqItem(
-                        session_id=it.session_id,
-                        start_pos=it.start_pos,
-                        n=it.q.shape[0],
-                        q=to_wire(it.q[:, qs], dt),
-                    )
-                    for it in items
-                ]
-                kv_items = [
-                    attn_pb2.SeqItem(
-                        session_id=it.session_id,
-                        start_pos=it.start_pos,
-                        n=it.q.shape[0],
-                        k=to_wire(it.k[:, ks], dt),
-                        v=to_wire(it.v[:, ks], dt),
-                    )
-                    for it in items
-                ]
-                sent += sum(len(i.q) for i in q_items) + sum(len(i.k) + len(i.v) for i in kv_items)
+                whole = len(self.workers) == 1
+                qw = q if whole else q[:, w.kv_start * g : w.kv_end * g]
+                kw = k if whole else k[:, w.kv_start : w.kv_end]
+                vw = v if whole else v[:, w.kv_start : w.kv_end]
+                head = attn_pb2.AttendRequest(
+                    call_id=call_id,
+                    layer=layer,
+                    kv_head_start=w.kv_start,
+                    kv_head_end=w.kv_end,
+                    dtype=wire,
+                    session_ids=session_ids,
+                    start_positions=start_positions,
+                    rows=rows,
+                )
                 if self.phased:
-                    lane.send(attn_pb2.AttendRequest(**head, phase=attn_pb2.PHASE_Q, items=q_items))
-                    lane.send(
-                        attn_pb2.AttendRequest(**head, phase=attn_pb2.PHASE_KV, items=kv_items)
-                    )
+                    qm, kvm = attn_pb2.AttendRequest(), attn_pb2.AttendRequest()
+                    qm.CopyFrom(head)
+                    kvm.CopyFrom(head)
+                    qm.phase, qm.qkv = attn_pb2.PHASE_Q, pack_rows(qw, None, None, dt)
+                    kvm.phase, kvm.qkv = attn_pb2.PHASE_KV, pack_rows(None, kw, vw, dt)
+                    sent += len(qm.qkv) + len(kvm.qkv)
+                    lane.send(qm)
+                    lane.send(kvm)
                 else:
-                    both = [
-                        attn_pb2.SeqItem(
-                            session_id=a.session_id,
-                            start_pos=a.start_pos,
-                            n=a.n,
-                            q=a.q,
-                            k=b.k,
-                            v=b.v,
-                        )
-                        for a, b in zip(q_items, kv_items, strict=True)
-                    ]
-                    lane.send(attn_pb2.AttendRequest(**head, phase=attn_pb2.PHASE_QKV, items=both))
+                    head.qkv = pack_rows(qw, kw, vw, dt)
+                    sent += len(head.qkv)
+                    lane.send(head)
             replies = [lane.receive() for lane in lanes]
         except grpc.RpcError as exc:
             self._drop_lanes()
@@ -277,17 +281,14 @@ class PoolClient:
                 details.append(f"{err.session_id}: {err.code} {err.message}")
         if lost:
             raise PoolKVLost(lost, "; ".join(details[:4]))
-        received = sum(len(b) for r in replies for b in r.out)
-        self.traffic.add(sent, received, time.perf_counter() - t0)
-        outs = []
-        for i, it in enumerate(items):
-            n = it.q.shape[0]
-            parts = [
-                from_wire(r.out[i], dt, (n, (w.kv_end - w.kv_start) * g, hd))
-                for w, r in zip(self.workers, replies, strict=True)
-            ]
-            outs.append(torch.cat(parts, dim=1))
-        return outs
+        self.traffic.add(sent, sum(len(r.packed_out) for r in replies), time.perf_counter() - t0)
+        parts = [
+            from_bytes(r.packed_out, dt, (total, (w.kv_end - w.kv_start) * g, hd))
+            for w, r in zip(self.workers, replies, strict=True)
+        ]
+        if len(parts) == 1:
+            return parts[0].to(q.dtype, copy=True)
+        return torch.cat(parts, dim=1).to(q.dtype)
 
     def _lanes(self) -> list[_Lane]:
         lanes = getattr(self._local, "lanes", None)
@@ -340,7 +341,7 @@ class PoolClient:
 
             def messages(w: _Worker = w, ks: slice = ks) -> Iterator[attn_pb2.LoadKVRequest]:
                 for ld in loads:
-                    k, v = to_wire(ld.k[:, ks], dt), to_wire(ld.v[:, ks], dt)
+                    k, v = to_bytes(ld.k[:, ks], dt), to_bytes(ld.v[:, ks], dt)
                     with self.traffic.lock:
                         self.traffic.loaded += len(k) + len(v)
                     yield attn_pb2.LoadKVRequest(

@@ -166,6 +166,18 @@ class KVStore:
     ) -> int:
         """Append k, v [n, kv_heads, head_dim] at `start_pos` of `layer`; return the new
         length. The session is created only by an append at start_pos 0."""
+        return self._append(session_id, layer, start_pos, k, v)[0]
+
+    def append_view(
+        self, session_id: str, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`append`, then the layer's filled K and V (`view`), under one lock."""
+        end, kb, vb = self._append(session_id, layer, start_pos, k, v)
+        return kb[:, :end], vb[:, :end]
+
+    def _append(
+        self, session_id: str, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[int, torch.Tensor, torch.Tensor]:
         i = self._index(layer)
         want = (self.kv_heads, self.head_dim)
         if k.dim() != 3 or tuple(k.shape[1:]) != want or k.shape != v.shape:
@@ -189,10 +201,10 @@ class KVStore:
                 self._grow(session_id, s, i, cap, end)
             kb, vb = s.k[i], s.v[i]
             assert kb is not None and vb is not None
-            kb[:, start_pos:end] = k.transpose(0, 1).to(self.dtype)
-            vb[:, start_pos:end] = v.transpose(0, 1).to(self.dtype)
+            kb[:, start_pos:end] = k.transpose(0, 1)
+            vb[:, start_pos:end] = v.transpose(0, 1)
             s.lengths[i] = end
-            return end
+            return end, kb, vb
 
     def _grow(self, session_id: str, s: _Session, i: int, cap: int, end: int) -> None:
         new_cap = max(cap * 2, end, self.initial_rows)

@@ -1,8 +1,11 @@
 """One attention worker (tandem.attn.v1.AttentionWorker): the KV cache of a range of KV heads
 over the cloud layers, and the attention over it.
 
-- `Attend` (bidirectional stream): each message is one (step, layer) for a batch of
-  sequences. PHASE_QKV appends k_new / v_new and answers causal attention over the cache.
+- `Attend` (bidirectional stream, as long-lived as the caller): each message is one
+  (step, layer) for a batch of sequences, packed (all sequences' q, k, v in one blob, one
+  blob back) or per item (`wire`). PHASE_QKV appends k_new / v_new and answers causal
+  attention over the cache: decode rows (one per sequence) through
+  `partial_attention.decode_attention`, catch-up rows through `attend_with_cache`.
   PHASE_Q computes the previous tokens' part (output + log-sum-exp) at once and keeps it;
   the PHASE_KV message with the same call_id (same stream) appends k_new / v_new, computes
   the new rows' part and merges the two exactly (`tandem.runtime.partial_attention`). One
@@ -43,7 +46,19 @@ from services.attention_pool.kv_store import (
     UnknownSession,
 )
 from services.attention_pool.metrics import AttnMetrics
-from tandem.runtime.partial_attention import attend_with_cache, merge, partial_attention
+from services.attention_pool.wire import (
+    WIRE_DTYPES,
+    AttendBatch,
+    attend_reply,
+    from_bytes,
+    parse_attend,
+)
+from tandem.runtime.partial_attention import (
+    attend_with_cache,
+    decode_attention,
+    merge,
+    partial_attention,
+)
 from tandem.transport.grpc_auth import BearerAuth
 from tandem.transport.grpc_tls import TlsConfig, add_port
 from tandem_proto.attn.v1 import attn_pb2, attn_pb2_grpc
@@ -52,7 +67,6 @@ log = logging.getLogger(__name__)
 MAX_CONCURRENT_RPCS = 512
 T = TypeVar("T")
 
-WIRE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 HAVE_KEY = "tandem-have"  # trailing metadata of a FAILED_PRECONDITION LoadKV: positions held
 PHASES = {attn_pb2.PHASE_QKV: "qkv", attn_pb2.PHASE_Q: "q", attn_pb2.PHASE_KV: "kv"}
 _END = object()
@@ -149,6 +163,7 @@ class AttentionWorkerServicer(attn_pb2_grpc.AttentionWorkerServicer):
         self.q_heads = self.kv_heads * shape.group
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="attn-compute")
         self._changed = asyncio.Condition()  # notified after every append and release
+        self._waiting = 0  # Attend items waiting in _await_loaded
 
     def close(self) -> None:
         self._compute.shutdown(wait=False, cancel_futures=True)
@@ -171,6 +186,8 @@ class AttentionWorkerServicer(attn_pb2_grpc.AttentionWorkerServicer):
         return await asyncio.get_running_loop().run_in_executor(self._compute, timed)
 
     async def _notify(self) -> None:
+        if not self._waiting:  # nobody waits for a load: skip the condition's round trip
+            return
         async with self._changed:
             self._changed.notify_all()
 
@@ -187,19 +204,6 @@ class AttentionWorkerServicer(attn_pb2_grpc.AttentionWorkerServicer):
             raise _invalid(f"dtype {dtype!r} is not one of {sorted(WIRE_DTYPES)}")
         return WIRE_DTYPES[dtype]
 
-    def _check_item(self, item: attn_pb2.SeqItem, phase: int) -> None:
-        if item.n < 1:
-            raise _invalid(f"item {item.session_id!r}: n must be >= 1")
-        hd, sid = self.shape.head_dim, item.session_id
-        q_len, kv_len = item.n * self.q_heads * hd * 2, item.n * self.kv_heads * hd * 2
-        if phase != attn_pb2.PHASE_KV and len(item.q) != q_len:
-            raise _invalid(f"item {sid!r}: q has {len(item.q)} bytes, [n, q_heads, hd] is {q_len}")
-        if phase != attn_pb2.PHASE_Q and (len(item.k) != kv_len or len(item.v) != kv_len):
-            raise _invalid(
-                f"item {sid!r}: k / v have {len(item.k)} / {len(item.v)} bytes, "
-                f"[n, kv_heads, hd] is {kv_len}"
-            )
-
     def _ready(self, session_id: str, layer: int, start_pos: int) -> bool:
         try:
             return self.store.length(session_id, layer) >= start_pos
@@ -213,116 +217,122 @@ class AttentionWorkerServicer(attn_pb2_grpc.AttentionWorkerServicer):
             return
         t0 = time.perf_counter()
         ok = True
-        async with self._changed:
-            try:
+        self._waiting += 1
+        try:
+            async with self._changed:
                 await asyncio.wait_for(
                     self._changed.wait_for(lambda: self._ready(session_id, layer, start_pos)),
                     self.load_wait_s,
                 )
-            except TimeoutError:
-                ok = False
+        except TimeoutError:
+            ok = False
+        finally:
+            self._waiting -= 1
         if self.metrics is not None:
             self.metrics.record_wait(ok, time.perf_counter() - t0)
 
     def _reply(
         self,
         req: attn_pb2.AttendRequest,
-        outs: list[bytes],
-        errors: list,
+        batch: AttendBatch,
+        result: tuple[torch.Tensor, set[int], list, float],
+        dt: torch.dtype,
         arrived: float,
-        ms: float,
     ) -> attn_pb2.AttendReply:
+        out, failed, errors, ms = result
         if self.metrics is not None:
-            self.metrics.record_attend(req.layer, time.perf_counter() - arrived, len(req.items))
+            self.metrics.record_attend(req.layer, time.perf_counter() - arrived, len(batch))
             for e in errors:
                 self.metrics.record_item_error(e.code)
-        return attn_pb2.AttendReply(
-            call_id=req.call_id, layer=req.layer, out=outs, errors=errors, compute_ms=ms
-        )
+        return attend_reply(req, batch, out, failed, errors, ms, dt)
 
     # -- compute (on the compute thread) -------------------------------------------------
 
-    def _append(self, sid: str, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor):
-        """Append k, v [n, kvh, hd]; return the layer's cache split at start_pos:
-        (k_prev, v_prev, k_new, v_new), each [kvh, *, hd] in the store's dtype."""
-        end = self.store.append(sid, layer, start_pos, k, v)
-        k_all, v_all = self.store.view(sid, layer)
-        return (
-            k_all[:, :start_pos],
-            v_all[:, :start_pos],
-            k_all[:, start_pos:end],
-            v_all[:, start_pos:end],
-        )
-
-    def _kv_of(self, item: attn_pb2.SeqItem, dt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = (item.n, self.kv_heads, self.shape.head_dim)
-        return decode(item.k, dt, shape), decode(item.v, dt, shape)
-
-    def _q_of(self, item: attn_pb2.SeqItem, dt: torch.dtype) -> torch.Tensor:
-        return decode(item.q, dt, (item.n, self.q_heads, self.shape.head_dim))
-
-    def _compute_qkv(self, req: attn_pb2.AttendRequest, dt: torch.dtype):
+    def _compute_qkv(self, layer: int, b: AttendBatch):
+        """Append every sequence's k, v and attend: (out [R, q_heads, hd] float32, failed
+        sequence indices, their ItemErrors, compute ms)."""
         t0 = time.perf_counter()
-        outs, errors = [], []
-        for item in req.items:
+        out = torch.empty(b.total_rows, self.q_heads, self.shape.head_dim)
+        failed: set[int] = set()
+        errors = []
+        decode_rows: list[int] = []
+        caches = []
+        assert b.q is not None and b.k is not None and b.v is not None
+        for i, rows in enumerate(b.bounds()):
+            sid, sp = b.session_ids[i], b.start_positions[i]
             try:
-                q = self._q_of(item, dt)
-                k, v = self._kv_of(item, dt)
-                kp, vp, kn, vn = self._append(item.session_id, req.layer, item.start_pos, k, v)
-                out = attend_with_cache(q, kp, vp, kn, vn, self.shape.scale)
-                outs.append(encode(out, dt))
+                k_all, v_all = self.store.append_view(sid, layer, sp, b.k[rows], b.v[rows])
+                if rows.stop - rows.start == 1:
+                    decode_rows.append(rows.start)
+                    caches.append((k_all, v_all))
+                else:
+                    out[rows] = attend_with_cache(
+                        b.q[rows],
+                        k_all[:, :sp],
+                        v_all[:, :sp],
+                        k_all[:, sp:],
+                        v_all[:, sp:],
+                        self.shape.scale,
+                    )
             except Exception as exc:
-                outs.append(b"")
-                errors.append(item_error(item.session_id, exc))
-        return outs, errors, (time.perf_counter() - t0) * 1e3
+                failed.add(i)
+                errors.append(item_error(sid, exc))
+        if len(decode_rows) == b.total_rows:  # a pure decode batch: straight into `out`
+            decode_attention(b.q, caches, self.shape.scale, out=out)
+        elif decode_rows:
+            idx = torch.tensor(decode_rows)
+            out[idx] = decode_attention(b.q[idx], caches, self.shape.scale)
+        return out, failed, errors, (time.perf_counter() - t0) * 1e3
 
-    def _compute_q(self, req: attn_pb2.AttendRequest, dt: torch.dtype) -> list[_QResult]:
+    def _compute_q(self, layer: int, b: AttendBatch) -> list[_QResult]:
         results: list[_QResult] = []
-        for item in req.items:
-            sid, sp = item.session_id, item.start_pos
+        assert b.q is not None
+        for i, rows in enumerate(b.bounds()):
+            sid, sp = b.session_ids[i], b.start_positions[i]
             try:
-                q = self._q_of(item, dt)
+                q = b.q[rows]
                 if sid in self.store or sp > 0:
-                    have = self.store.length(sid, req.layer)
+                    have = self.store.length(sid, layer)
                     if have != sp:
-                        raise PositionMismatch(sid, req.layer, sp, have)
-                    kp, vp = self.store.view(sid, req.layer)
+                        raise PositionMismatch(sid, layer, sp, have)
+                    kp, vp = self.store.view(sid, layer)
                 else:  # a new session: created by the KV phase's append
                     kp = vp = torch.empty(self.kv_heads, 0, self.shape.head_dim)
                 out, lse = partial_attention(q, kp[:, :sp], vp[:, :sp], self.shape.scale, False)
-                results.append(_Partial(q, out, lse, sp, item.n))
+                results.append(_Partial(q, out, lse, sp, rows.stop - rows.start))
             except Exception as exc:
                 results.append(item_error(sid, exc))
         return results
 
-    def _compute_kv(
-        self, req: attn_pb2.AttendRequest, dt: torch.dtype, parts: list[_QResult | None]
-    ):
+    def _compute_kv(self, req: attn_pb2.AttendRequest, b: AttendBatch, parts: list):
         t0 = time.perf_counter()
-        outs, errors = [], []
-        for item, part in zip(req.items, parts, strict=True):
-            sid = item.session_id
+        out = torch.empty(b.total_rows, self.q_heads, self.shape.head_dim)
+        failed: set[int] = set()
+        errors = []
+        assert b.k is not None and b.v is not None
+        for i, rows in enumerate(b.bounds()):
+            sid, sp, part = b.session_ids[i], b.start_positions[i], parts[i]
             try:
                 if part is None:
                     raise ValueError(f"no phase-Q message for call {req.call_id} on this stream")
                 if isinstance(part, attn_pb2.ItemError):
-                    outs.append(b"")
+                    failed.add(i)
                     errors.append(part)
                     continue
-                if (part.start_pos, part.n) != (item.start_pos, item.n):
+                n = rows.stop - rows.start
+                if (part.start_pos, part.n) != (sp, n):
                     raise ValueError(
-                        f"phase KV (start_pos {item.start_pos}, n {item.n}) does not match "
+                        f"phase KV (start_pos {sp}, n {n}) does not match "
                         f"phase Q (start_pos {part.start_pos}, n {part.n})"
                     )
-                k, v = self._kv_of(item, dt)
-                _, _, kn, vn = self._append(sid, req.layer, item.start_pos, k, v)
+                k_all, v_all = self.store.append_view(sid, req.layer, sp, b.k[rows], b.v[rows])
+                kn, vn = k_all[:, sp:], v_all[:, sp:]
                 new, new_lse = partial_attention(part.q, kn, vn, self.shape.scale, causal=True)
-                out = merge(part.out, part.lse, new, new_lse)[0]
-                outs.append(encode(out, dt))
+                out[rows] = merge(part.out, part.lse, new, new_lse)[0]
             except Exception as exc:
-                outs.append(b"")
+                failed.add(i)
                 errors.append(item_error(sid, exc))
-        return outs, errors, (time.perf_counter() - t0) * 1e3
+        return out, failed, errors, (time.perf_counter() - t0) * 1e3
 
     # -- Attend ----------------------------------------------------------------------------
 
@@ -383,9 +393,11 @@ class AttentionWorkerServicer(attn_pb2_grpc.AttentionWorkerServicer):
         dt = self._check_header(req.layer, req.kv_head_start, req.kv_head_end, req.dtype)
         if req.phase not in PHASES:
             raise _invalid(f"unknown phase {req.phase}")
-        for item in req.items:
-            self._check_item(item, req.phase)
-        keys = [(req.call_id, req.layer, item.session_id) for item in req.items]
+        try:
+            batch = parse_attend(req, self.q_heads, self.kv_heads, self.shape.head_dim, dt)
+        except ValueError as exc:
+            raise _invalid(str(exc)) from exc
+        keys = [(req.call_id, req.layer, sid) for sid in batch.session_ids]
         if len(set(keys)) != len(keys):
             raise _invalid(f"call {req.call_id}: a session appears twice in one message")
 
@@ -397,29 +409,32 @@ class AttentionWorkerServicer(attn_pb2_grpc.AttentionWorkerServicer):
                     raise _invalid(f"call {req.call_id}: phase Q for {key[2]!r} sent twice")
                 futures.append(loop.create_future())
                 pending[key] = futures[-1]
-            spawn(self._phase_q(req, dt, futures))
+            spawn(self._phase_q(req, batch, futures))
         elif req.phase == attn_pb2.PHASE_KV:
-            spawn(
-                self._phase_kv(req, dt, [pending.pop(key, None) for key in keys], arrived, replies)
-            )
+            parts = [pending.pop(key, None) for key in keys]
+            spawn(self._phase_kv(req, batch, dt, parts, arrived, replies))
         else:
-            spawn(self._phase_qkv(req, dt, arrived, replies))
+            spawn(self._phase_qkv(req, batch, dt, arrived, replies))
 
-    async def _wait_items(self, req: attn_pb2.AttendRequest) -> None:
-        await asyncio.gather(
-            *(self._await_loaded(it.session_id, req.layer, it.start_pos) for it in req.items)
-        )
+    async def _wait_items(self, layer: int, b: AttendBatch) -> None:
+        late = [
+            (sid, sp)
+            for sid, sp in zip(b.session_ids, b.start_positions, strict=True)
+            if not self._ready(sid, layer, sp)
+        ]
+        if late:
+            await asyncio.gather(*(self._await_loaded(sid, layer, sp) for sid, sp in late))
 
-    async def _phase_qkv(self, req, dt, arrived: float, replies: asyncio.Queue) -> None:
-        await self._wait_items(req)
-        outs, errors, ms = await self._run(lambda: self._compute_qkv(req, dt), "qkv")
+    async def _phase_qkv(self, req, batch: AttendBatch, dt, arrived: float, replies) -> None:
+        await self._wait_items(req.layer, batch)
+        result = await self._run(lambda: self._compute_qkv(req.layer, batch), "qkv")
         await self._notify()
-        replies.put_nowait(self._reply(req, outs, errors, arrived, ms))
+        replies.put_nowait(self._reply(req, batch, result, dt, arrived))
 
-    async def _phase_q(self, req, dt, futures: list[asyncio.Future]) -> None:
+    async def _phase_q(self, req, batch: AttendBatch, futures: list[asyncio.Future]) -> None:
         try:
-            await self._wait_items(req)
-            results = await self._run(lambda: self._compute_q(req, dt), "q")
+            await self._wait_items(req.layer, batch)
+            results = await self._run(lambda: self._compute_q(req.layer, batch), "q")
         except BaseException as exc:
             for fut in futures:
                 if not fut.done():
@@ -431,19 +446,19 @@ class AttentionWorkerServicer(attn_pb2_grpc.AttentionWorkerServicer):
             if not fut.done():
                 fut.set_result(result)
 
-    async def _phase_kv(self, req, dt, futures: list, arrived: float, replies) -> None:
+    async def _phase_kv(self, req, batch: AttendBatch, dt, futures, arrived, replies) -> None:
         parts: list[_QResult | None] = []
         for fut in futures:
             parts.append(None if fut is None else await fut)
-        outs, errors, ms = await self._run(lambda: self._compute_kv(req, dt, parts), "kv")
+        result = await self._run(lambda: self._compute_kv(req, batch, parts), "kv")
         await self._notify()
-        replies.put_nowait(self._reply(req, outs, errors, arrived, ms))
+        replies.put_nowait(self._reply(req, batch, result, dt, arrived))
 
     # -- LoadKV, Release, Stats --------------------------------------------------------------
 
     def _load(self, req: attn_pb2.LoadKVRequest, dt: torch.dtype) -> None:
         shape = (req.n, self.kv_heads, self.shape.head_dim)
-        k, v = decode(req.k, dt, shape), decode(req.v, dt, shape)
+        k, v = from_bytes(req.k, dt, shape), from_bytes(req.v, dt, shape)
         self.store.append(req.session_id, req.layer, req.start_pos, k, v)
 
     async def LoadKV(self, request_iterator, context):

@@ -6,8 +6,9 @@ each sequence's attention:
 - a sequence starting at position 0 (a new session's prefill, or a rebuild) attends locally
   over its own rows (nothing earlier exists) and its k, v go to the pool on the loader thread,
   layer by layer, without blocking anyone's decode;
-- every other sequence's q, k_new, v_new go to the pool (`PoolClient.attend`), which appends
-  k, v to the session's KV and returns the attention output;
+- every other sequence's q, k_new, v_new go to the pool together (`PoolClient.attend_rows`:
+  one packed message per worker per layer, all sequences' rows in one blob), which appends
+  k, v to each session's KV and returns the attention output;
 
 then the output projection, residuals and MLP here. Nothing of the KV stays on this side.
 
@@ -24,7 +25,6 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from services.attention_pool.client import (
-    AttendItem,
     KVLoad,
     PoolClient,
     PoolKVLost,
@@ -89,21 +89,33 @@ class OffloadRunner:
         for _, _, rows in items:
             bounds.append(slice(off, off + rows.shape[0]))
             off += rows.shape[0]
+        # What the pool gets is the same at every layer: work it out once per step.
+        local = [i for i, (_, pos, _) in enumerate(items) if pos == 0]
+        remote = [i for i, (_, pos, _) in enumerate(items) if pos != 0]
+        sids = [items[i][0] for i in remote]
+        starts = [items[i][1] for i in remote]
+        counts = [bounds[i].stop - bounds[i].start for i in remote]
+        every_row = not local  # the whole batch attends remotely: no gather / scatter
+        idx = None
+        if remote and not every_row:
+            idx = torch.cat([torch.arange(bounds[i].start, bounds[i].stop) for i in remote])
         for layer in model.layers[self.start :]:
             q, k, v = layer.qkv(layer.input_layernorm(h), rot)
-            attn = torch.empty_like(q)
-            remote, where, loads = [], [], []
-            for (sid, pos, _), rows in zip(items, bounds, strict=True):
-                if pos == 0:
+            if every_row:
+                attn = self.pool.attend_rows(layer.index, sids, starts, counts, q, k, v)
+            else:
+                attn = torch.empty_like(q)
+                loads = []
+                for i in local:
+                    rows = bounds[i]
                     kk, vv = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
                     attn[rows] = attention(q[rows], kk, vv, model.cfg.attn_scale, None)
-                    loads.append(KVLoad(sid, layer.index, 0, k[rows], v[rows]))
-                else:
-                    remote.append(AttendItem(sid, pos, q[rows], k[rows], v[rows]))
-                    where.append(rows)
-            self.pool.load_kv(loads)
-            for rows, out in zip(where, self.pool.attend(layer.index, remote), strict=True):
-                attn[rows] = out
+                    loads.append(KVLoad(items[i][0], layer.index, 0, k[rows], v[rows]))
+                self.pool.load_kv(loads)
+                if idx is not None:
+                    attn[idx] = self.pool.attend_rows(
+                        layer.index, sids, starts, counts, q[idx], k[idx], v[idx]
+                    )
             h = layer.after_attention(h, attn)
         return [h[rows] for rows in bounds]
 

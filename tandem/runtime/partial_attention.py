@@ -9,9 +9,14 @@ Two parts over disjoint key sets merge exactly (`merge`):
 computed in log space (no overflow). An empty key set has lse = -inf and contributes nothing.
 Query heads map onto key/value heads in GQA groups (head h uses kv head h // (H / KVH)).
 Math runs in float32; callers cast the result.
+
+`decode_attention` is the decode kernel (one new row per sequence, over per-sequence caches):
+the attention pool's workers and the local decode path run this same function.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
@@ -73,3 +78,40 @@ def attend_with_cache(
     a1, l1 = partial_attention(q, k_prev, v_prev, scale, causal=False)
     a2, l2 = partial_attention(q, k_new, v_new, scale, causal=True)
     return merge(a1, l1, a2, l2)[0]
+
+
+def decode_attention(
+    q: torch.Tensor,
+    caches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Decode attention of B sequences, one new row each: q [B, H, hd]; caches[i] = (k, v),
+    each [KVH, L_i, hd] (any dtype; views are fine), sequence i's whole cache *including*
+    its new row's own key and value (append first). Every row sees every key of its cache.
+
+    Grouped GQA: the G = H / KVH query heads of a KV head are G rows of one matmul against
+    that head's keys, so K and V are read once per KV head (never repeated G times). Scores,
+    softmax and the weighted sum run in float32. Returns [B, H, hd] float32 (written into
+    `out` when given: a float32 [B, H, hd] tensor, e.g. a reused buffer)."""
+    batch, heads, hd = q.shape
+    if len(caches) != batch:
+        raise ValueError(f"{batch} query rows but {len(caches)} caches")
+    if out is None:
+        out = torch.empty(batch, heads, hd, dtype=torch.float32)
+    elif out.shape != q.shape or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError("out must be a contiguous float32 tensor shaped like q")
+    if batch == 0:
+        return out
+    kv_heads = caches[0][0].shape[0]
+    if heads % kv_heads:
+        raise ValueError(f"{heads} query heads do not group over {kv_heads} kv heads")
+    group = heads // kv_heads
+    qs = (q.float() * scale).view(batch, kv_heads, group, hd)
+    grouped = out.view(batch, kv_heads, group, hd)
+    for i, (k, v) in enumerate(caches):
+        if k.shape[0] != kv_heads or k.shape[1] == 0 or k.shape != v.shape:
+            raise ValueError(f"cache {i}: k {tuple(k.shape)}, v {tuple(v.shape)}")
+        scores = torch.matmul(qs[i], k.float().transpose(1, 2))  # [KVH, G, L]
+        torch.matmul(torch.softmax(scores, dim=-1), v.float(), out=grouped[i])
+    return out

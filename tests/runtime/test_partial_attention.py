@@ -52,3 +52,29 @@ def test_shapes_are_checked() -> None:
         partial_attention(
             torch.zeros(2, 2, 4), torch.zeros(2, 3, 4), torch.zeros(2, 3, 4), 1.0, causal=True
         )
+
+
+@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (12, 2), (6, 3)])
+def test_decode_attention_equals_attention_over_each_cache(heads, kv_heads) -> None:
+    from tandem.runtime.partial_attention import decode_attention
+
+    g = torch.Generator().manual_seed(heads)
+    hd, scale, lengths = 16, 16**-0.5, [1, 5, 33]
+    q = torch.randn(len(lengths), heads, hd, generator=g)
+    caches = [
+        (torch.randn(kv_heads, n, hd, generator=g), torch.randn(kv_heads, n, hd, generator=g))
+        for n in lengths
+    ]
+    got = decode_attention(q, caches, scale)
+    for i, (k, v) in enumerate(caches):
+        want = attention(q[i : i + 1], k, v, scale, None)[0]
+        torch.testing.assert_close(got[i], want, atol=1e-5, rtol=1e-5)
+    # bf16 caches (views into larger buffers), into a reused output buffer
+    buf = torch.full((len(lengths), heads, hd), float("nan"))
+    views = [(k.bfloat16(), v.bfloat16()) for k, v in caches]
+    assert decode_attention(q, views, scale, out=buf) is buf
+    for i, (k, v) in enumerate(views):
+        want = attention(q[i : i + 1], k.float(), v.float(), scale, None)[0]
+        torch.testing.assert_close(buf[i], want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError):
+        decode_attention(q, caches[:2], scale)

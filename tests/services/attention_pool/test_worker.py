@@ -156,7 +156,7 @@ def load_msg(sid, layer, start, k, v, kv=(0, KVH)):
 
 def test_decode_matches_full_attention_and_phases_and_head_partitions():
     """(a) prefill rows + decode steps for 2 sessions batched in one message equal the model's
-    attention over the full cache; (b) Q-then-KV gives the same output as QKV; (c) two
+    attention over the full cache; (b) Q-then-KV equals the reference too; (c) two
     one-head workers concatenated equal the two-head worker."""
 
     async def main():
@@ -193,7 +193,9 @@ def test_decode_matches_full_attention_and_phases_and_head_partitions():
                         rows = new[s.sid][0].shape[0]
                         got = out_of(r, i, rows)
                         close(got, s.expected(layer, new[s.sid][0]))  # (a)
-                        assert torch.equal(out_of(rp, i, rows), got)  # (b)
+                        # (b) the phased path (partial + merge) and the decode kernel (one
+                        # softmax) round differently: equal to the reference, not bitwise
+                        close(out_of(rp, i, rows), s.expected(layer, new[s.sid][0]))
                         halves = [out_of(p, i, rows, H // 2) for p in parts]
                         assert torch.equal(torch.cat(halves, dim=1), got)  # (c)
             st = await qkv.stub.Stats(attn_pb2.StatsRequest())
