@@ -8,7 +8,9 @@ one torch thread each, KV heads split between them), on loopback.
 
 Per (batch B, context l), for each mode:
 
-- local: `DecoderModel.run_rows` with one `SequenceKV` per session (what `LocalRunner` runs);
+- local: `DecoderModel.run_rows` with one `SequenceKV` per session (what `LocalRunner` runs),
+  its decode attention switched to the pool's kernel (`partial_attention.decode_attention`,
+  `grouped_attend_local`), so both sides run the same attention kernel;
 - offload: `OffloadRunner(micro_batches=1)`, every attention in the pool;
 - offload-mb2: `OffloadRunner(micro_batches=2)`, two micro-batches in two threads (ping-pong);
 
@@ -54,6 +56,7 @@ from bench.machine import cpu_name
 OUT = Path("docs/bench")
 MODEL = "qwen15"
 MODES = ("local", "offload", "offload-mb2")
+TARGET = (16, 2048)  # (B, l) of issue 12's goal: offload within 15 % of local
 ROW_SCALE = 1.0  # hidden rows ~ N(0, 1): the layers' RMSNorm makes the scale irrelevant to cost
 
 
@@ -86,6 +89,35 @@ def predict_step_s(prev: tuple[int, float] | None, batch: int) -> float | None:
 
 def per_token_layer(nbytes: int, tokens: int, layers: int) -> float:
     return nbytes / (tokens * layers) if tokens and layers else float("nan")
+
+
+def grouped_attend_local(layer, q, k, v, segments) -> torch.Tensor:
+    """`DecoderLayer.attend_local` with the pool's decode kernel: append each segment's k, v
+    to its SequenceKV, then every one-row (decode) segment attends through
+    `partial_attention.decode_attention` in one call; multi-row segments (prefill) through
+    the model's `attention`. q [T, H, hd] -> [T, H, hd] in q's dtype."""
+    from tandem.runtime.model import attention
+    from tandem.runtime.partial_attention import decode_attention
+
+    scale = layer.cfg.attn_scale
+    out = torch.empty_like(q)
+    starts, caches = [], []
+    for seg in segments:
+        rows = slice(seg.start, seg.start + seg.count)
+        if seg.kv.length(layer.index) != seg.start_pos:
+            raise RuntimeError(f"layer {layer.index}: cache and rows disagree")
+        kk, vv = seg.kv.append(layer.index, k[rows].transpose(0, 1), v[rows].transpose(0, 1))
+        if seg.count == 1:
+            starts.append(seg.start)
+            caches.append((kk, vv))
+        else:
+            out[rows] = attention(q[rows], kk, vv, scale, layer.window)
+    if len(starts) == q.shape[0]:
+        out.copy_(decode_attention(q, caches, scale))
+    elif starts:
+        idx = torch.tensor(starts)
+        out[idx] = decode_attention(q[idx], caches, scale).to(q.dtype)
+    return out
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -319,11 +351,14 @@ class Bench:
         self.pool_proc.stop()
 
     def _install_attention_timer(self) -> None:
-        """Time local attention (KV append + SDPA) per layer: wrap each upper layer's
-        `attend_local` (an instance attribute shadows the method; nothing else changes)."""
+        """Local attention with the pool's kernel, timed (KV append + attention) per layer:
+        each upper layer's `attend_local` becomes `grouped_attend_local` (an instance
+        attribute shadows the method; nothing else changes)."""
         for i in self.layers:
             layer = self.model.layers[i]
-            orig = layer.attend_local
+
+            def orig(q, k, v, segments, _layer=layer):
+                return grouped_attend_local(_layer, q, k, v, segments)
 
             def timed(q, k, v, segments, _orig=orig):
                 t0 = time.perf_counter()
@@ -534,13 +569,12 @@ class Bench:
     # -- attention kernels -----------------------------------------------------------------
 
     def kernels(self, contexts: Sequence[int], repeats: int = 30) -> list[dict]:
-        """ms per (session, layer) of one decode row's attention: the local kernel
-        (`model.attention`, bf16 SDPA with GQA, all KV heads) and one pool worker's Attend
-        work for its KV heads (phase Q `partial_attention` over the cache, phase KV over the
-        new row, `merge`), in this process, one thread: the two sides do not run the same
-        kernel."""
+        """ms per (session, layer) of one decode row's attention, in this process, one
+        thread: the kernel both sides run (`decode_attention`) over all KV heads (local) and
+        over one worker's KV heads (what each worker runs, in parallel), and the model's
+        bf16 SDPA with GQA (`model.attention`, what local decode ran before) for reference."""
         from tandem.runtime.model import attention
-        from tandem.runtime.partial_attention import merge, partial_attention
+        from tandem.runtime.partial_attention import decode_attention
 
         cfg, dt = self.cfg, self.dtype
         kvh, hd, g = cfg.n_kv_heads, cfg.head_dim, cfg.n_heads // cfg.n_kv_heads
@@ -550,22 +584,20 @@ class Bench:
             q = torch.randn(1, cfg.n_heads, hd).to(dt)
             k = torch.randn(kvh, ctx + 1, hd).to(dt)
             v = torch.randn(kvh, ctx + 1, hd).to(dt)
-
-            def worker(qw, kw, vw, ctx=ctx) -> None:
-                o1, l1 = partial_attention(qw, kw[:, :ctx], vw[:, :ctx], cfg.attn_scale, False)
-                o2, l2 = partial_attention(qw, kw[:, ctx:], vw[:, ctx:], cfg.attn_scale, True)
-                merge(o1, l1, o2, l2)
-
             row = {
                 "context": ctx,
                 "worker_kv_heads": wk,
-                "local_ms": time_call(attention, repeats, q, k, v, cfg.attn_scale, None),
-                "worker_ms": time_call(worker, repeats, q[:, : wk * g], k[:wk], v[:wk]),
+                "local_ms": time_call(decode_attention, repeats, q, [(k, v)], cfg.attn_scale),
+                "worker_ms": time_call(
+                    decode_attention, repeats, q[:, : wk * g], [(k[:wk], v[:wk])], cfg.attn_scale
+                ),
+                "sdpa_ms": time_call(attention, repeats, q, k, v, cfg.attn_scale, None),
             }
             out.append(row)
             print(
-                f"  kernel l={ctx}: local {row['local_ms']:.3f} ms, one worker "
-                f"({wk} kv heads) {row['worker_ms']:.3f} ms per session-layer",
+                f"  kernel l={ctx}: decode_attention all heads {row['local_ms']:.3f} ms, one "
+                f"worker ({wk} kv heads) {row['worker_ms']:.3f} ms; SDPA "
+                f"{row['sdpa_ms']:.3f} ms per session-layer",
                 flush=True,
             )
         return out
@@ -573,9 +605,10 @@ class Bench:
     # -- protobuf framing ------------------------------------------------------------------
 
     def framing(self, batch: int, context: int) -> dict:
-        """Serialized size of one layer's Attend messages (Q, KV, reply per worker) for
-        `batch` decode rows, as the client builds them, vs their tensor payload; plus gRPC's
-        5-byte message prefix. HTTP/2 frame headers (9 bytes per DATA frame) are not counted."""
+        """Serialized size of one layer's Attend traffic (one packed request and its reply
+        per worker, as the client builds them) for `batch` decode rows, vs their tensor
+        payload; plus gRPC's 5-byte message prefix. HTTP/2 frame headers (9 bytes per DATA
+        frame) are not counted."""
         from tandem_proto.attn.v1 import attn_pb2
 
         g, hd = self.cfg.n_heads // self.cfg.n_kv_heads, self.cfg.head_dim
@@ -583,36 +616,22 @@ class Bench:
         tag = f"offload-b{batch}-l{context}"
         for w in self.pool.workers:
             kvh = w.kv_end - w.kv_start
-            head = dict(
-                call_id=10**6,
-                layer=self.cfg.n_layers - 1,
-                kv_head_start=w.kv_start,
-                kv_head_end=w.kv_end,
-                dtype="bf16",
-            )
-            q = [
-                attn_pb2.SeqItem(
-                    session_id=f"{tag}-{i}", start_pos=context, n=1, q=bytes(kvh * g * hd * 2)
-                )
-                for i in range(batch)
-            ]
-            kv = [
-                attn_pb2.SeqItem(
-                    session_id=f"{tag}-{i}",
-                    start_pos=context,
-                    n=1,
-                    k=bytes(kvh * hd * 2),
-                    v=bytes(kvh * hd * 2),
-                )
-                for i in range(batch)
-            ]
             msgs = [
-                attn_pb2.AttendRequest(**head, phase=attn_pb2.PHASE_Q, items=q),
-                attn_pb2.AttendRequest(**head, phase=attn_pb2.PHASE_KV, items=kv),
+                attn_pb2.AttendRequest(
+                    call_id=10**6,
+                    layer=self.cfg.n_layers - 1,
+                    kv_head_start=w.kv_start,
+                    kv_head_end=w.kv_end,
+                    dtype="bf16",
+                    session_ids=[f"{tag}-{i}" for i in range(batch)],
+                    start_positions=[context] * batch,
+                    rows=[1] * batch,
+                    qkv=bytes(batch * (kvh * g + 2 * kvh) * hd * 2),
+                ),
                 attn_pb2.AttendReply(
                     call_id=10**6,
-                    layer=head["layer"],
-                    out=[bytes(kvh * g * hd * 2)] * batch,
+                    layer=self.cfg.n_layers - 1,
+                    packed_out=bytes(batch * kvh * g * hd * 2),
                     compute_ms=1.0,
                 ),
             ]
@@ -828,14 +847,15 @@ def memory_table(data: dict) -> str:
 
 def kernel_table(data: dict) -> str:
     lines = [
-        "| l | local `attention` ms (all KV heads) | one worker's Attend ms (its KV heads) |"
-        " local / worker |",
-        "|---|---|---|---|",
+        "| l | `decode_attention`, all KV heads (local) ms | `decode_attention`, one worker's "
+        "KV heads ms | bf16 SDPA with GQA (the old local kernel) ms | SDPA / decode_attention |",
+        "|---|---|---|---|---|",
     ]
     for k in data["kernels"]:
         lines.append(
             f"| {k['context']} | {k['local_ms']:.3f} | {k['worker_ms']:.3f} "
-            f"({k['worker_kv_heads']} head) | {k['local_ms'] / k['worker_ms']:.2f} |"
+            f"({k['worker_kv_heads']} head) | {k['sdpa_ms']:.3f} | "
+            f"{k['sdpa_ms'] / k['local_ms']:.1f} |"
         )
     return "\n".join(lines)
 
@@ -870,7 +890,15 @@ def discussion(data: dict) -> str:
     m = data["meta"]
     s = summary_numbers(data)
     roof = data["roofline"]
+    target = next((x for x in s["offload_vs_local"] if (x[1], x[2]) == TARGET), None)
     lines = [
+        f"- Target (issue 12): at B = {TARGET[0]}, l = {TARGET[1]}, offloaded decode within "
+        f"15 % of local decode, same kernel on both sides: offload / local = "
+        + (
+            f"{target[0]:.2f} ({'met' if target[0] >= 0.85 else 'NOT met'})."
+            if target
+            else "not measured in this run."
+        ),
         f"- Offload / local decode throughput over the measured grid: "
         f"{_range(s['offload_vs_local'])}.",
         f"- Ping-pong (micro_batches=2) / offload (micro_batches=1), B > 1: "
@@ -883,12 +911,13 @@ def discussion(data: dict) -> str:
     if one and not _status(one) and one["pool_calls"] and one["context"] in kern:
         per_call = one["attn_s"] / one["pool_calls"] * 1e3
         lines.append(
-            f"- Per-call cost: at B = 1, l = {one['context']} one `PoolClient.attend` (one "
-            f"layer) takes {per_call:.1f} ms of wall time against "
-            f"{kern[one['context']]['worker_ms']:.2f} ms of a worker's attention kernel: the "
-            "rest is Python serialization, gRPC over loopback (Q and KV messages and a reply "
-            "per worker) and scheduling on contended cores. This fixed cost is why offload "
-            "loses most at small B and short l."
+            f"- Per-call cost: at B = 1, l = {one['context']} one `PoolClient.attend_rows` "
+            f"(one layer, one packed message and one reply per worker) takes {per_call:.1f} "
+            f"ms of wall time against {kern[one['context']]['worker_ms']:.2f} ms of a "
+            "worker's attention kernel: the rest is Python and protobuf on both sides, the "
+            "worker's event loop and compute-thread hop, gRPC over loopback and scheduling "
+            "on contended cores. This fixed cost is why offload loses most at small B and "
+            "short l."
         )
     wins = [
         (c["batch"], c["context"])
@@ -903,10 +932,10 @@ def discussion(data: dict) -> str:
         lines.append(
             "- Where an offload mode matches or beats local ("
             + ", ".join(f"B={b} l={x}" for b, x in wins)
-            + ") that is not Lamina's effect: attention dominates there, and the pool runs "
-            "it in two worker processes (two cores, 'pool cores' ~1.4) while local mode "
-            "attends on one thread; the compute process is mostly idle ('compute cores' "
-            "0.1-0.3). The kernels also differ (table above)."
+            + ") that is not Lamina's effect: both sides run the same kernel, but the pool "
+            "runs it in two worker processes (up to two cores, see 'pool cores') while local "
+            "mode attends on its one thread, and the compute process mostly waits "
+            "('compute cores' below 1) during the pool's part."
         )
     lines.append(
         "- Noise: this is a shared 2-core machine; configurations with 3 timed steps (the "
@@ -1040,7 +1069,8 @@ def render(data: dict) -> str:
         "time and their timed steps run round-robin (the order rotates every step), so "
         "drift on this shared machine hits all modes alike.",
         "- Modes: **local** = `DecoderModel.run_rows` with per-session `SequenceKV` (what "
-        "`LocalRunner` runs); **offload** = `OffloadRunner(micro_batches=1)`; **offload-mb2** "
+        "`LocalRunner` runs), decode attention through the pool's kernel (below); "
+        "**offload** = `OffloadRunner(micro_batches=1)`; **offload-mb2** "
         "= `OffloadRunner(micro_batches=2)`, two micro-batches in two threads (ping-pong).",
         f"- Skips: a configuration whose step is predicted (previous B at the same l, linear "
         f"in B) to exceed {a['max_step_s']:g} s, or that would start after "
@@ -1054,9 +1084,10 @@ def render(data: dict) -> str:
         "",
         "## Per configuration",
         "",
-        "attn ms/step: local = time inside the layers' `attend_local` (KV append + SDPA); "
-        "offload = wall time of the `PoolClient.attend` calls (serialize, gRPC both ways, the "
-        "workers' attention, deserialize). dense = step - attn (not separable for mb2, whose "
+        "attn ms/step: local = time inside the layers' `attend_local` (KV append + "
+        "`decode_attention`); offload = wall time of the `PoolClient.attend_rows` calls "
+        "(pack, gRPC both ways, the workers' append + `decode_attention`, unpack). "
+        "dense = step - attn (not separable for mb2, whose "
         "two threads overlap). cores = CPU seconds / wall seconds of this process (compute) "
         "and of the worker processes (pool) during the timed steps. B/token/layer = pool-link "
         "payload.",
@@ -1091,14 +1122,16 @@ def render(data: dict) -> str:
         "",
         "## Attention kernels, local vs pool worker",
         "",
-        "The two sides do not run the same attention code: local mode calls "
-        "`model.attention` (bf16 `scaled_dot_product_attention` with GQA); a pool worker "
-        "runs `partial_attention` (fp32 matmuls, the G = 6 query heads of a KV head "
-        "grouped against that head's K and V without copies) over the cache, again over the "
-        "new row, and `merge`. One decode row, one layer, in this process, one thread. With "
-        "two workers in parallel, a session-layer's pool attention takes about one worker's "
-        "time. The local kernel is the slower one at long l: that, and the pool's second "
-        "core, is most of offload's advantage at l = 2048 here.",
+        "Both sides run the same attention kernel: `tandem.runtime.partial_attention."
+        "decode_attention` (one new row per sequence over per-sequence caches [KVH, L, hd]; "
+        "grouped GQA: the G = 6 query heads of a KV head are G rows of one fp32 matmul "
+        "against that head's K and V, no copies of K / V per query head; fp32 softmax). The "
+        "pool's workers call it on their KV heads for every decode row of a packed Attend "
+        "message; local mode calls it (`grouped_attend_local` in this bench) on all KV heads "
+        "for the batch's decode rows. One decode row, one layer, in this process, one "
+        "thread. With two workers in parallel, a session-layer's pool attention takes about "
+        "one worker's time. The bf16 SDPA column is what `model.attention` (the runtime's "
+        "local kernel until it switches) costs for the same work.",
         "",
         kernel_table(data),
         "",
