@@ -113,13 +113,15 @@ def tiny_pool(tiny, tmp_path_factory) -> Iterator[Pool]:
         pool.stop()
 
 
-@pytest.mark.parametrize("micro_batches", [1, 2])
-def test_offloaded_layers_equal_local_ones(tiny, tiny_pool, micro_batches) -> None:
+@pytest.mark.parametrize(("micro_batches", "phased"), [(1, False), (2, False), (2, True)])
+def test_offloaded_layers_equal_local_ones(tiny, tiny_pool, micro_batches, phased) -> None:
     model, L = tiny, tiny.cfg.n_layers
     client = pool_client(model, tiny_pool)
+    client.phased = phased  # Q then KV (Lamina's overlap) instead of one QKV message
     runner = OffloadRunner(model, TINY_SPLIT, client, micro_batches=micro_batches)
     g = torch.Generator().manual_seed(micro_batches)
-    sids = [f"mb{micro_batches}-a", f"mb{micro_batches}-b", f"mb{micro_batches}-c"]
+    tag = f"mb{micro_batches}{'p' if phased else ''}"
+    sids = [f"{tag}-a", f"{tag}-b", f"{tag}-c"]
     kvs = {s: model.new_kv(first_layer=TINY_SPLIT) for s in sids}
     pos = dict.fromkeys(sids, 0)
     d = model.cfg.hidden_size
