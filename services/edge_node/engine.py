@@ -30,6 +30,7 @@ from typing import Protocol
 from services.edge_node.cloud_link import CloudLink, CloudUnavailable
 from services.edge_node.tau_policy import TauPolicy
 from tandem.runtime.decoder import ExitDecoder, SequenceState, StepResult
+from tandem.runtime.detokenizer import IncrementalDetokenizer
 from tandem.runtime.engine_api import (
     ChatMessage,
     EngineOverloaded,
@@ -85,6 +86,7 @@ class _Active:
     out: asyncio.Queue
     sampler: Sampler
     stop: StopMatcher
+    detok: IncrementalDetokenizer  # the output's text, a few tokens of decode per token
     seq: SequenceState | None = None
     prefilled: int = 0  # prompt tokens already in the KV cache
     ids: list[int] = field(default_factory=list)
@@ -183,6 +185,7 @@ class EdgeEngine:
             out=asyncio.Queue(),
             sampler=Sampler(request.params),
             stop=StopMatcher(request.params.stop),
+            detok=IncrementalDetokenizer(self.codec.decode),
         )
         self._inbox.put(active)
         finished = False
@@ -352,18 +355,21 @@ class EdgeEngine:
         params = a.request.params
         finish: FinishReason | None = None
         is_eos = token in self.codec.eos_ids and not params.ignore_eos
-        if is_eos:
+        if not is_eos:
+            a.detok.add(token)
+        last = (
+            is_eos
+            or len(a.ids) >= params.max_tokens
+            or len(a.request.prompt_ids) + len(a.ids) >= self.max_context
+        )
+        if last:
+            a.detok.flush()  # an incomplete character shows as a full decode shows it
+        text, hit = a.stop.feed(a.detok.text)
+        if hit:
             finish = "stop"
-            text = a.stop.flush()
-        else:
-            text, hit = a.stop.feed(self.codec.decode(a.ids))
-            if hit:
-                finish = "stop"
-            elif len(a.ids) >= params.max_tokens or (
-                len(a.request.prompt_ids) + len(a.ids) >= self.max_context
-            ):
-                finish = "length"
-                text += a.stop.flush()
+        elif last:
+            finish = "stop" if is_eos else "length"
+            text += a.stop.flush()
         if finish is not None:
             a.done = True
             a.seq = None

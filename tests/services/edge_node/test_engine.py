@@ -179,3 +179,21 @@ def test_stop_fails_in_flight_requests_instead_of_hanging():
                 pass
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_text_deltas_equal_the_full_decode_and_hold_incomplete_characters(engine):
+    """Sampled bytes from a random model: multi-byte and invalid UTF-8. The streamed deltas
+    add up to a full decode of the tokens, and no chunk but the last ends in U+FFFD (an
+    incomplete character is held back until it completes)."""
+
+    async def main():
+        return [
+            await _collect(engine, _req(f"u{seed}", temperature=1.5, seed=seed, max_tokens=40))
+            for seed in range(6)
+        ]
+
+    codec = ByteCodec()
+    for chunks in asyncio.run(asyncio.wait_for(main(), 60)):
+        ids = [t for c in chunks for t in c.token_ids]
+        assert "".join(c.text for c in chunks) == codec.decode(ids)
+        assert not any(c.text.endswith("\ufffd") for c in chunks[:-1])
