@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 PY := .venv/bin/python
 
-.PHONY: setup run run-edge run-cloud run-collab run-router redis test proto calibrate bench-edge bench-batch bench-collab bench-router bench-router-solver bench-attn run-pool run-ray vllm-venv run-vllm gate-data gate validate-compose validate-k8s drills loadtest lint fmt
+.PHONY: setup run run-edge run-cloud run-collab run-router redis test proto calibrate bench-edge bench-batch bench-collab bench-router bench-router-solver bench-attn run-pool run-ray vllm-venv llamacpp-venv run-vllm gate-data gate validate-compose validate-k8s drills loadtest lint fmt
 
 setup:
 	bash scripts/bootstrap.sh
@@ -57,13 +57,35 @@ run-router: setup proto
 test: setup proto redis
 	TANDEM_TEST_REDIS_URL="$$(bash scripts/redis.sh url)" $(PY) -m pytest -q tests
 
+# Exit heads. smollm2, gemma3: distilled on corpus text (tandem.calibration). qwen05, qwen15:
+# self-distilled on their own greedy answers to chat prompts, with a consistency classifier
+# (tandem.calibration.selfdistill -> sd_heads -> freerun -> report_sd). Prompt counts are
+# fixed (deterministic data); on 2 shared cores a batch of 32 prompts takes ~4 min (qwen05)
+# and ~12 min (qwen15).
+SD_PROMPTS ?= qwen05=128 qwen15=64
 calibrate: setup
-	$(PY) -m tandem.calibration --models smollm2,gemma3,qwen05,qwen15 --out artifacts/exits --report docs/bench
+	$(PY) -m tandem.calibration --models smollm2,gemma3 --out artifacts/exits --report docs/bench
+	for mp in $(SD_PROMPTS); do \
+	  m=$${mp%%=*}; n=$${mp#*=}; \
+	  $(PY) -m tandem.calibration.selfdistill --model $$m --prompts $$n || exit 1; \
+	done
+	$(PY) -m tandem.calibration.sd_heads --models qwen05,qwen15
+	$(PY) -m tandem.calibration.freerun --model qwen05
+	$(PY) -m tandem.calibration.freerun --model qwen15 --prompts 6 --max-new 32
+	$(PY) -m tandem.calibration.freerun --model qwen15 --split 14 --prompts 6 --max-new 32
+	$(PY) -m tandem.calibration.report_sd
 
-bench-edge: setup proto
+# llama-cpp-python 0.3.36 built from source in its own .venv-llamacpp (~13 min on 2 cores, once;
+# portable x86-64 flags, AMX off): the llama.cpp side of bench-edge. Not part of `make test`.
+llamacpp-venv:
+	bash scripts/llamacpp_venv.sh
+
+# Edge decode at batch 1, Tandem vs llama.cpp on the same GGUF, side by side (docs/bench/edge.md).
+bench-edge: setup proto llamacpp-venv
 	$(PY) -m bench.edge
 
-bench-batch: setup
+# Batched decode (8 sequences), Tandem vs vLLM CPU bf16 side by side (docs/bench/batch.md).
+bench-batch: setup vllm-venv
 	$(PY) -m bench.batch
 
 # CE-CoLLM table: cloud-only / naive / collaborative / standalone side by side (~25 min).

@@ -1,15 +1,19 @@
-"""`make bench-edge`: edge decode speed and quality, side by side in one run.
+"""`make bench-edge`: edge decode at batch 1, Tandem against llama.cpp, side by side in one run.
 
-For each edge model it measures, in one process:
-- transformers' own `generate` in bf16 (the baseline),
-- ours in bf16, int8, int4, int8 with early exit (tau = 0.9, 0.8 and 0.6) and int4
-  with early exit (tau = 0.9),
-- llama.cpp on the same GGUF file when llama-cpp-python is installed (optional),
+For each model (smollm2, gemma3, qwen05, qwen15 by default), in one run:
+- Tandem as served (`spec.default_quant`, exits at `spec.default_tau`), in its own process
+  (bench/tandem_side.py, the project's .venv),
+- llama.cpp (llama-cpp-python 0.3.36, `make llamacpp-venv`) on the same GGUF file, in its own
+  process (bench/llamacpp_side.py, .venv-llamacpp),
+both with 2 threads, greedy, the same prompt token ids, the same number of decode steps
+(64, EOS ignored), decode timed apart from prefill (each side's docstring says exactly how),
+best of N after a warm-up pass; prefill tok/s on the same 512-token prompt; each process's RSS.
+The machine's read bandwidth (bench/machine.read_bandwidth_gbs) is measured in the same run,
+before and after the models (the higher of the two is the limit), and each side's weight
+bytes per decoded token (bench/weight_bytes.py; llama.cpp's from the GGUF tensor sizes) give
+the achieved GB/s and the fraction of that limit.
 
-reporting decode tokens/s (64 new tokens, greedy, prefill included, best of 2), bits per
-character on held-out text, and greedy agreement with our bf16 full-depth output (mean
-fraction of tokens generated before the first divergence). Writes docs/bench/edge.md,
-edge.json and edge.png.
+Writes docs/bench/edge.md, edge.json and edge.png.
 """
 
 from __future__ import annotations
@@ -17,293 +21,402 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import subprocess
+import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from bench.machine import cpu_name
-from tandem.data.corpus import load_corpus
-from tandem.models.convert import ensure_converted
-from tandem.models.loader import LoadedModel, LoadOptions, load_model
-from tandem.models.registry import ModelRegistry
-from tandem.runtime.decoder import ExitDecoder
-from tandem.runtime.exit_head import decide, target_logprob
-from tandem.runtime.generate import generate
-from tandem.runtime.sampling import SamplingParams
+from bench.machine import cpu_name, read_bandwidth_gbs
 
+ROOT = Path(__file__).resolve().parents[1]
 OUT = Path("docs/bench")
-PROMPTS = (
-    "The capital of France is",
-    "def fibonacci(n):",
-    "Once upon a time, in a small village,",
-)
+LLAMACPP_PYTHON = ROOT / ".venv-llamacpp" / "bin" / "python"
+DECODE_PROMPT = "The capital of France is"
 NEW_TOKENS = 64
-LLAMA_CPP_ANCHOR = {"smollm2": 108.7, "gemma3": 57.5, "qwen05": 43.5, "qwen15": 26.3}
+PREFILL_TOKENS = 512
+THREADS = 2
+SIDE_TIMEOUT_S = 1800
 
 
 @dataclass
-class Row:
+class Side:
+    decode_tok_s: float | None = None
+    prefill_tok_s: float | None = None
+    rss_mb: float | None = None
+    bytes_per_token: float | None = None
+    warmup_s: float | None = None
+    load_s: float | None = None
+    error: str | None = None
+
+
+@dataclass
+class EdgeRow:
     model: str
-    variant: str
-    tok_s: float
-    bpc: float | None
-    agreement: float | None
+    quant: str
+    tau: float
+    compiled: bool
+    ours: Side
+    cpp: Side
     exit_fraction: float | None = None
+    agreement: float | None = None  # greedy tokens before the first divergence / all
+    bpc: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    def ratio(self, attr: str) -> float | None:
+        a, b = getattr(self.ours, attr), getattr(self.cpp, attr)
+        return a / b if a and b else None
 
 
-def _time_generate(fn) -> tuple[float, list[list[int]]]:
-    best, outs = math.inf, []
-    for _ in range(2):
-        outs = []
-        t = time.perf_counter()
-        for p in PROMPTS:
-            outs.append(fn(p))
-        best = min(best, time.perf_counter() - t)
-    return len(PROMPTS) * NEW_TOKENS / best, outs
+def _run_side(argv: list[str], job: dict, label: str) -> tuple[dict | None, str | None]:
+    """Run one side's process; (its JSON result, None) or (None, why it failed)."""
+    t = time.perf_counter()
+    try:
+        proc = subprocess.run(
+            argv,
+            input=json.dumps(job),
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=SIDE_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired:
+        return None, f"{label} timed out after {SIDE_TIMEOUT_S} s"
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-3:]
+        return None, f"{label} failed (exit {proc.returncode}): {' | '.join(tail)}"
+    for line in reversed(proc.stdout.strip().splitlines()):
+        if line.startswith("{"):
+            print(f"[bench-edge] {label}: {time.perf_counter() - t:.0f} s", file=sys.stderr)
+            return json.loads(line), None
+    return None, f"{label} printed no result"
 
 
-def _agreement(outs: list[list[int]], ref: list[list[int]]) -> float:
-    fracs = []
-    for a, b in zip(outs, ref, strict=True):
-        n = 0
-        while n < min(len(a), len(b)) and a[n] == b[n]:
-            n += 1
-        fracs.append(n / len(b))
-    return sum(fracs) / len(fracs)
+def _agreement(a: list[int], b: list[int]) -> float:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n / max(len(b), 1)
 
 
-@torch.inference_mode()
-def bits_per_char(lm: LoadedModel, texts: list[str], tau: float = 1.0) -> tuple[float, float]:
-    """Teacher-forced bits/char. With tau < 1 each position's distribution comes from the
-    first confident exit (shortlist; the "other" mass is spread evenly over the rest of
-    the vocabulary), else from the final layer. Deferred KV is exact, so this equals what
-    free-running decoding would assign at each position. Returns (bpc, exit fraction)."""
-    model, heads = lm.model, (lm.heads if tau < 1.0 else [])
-    bounds = [0, *[h.cfg.layer for h in heads], model.cfg.n_layers]
-    nll, chars, exited, total = 0.0, 0, 0, 0
-    for text in texts:
-        ids = lm.codec.encode(text)[:256]
-        n = len(ids)
-        targets = torch.tensor(ids[1:])
-        kv = model.new_kv()
-        h = model.embed(torch.tensor(ids))
-        logp = torch.empty(n - 1)
-        decided = torch.zeros(n - 1, dtype=torch.bool)
-        for i, head in enumerate(heads):
-            h = model.run_sequence(h, kv, 0, bounds[i], bounds[i + 1])
-            logits = head(h[:-1])
-            d = decide(logits, head.shortlist, tau)
-            take = d.confident & ~decided
-            lp_target = target_logprob(logits, head.shortlist, targets, model.cfg.vocab_size)
-            logp[take] = lp_target[take]
-            decided |= take
-        h = model.run_sequence(h, kv, 0, bounds[-2], bounds[-1])
-        final = torch.log_softmax(model.logits(h[:-1]).float(), dim=-1)
-        final_lp = final.gather(1, targets[:, None])[:, 0]
-        logp[~decided] = final_lp[~decided]
-        nll -= float(logp.sum())
-        chars += len(lm.codec.decode(ids[1:]))
-        exited += int(decided.sum())
-        total += n - 1
-    return nll / chars / math.log(2), exited / max(total, 1)
+def prompts(codec) -> tuple[list[int], list[int]]:
+    """The decode prompt and a PREFILL_TOKENS-token prompt of held-out corpus text."""
+    from tandem.data.corpus import load_corpus
+
+    ids: list[int] = []
+    k = 4
+    while len(ids) < PREFILL_TOKENS:
+        text = "\n\n".join(s.text for s in load_corpus("heldout", k))
+        ids = codec.encode(text)
+        k *= 2
+    return codec.encode(DECODE_PROMPT), ids[:PREFILL_TOKENS]
 
 
-def _ours(lm: LoadedModel, tau: float):
-    dec = ExitDecoder(lm.model, lm.heads)
-    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
-    return lambda p: list(generate(dec, lm.codec.encode(p), params, tau).token_ids)
+def bench_model(model_id: str, a: argparse.Namespace) -> EdgeRow:
+    from bench.weight_bytes import gguf_decode_bytes
+    from tandem.models.convert import ensure_converted
+    from tandem.models.fetch import gguf_path
+    from tandem.models.registry import ModelRegistry
+    from tandem.models.tokenizer import TextCodec
+
+    cache = Path("model_cache")
+    spec = ModelRegistry().get(model_id)
+    gguf = gguf_path(spec, cache)
+    codec = TextCodec(ensure_converted(spec, cache), ())  # converted here, not in a side
+    decode_prompt, prefill_prompt = prompts(codec)
+    job = {
+        "threads": THREADS,
+        "new_tokens": NEW_TOKENS,
+        "repeats": a.repeats,
+        "decode_prompt": decode_prompt,
+        "prefill_prompt": prefill_prompt,
+    }
+    cpp_res, cpp_err = None, None
+    if a.no_llamacpp:
+        cpp_err = "llama.cpp skipped (--no-llamacpp)"
+    elif not LLAMACPP_PYTHON.exists():
+        cpp_err = "llama.cpp NOT RUN: .venv-llamacpp is missing (run `make llamacpp-venv`)"
+    else:
+        cpp_res, cpp_err = _run_side(
+            [str(LLAMACPP_PYTHON), str(ROOT / "bench" / "llamacpp_side.py")],
+            {**job, "gguf": str(gguf.resolve())},
+            f"{model_id} llama.cpp",
+        )
+    if cpp_err:
+        print(f"[bench-edge] WARNING {model_id}: {cpp_err}", file=sys.stderr)
+    ours_res, ours_err = _run_side(
+        [sys.executable, "-m", "bench.tandem_side"],
+        {
+            **job,
+            "model": model_id,
+            "compiled": not a.eager,
+            "quality_texts": a.quality_texts,
+        },
+        f"{model_id} tandem",
+    )
+    if ours_err:
+        print(f"[bench-edge] WARNING {model_id}: {ours_err}", file=sys.stderr)
+    ours = Side(error=ours_err)
+    if ours_res:
+        for k in ("decode_tok_s", "prefill_tok_s", "rss_mb", "bytes_per_token", "warmup_s"):
+            setattr(ours, k, ours_res[k])
+        ours.load_s = ours_res["load_s"]
+    cpp = Side(error=cpp_err)
+    if cpp_res:
+        for k in ("decode_tok_s", "prefill_tok_s", "rss_mb", "warmup_s", "load_s"):
+            setattr(cpp, k, cpp_res[k])
+        cpp.bytes_per_token = gguf_decode_bytes(gguf)
+    row = EdgeRow(
+        model=model_id,
+        quant=spec.default_quant,
+        tau=spec.default_tau,
+        compiled=bool(ours_res and ours_res["compiled"]),
+        ours=ours,
+        cpp=cpp,
+    )
+    if ours_res:
+        row.exit_fraction = ours_res["exit_fraction"]
+        row.bpc = ours_res["bpc"]
+        row.extra["ours_peak_rss_mb"] = ours_res["peak_rss_mb"]
+        row.extra["ours_bytes_full_depth"] = ours_res["bytes_full_depth"]
+        row.extra["ours_warmup_pass_s"] = ours_res["warmup_pass_s"]
+    if cpp_res:
+        row.extra["cpp_version"] = cpp_res["version"]
+        row.extra["cpp_system_info"] = cpp_res["system_info"]
+        row.extra["cpp_peak_rss_mb"] = cpp_res["peak_rss_mb"]
+    if ours_res and cpp_res:
+        row.agreement = _agreement(ours_res["tokens"], cpp_res["tokens"])
+    return row
 
 
-def _transformers_baseline(path: Path):
+def _f(x: float | None, fmt: str = "{:.1f}") -> str:
+    return "—" if x is None else fmt.format(x)
+
+
+def _gbs(side: Side) -> float | None:
+    if side.decode_tok_s is None or side.bytes_per_token is None:
+        return None
+    return side.decode_tok_s * side.bytes_per_token / 1e9
+
+
+def render(data: dict) -> str:
+    rows = [_row_from_json(r) for r in data["rows"]]
+    bw = data["bandwidth_gbs"]
+    s = data["settings"]
+    cpp_version = next((r.extra["cpp_version"] for r in rows if "cpp_version" in r.extra), None)
+    lines = [
+        "# Edge decode at batch 1: Tandem vs llama.cpp (`make bench-edge`)",
+        "",
+        f"Machine: {data['machine']}. Measured read bandwidth in this run: "
+        f"**{bw:.1f} GB/s** ({THREADS}-thread torch sum over 512 MB, best of 7, the higher of "
+        f"a measurement before and after the models: {data['bandwidth_before_gbs']:.1f} / "
+        f"{data['bandwidth_after_gbs']:.1f}).",
+        "",
+        f"Both sides: {s['threads']} threads, the same GGUF file, the same prompt token ids, "
+        f"greedy, EOS ignored, best of {s['repeats']} after a warm-up pass, each side in its "
+        "own process. **Decode**: "
+        f"{s['new_tokens']} single-token decode steps after the prompt "
+        f"({len(DECODE_PROMPT)}-character prompt), prefill not included: Tandem times "
+        "`new_tokens` calls of `ExitDecoder.decode` + greedy pick after `prefill`; llama.cpp "
+        f"(llama-cpp-python {cpp_version or '0.3.36'}) times its `Llama.generate` iterator "
+        "from the first yielded token (prompt evaluated and sampled) to the "
+        f"{s['new_tokens'] + 1}-th. **Prefill**: one {s['prefill_tokens']}-token prompt "
+        "(held-out corpus text) into an empty cache: `ExitDecoder.prefill` / `Llama.eval`. "
+        "**RSS**: VmRSS of each side's process after its timed runs (the GGUF mmap counts for "
+        "llama.cpp). Tandem runs as served: registry default quantization, exits at the "
+        f"default tau; {'compiled' if s['compiled'] else 'eager (--eager)'} decode path.",
+        "",
+        "| model | quant / tau | Tandem decode tok/s | llama.cpp decode tok/s | decode ratio |"
+        " Tandem prefill tok/s | llama.cpp prefill tok/s | prefill ratio |"
+        " Tandem RSS MB | llama.cpp RSS MB | Tandem warm-up s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.model} | {r.quant} / {r.tau:g} | {_f(r.ours.decode_tok_s)} | "
+            f"{_f(r.cpp.decode_tok_s)} | **{_f(r.ratio('decode_tok_s'), '{:.2f}×')}** | "
+            f"{_f(r.ours.prefill_tok_s, '{:.0f}')} | {_f(r.cpp.prefill_tok_s, '{:.0f}')} | "
+            f"{_f(r.ratio('prefill_tok_s'), '{:.2f}×')} | {_f(r.ours.rss_mb, '{:.0f}')} | "
+            f"{_f(r.cpp.rss_mb, '{:.0f}')} | {_f(r.ours.warmup_s)} |"
+        )
+    errors = [(r.model, side) for r in rows for side in (r.ours, r.cpp) if side.error]
+    if errors:
+        lines += ["", "**Rows that did not run:**", ""]
+        lines += [f"- **{m}: {side.error}**" for m, side in errors]
+    lines += [
+        "",
+        "## Memory-bandwidth bound",
+        "",
+        "Weight bytes per decoded token: every weight buffer a token reads (quantized weights, "
+        "scales, norms, biases, the exit heads it passes, the LM head; one embedding row, not "
+        "the table), averaged over the decoded tokens (exited tokens read fewer layers). "
+        "llama.cpp's: its GGUF tensors (the whole embedding table when the output matrix is "
+        "tied to it). Achieved = bytes per token × decode tok/s; fraction = achieved / "
+        f"measured bandwidth ({bw:.1f} GB/s). KV-cache reads are not counted.",
+        "",
+        "| model | Tandem MB/token | Tandem GB/s | Tandem % of bandwidth |"
+        " llama.cpp MB/token | llama.cpp GB/s | llama.cpp % of bandwidth |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        og, cg = _gbs(r.ours), _gbs(r.cpp)
+        mb = lambda side: None if side.bytes_per_token is None else side.bytes_per_token / 1e6  # noqa: E731
+        lines.append(
+            f"| {r.model} | {_f(mb(r.ours))} | {_f(og)} | "
+            f"{_f(None if og is None else 100 * og / bw, '{:.0f}%')} | {_f(mb(r.cpp))} | "
+            f"{_f(cg)} | {_f(None if cg is None else 100 * cg / bw, '{:.0f}%')} |"
+        )
+    lines += [
+        "",
+        "## Quality (cheap checks)",
+        "",
+        "Greedy agreement: fraction of the "
+        f"{s['new_tokens'] + 1} greedy tokens of the decode run before Tandem's and llama.cpp's "
+        "outputs first differ (different quantizations of the same model, so 100% is not "
+        "expected). Bits/char: Tandem as served, teacher-forced on held-out corpus text "
+        f"({s['quality_texts']} texts per source; — when skipped). Exited: fraction of the "
+        "decoded tokens that left at an exit head.",
+        "",
+        "| model | greedy agreement with llama.cpp | Tandem bits/char | exited |",
+        "|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.model} | {_f(r.agreement, '{:.0%}')} | {_f(r.bpc, '{:.3f}')} | "
+            f"{_f(r.exit_fraction, '{:.0%}')} |"
+        )
+    info = next((r.extra["cpp_system_info"] for r in rows if "cpp_system_info" in r.extra), None)
+    if info:
+        lines += ["", f"llama.cpp build (`llama_print_system_info`): `{info}`"]
+    if data.get("transformers"):
+        lines += [
+            "",
+            "## transformers baseline (--transformers)",
+            "",
+            f"`generate` in bf16, {NEW_TOKENS} new tokens, prefill included, best of 2.",
+            "",
+            "| model | transformers bf16 tok/s |",
+            "|---|---|",
+        ]
+        lines += [f"| {m} | {t:.1f} |" for m, t in data["transformers"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def _row_from_json(r: dict) -> EdgeRow:
+    return EdgeRow(**{**r, "ours": Side(**r["ours"]), "cpp": Side(**r["cpp"])})
+
+
+def plot(data: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [_row_from_json(r) for r in data["rows"]]
+    models = [r.model for r in rows]
+    x = range(len(models))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, attr, title in (
+        (axes[0], "decode_tok_s", f"decode tok/s (batch 1, {NEW_TOKENS} tokens)"),
+        (axes[1], "prefill_tok_s", f"prefill tok/s ({PREFILL_TOKENS}-token prompt)"),
+    ):
+        ours = [getattr(r.ours, attr) or 0.0 for r in rows]
+        cpp = [getattr(r.cpp, attr) or 0.0 for r in rows]
+        w = 0.38
+        b1 = ax.bar([i - w / 2 for i in x], ours, w, label="Tandem (as served)")
+        b2 = ax.bar([i + w / 2 for i in x], cpp, w, label="llama.cpp (same GGUF)")
+        for bars in (b1, b2):
+            ax.bar_label(bars, fmt="%.0f", fontsize=7)
+        for i, r in enumerate(rows):
+            ratio = r.ratio(attr)
+            if ratio:
+                top = max(ours[i], cpp[i])
+                ax.annotate(f"{ratio:.2f}×", (i, top * 1.08), ha="center", fontsize=8)
+        ax.set_xticks(list(x), models)
+        ax.set_title(title)
+        ax.set_ylim(0, max([*ours, *cpp, 1.0]) * 1.2)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{data['machine']}, {THREADS} threads", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def transformers_baseline(model_id: str) -> float:
+    """transformers `generate` in bf16 (prefill included), best of 2."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from tandem.models.convert import ensure_converted
+    from tandem.models.registry import ModelRegistry
+
+    path = ensure_converted(ModelRegistry().get(model_id), Path("model_cache"))
     tok = AutoTokenizer.from_pretrained(str(path))
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16).eval()
-
-    def run(prompt: str) -> list[int]:
-        ids = torch.tensor([tok(prompt).input_ids])
+    ids = torch.tensor([tok(DECODE_PROMPT).input_ids])
+    best = math.inf
+    for _ in range(2):
+        t = time.perf_counter()
         with torch.inference_mode():
-            out = model.generate(
+            model.generate(
                 ids,
                 max_new_tokens=NEW_TOKENS,
                 min_new_tokens=NEW_TOKENS,
                 do_sample=False,
                 pad_token_id=tok.eos_token_id,
             )
-        return out[0, ids.shape[1] :].tolist()
-
-    return run
-
-
-def _llama_cpp(gguf: Path):
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        return None
-    llm = Llama(model_path=str(gguf), n_threads=2, n_ctx=512, verbose=False)
-
-    def run(prompt: str) -> list[int]:
-        out = llm.create_completion(prompt, max_tokens=NEW_TOKENS, temperature=0.0)
-        return [0] * out["usage"]["completion_tokens"]
-
-    return run
-
-
-def bench_model(model_id: str, texts: list[str], taus: tuple[float, ...]) -> list[Row]:
-    spec = ModelRegistry().get(model_id)
-    rows: list[Row] = []
-    path = ensure_converted(spec, Path("model_cache"))
-    tok_s, _ = _time_generate(_transformers_baseline(path))
-    rows.append(Row(model_id, "transformers bf16", tok_s, None, None))
-    ref_outs: list[list[int]] = []
-    for quant in ("bf16", "int8", "int4"):
-        lm = load_model(spec, LoadOptions(quant=quant, exits=True))
-        tok_s, outs = _time_generate(_ours(lm, 1.0))
-        if quant == "bf16":
-            ref_outs = outs
-        bpc, _ = bits_per_char(lm, texts)
-        rows.append(Row(model_id, f"tandem {quant}", tok_s, bpc, _agreement(outs, ref_outs)))
-        if quant != "bf16":
-            for tau in taus if quant == "int8" else taus[:1]:
-                tok_s, outs = _time_generate(_ours(lm, tau))
-                bpc, frac = bits_per_char(lm, texts, tau)
-                rows.append(
-                    Row(
-                        model_id,
-                        f"tandem {quant} + exit tau={tau}",
-                        tok_s,
-                        bpc,
-                        _agreement(outs, ref_outs),
-                        frac,
-                    )
-                )
-        del lm
-    from tandem.models.fetch import gguf_path
-
-    cpp = _llama_cpp(gguf_path(spec, Path("model_cache")))
-    if cpp is not None:
-        tok_s, _ = _time_generate(cpp)
-        rows.append(Row(model_id, "llama.cpp (same GGUF)", tok_s, None, None))
-    return rows
-
-
-def render(rows: list[Row], machine: str) -> str:
-    lines = [
-        "# Edge decode benchmark (`make bench-edge`)",
-        "",
-        f"Machine: {machine}, 2 threads. Greedy, {NEW_TOKENS} new tokens per prompt "
-        f"({len(PROMPTS)} prompts, prefill included, best of 2). Bits/char: teacher-forced on "
-        "held-out corpus text (fortunes, wordnet, stdlib). Agreement: mean fraction of "
-        "tokens before the first divergence from tandem bf16 full depth. All rows of one "
-        "model come from the same run; compare ratios, not absolute numbers, across runs.",
-        "",
-        "| model | variant | tok/s | × transformers | bits/char | greedy agreement | exited |"
-        " llama.cpp anchor (models.md) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    base = {r.model: r.tok_s for r in rows if r.variant == "transformers bf16"}
-    for r in rows:
-        fmt = lambda x, f: "—" if x is None else f.format(x)  # noqa: E731
-        lines.append(
-            f"| {r.model} | {r.variant} | {r.tok_s:.1f} | {r.tok_s / base[r.model]:.2f}× | "
-            f"{fmt(r.bpc, '{:.3f}')} | {fmt(r.agreement, '{:.0%}')} | "
-            f"{fmt(r.exit_fraction, '{:.0%}')} | {LLAMA_CPP_ANCHOR.get(r.model, '—')} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-SPEEDUP_HEADER = "## Measured speed-up (decoder)"
-
-
-def update_exit_report(rows: list[Row], machine: str, path: Path = OUT / "exits.md") -> None:
-    """Replace the speed-up section of the calibration report with measured numbers."""
-    if not path.exists():
-        return
-    text = path.read_text()
-    head = text.split(SPEEDUP_HEADER)[0].rstrip()
-    lines = [
-        SPEEDUP_HEADER,
-        "",
-        f"Filled by `make bench-edge` on {machine}: the real `ExitDecoder` (int8 weights, "
-        f"deferred KV), greedy, {NEW_TOKENS} new tokens × {len(PROMPTS)} prompts. Speed-up is "
-        "against int8 at full depth (tau = 1.0) in the same run; the exit fraction is "
-        "teacher-forced on held-out text; agreement is free-running greedy against bf16 "
-        "full depth (fraction of tokens before the first divergence).",
-        "",
-        "| model | tau | exited | tok/s | speed-up | greedy agreement |",
-        "|---|---|---|---|---|---|",
-    ]
-    for model in dict.fromkeys(r.model for r in rows):
-        full = next(r for r in rows if r.model == model and r.variant == "tandem int8")
-        lines.append(f"| {model} | 1.0 | 0% | {full.tok_s:.1f} | 1.00× | {full.agreement:.0%} |")
-        for r in rows:
-            if r.model == model and r.variant.startswith("tandem int8 + exit"):
-                tau = r.variant.split("=")[1]
-                lines.append(
-                    f"| {model} | {tau} | {r.exit_fraction:.0%} | {r.tok_s:.1f} | "
-                    f"{r.tok_s / full.tok_s:.2f}× | {r.agreement:.0%} |"
-                )
-    path.write_text(head + "\n\n" + "\n".join(lines) + "\n")
-
-
-def plot(rows: list[Row], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    models = sorted({r.model for r in rows}, key=[r.model for r in rows].index)
-    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
-    for ax, m in zip(axes[0], models, strict=True):
-        pts = [r for r in rows if r.model == m and r.bpc is not None]
-        for r in pts:
-            ax.scatter(r.tok_s, r.bpc)
-            ax.annotate(r.variant.replace("tandem ", ""), (r.tok_s, r.bpc), fontsize=7)
-        base = [r.tok_s for r in rows if r.model == m and r.variant == "transformers bf16"]
-        if base:
-            ax.axvline(base[0], ls="--", c="gray", label="transformers bf16")
-        if m in LLAMA_CPP_ANCHOR:
-            ax.axvline(LLAMA_CPP_ANCHOR[m], ls=":", c="red", label="llama.cpp (models.md)")
-        ax.set_title(m)
-        ax.set_xlabel("decode tok/s")
-        ax.set_ylabel("bits/char (lower is better)")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+        best = min(best, time.perf_counter() - t)
+    return NEW_TOKENS / best
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--models", default="smollm2,gemma3,qwen05")
-    p.add_argument("--texts", type=int, default=8, help="held-out texts per source")
-    p.add_argument("--taus", default="0.9,0.8,0.6")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default="smollm2,gemma3,qwen05,qwen15")
+    p.add_argument("--repeats", type=int, default=3, help="timed passes per side (best of)")
+    p.add_argument("--eager", action="store_true", help="Tandem's eager reference path")
+    p.add_argument("--quality-texts", type=int, default=4, help="0: skip bits/char")
+    p.add_argument("--no-llamacpp", action="store_true", help="Tandem side only")
+    p.add_argument("--transformers", action="store_true", help="add the (slow) HF table")
     p.add_argument("--render-only", action="store_true", help="rewrite the reports from edge.json")
     a = p.parse_args(argv)
     if a.render_only:
-        data = json.loads((OUT / "edge.json").read_text())
-        write_reports([Row(**r) for r in data["rows"]], data["machine"])
+        write_reports(json.loads((OUT / "edge.json").read_text()))
         return
-    torch.set_num_threads(2)
-    texts = [s.text for s in load_corpus("heldout", a.texts)]
-    rows: list[Row] = []
+    torch.set_num_threads(THREADS)
+    bw_before = read_bandwidth_gbs(threads=THREADS)
+    print(f"[bench-edge] read bandwidth {bw_before:.1f} GB/s", file=sys.stderr)
+    rows = []
     for m in a.models.split(","):
-        rows.extend(bench_model(m, texts, tuple(float(t) for t in a.taus.split(","))))
-        for r in rows[-9:]:
-            print(r)
-    write_reports(rows, f"{cpu_name()}, torch {torch.__version__}")
+        rows.append(bench_model(m, a))
+        print(f"[bench-edge] {asdict(rows[-1])}", file=sys.stderr)
+    bw_after = read_bandwidth_gbs(threads=THREADS)
+    data = {
+        "machine": f"{cpu_name()}, torch {torch.__version__}",
+        "bandwidth_gbs": max(bw_before, bw_after),
+        "bandwidth_before_gbs": bw_before,
+        "bandwidth_after_gbs": bw_after,
+        "settings": {
+            "threads": THREADS,
+            "new_tokens": NEW_TOKENS,
+            "prefill_tokens": PREFILL_TOKENS,
+            "repeats": a.repeats,
+            "compiled": not a.eager,
+            "quality_texts": a.quality_texts,
+        },
+        "rows": [asdict(r) for r in rows],
+    }
+    if a.transformers:
+        data["transformers"] = {m: transformers_baseline(m) for m in a.models.split(",")}
+    write_reports(data)
 
 
-def write_reports(rows: list[Row], machine: str) -> None:
+def write_reports(data: dict) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
-    md = render(rows, machine)
+    md = render(data)
     (OUT / "edge.md").write_text(md)
-    (OUT / "edge.json").write_text(
-        json.dumps({"machine": machine, "rows": [asdict(r) for r in rows]}, indent=1)
-    )
-    plot(rows, OUT / "edge.png")
-    update_exit_report(rows, machine)
+    (OUT / "edge.json").write_text(json.dumps(data, indent=1))
+    plot(data, OUT / "edge.png")
     print(md)
 
 
