@@ -70,7 +70,9 @@ class EdgeRow:
         return a / b if a and b else None
 
 
-def _run_side(argv: list[str], job: dict, label: str) -> tuple[dict | None, str | None]:
+def _run_side(
+    argv: list[str], job: dict, label: str, env: dict[str, str] | None = None
+) -> tuple[dict | None, str | None]:
     """Run one side's process; (its JSON result, None) or (None, why it failed)."""
     t = time.perf_counter()
     try:
@@ -80,6 +82,7 @@ def _run_side(argv: list[str], job: dict, label: str) -> tuple[dict | None, str 
             capture_output=True,
             text=True,
             cwd=ROOT,
+            env=env,
             timeout=SIDE_TIMEOUT_S,
         )
     except subprocess.TimeoutExpired:

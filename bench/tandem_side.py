@@ -1,5 +1,7 @@
 """The Tandem side of `make bench-edge`: one model, in its own process (so its RSS is its own).
 
+Also the Tandem side of `make bench-batch` (a job with "mode": "batch", see `run_batch`).
+
 Reads one JSON job on stdin, prints one JSON result on stdout:
   .venv/bin/python -m bench.tandem_side < job.json
 
@@ -130,5 +132,75 @@ def run(job: dict) -> dict:
     return out
 
 
+def run_batch(job: dict) -> dict:
+    """Batched decode (`make bench-batch`). Job: {"mode": "batch", "model", "threads",
+    "new_tokens", "repeats", "compiled", "prompts": [[ids], ...], "batch_sizes": [...]}.
+
+    Per batch size B (the first B prompts), after one untimed warm-up pass: `dec.prefill`
+    of the B prompts into fresh sequences (not timed), greedy picks, then `new_tokens` calls
+    of `dec.decode(seqs, tokens, tau)` each followed by the B greedy picks, timed; total
+    decode tok/s = B * new_tokens / elapsed, best of `repeats`."""
+    from tandem.models.loader import LoadOptions, load_model
+    from tandem.models.registry import ModelRegistry
+
+    torch.set_num_threads(job["threads"])
+    spec = ModelRegistry().get(job["model"])
+    tau = spec.default_tau
+    opts = {"quant": spec.default_quant, "exits": tau < 1.0}
+    if "compiled" in LoadOptions.__dataclass_fields__:
+        opts["compiled"] = job["compiled"]
+    t = time.perf_counter()
+    lm = load_model(spec, LoadOptions(**opts))
+    load_s = time.perf_counter() - t
+    dec = lm.decoder()
+    wb = WeightBytes.of(lm.model, lm.heads)
+    n = job["new_tokens"]
+
+    def once(prompts: list[list[int]]) -> tuple[float, list[list[int]], list[int]]:
+        seqs = [dec.new_sequence() for _ in prompts]
+        toks = [_greedy(r) for r in dec.prefill(seqs, prompts)]
+        out = [[x] for x in toks]
+        step_bytes = []
+        t0 = time.perf_counter()
+        for _ in range(n):
+            steps = dec.decode(seqs, toks, tau)
+            toks = [_greedy(r) for r in steps]
+            for o, x in zip(out, toks, strict=True):
+                o.append(x)
+            step_bytes.append(wb.step(max(r.exit_layer for r in steps), tau < 1.0))
+        return time.perf_counter() - t0, out, step_bytes
+
+    results = []
+    for b in job["batch_sizes"]:
+        prompts = job["prompts"][:b]
+        t0 = time.perf_counter()
+        once(prompts)
+        warmup_s = time.perf_counter() - t0
+        best, tokens, step_bytes = float("inf"), [], []
+        for _ in range(job["repeats"]):
+            dt, tokens, step_bytes = once(prompts)
+            best = min(best, dt)
+        results.append(
+            {
+                "batch": b,
+                "decode_tok_s": b * n / best,
+                "warmup_s": warmup_s,
+                "bytes_per_step": sum(step_bytes) / len(step_bytes),
+                "tokens": tokens,
+            }
+        )
+        print(f"[tandem_side] B={b}: {results[-1]['decode_tok_s']:.1f} tok/s", file=sys.stderr)
+    return {
+        "quant": spec.default_quant,
+        "tau": tau,
+        "compiled": bool(opts.get("compiled", False)),
+        "load_s": load_s,
+        "results": results,
+        "rss_mb": _status_kb("VmRSS") / 1024,
+        "peak_rss_mb": _status_kb("VmHWM") / 1024,
+    }
+
+
 if __name__ == "__main__":
-    print(json.dumps(run(json.loads(sys.stdin.read()))))
+    _job = json.loads(sys.stdin.read())
+    print(json.dumps(run_batch(_job) if _job.get("mode") == "batch" else run(_job)))

@@ -80,3 +80,29 @@ def gguf_decode_bytes(path: Path) -> int:
     if "output.weight" not in sizes:
         return total + sizes["token_embd.weight"]
     return total + sizes["token_embd.weight"] // int(emb.shape[-1])
+
+
+def safetensors_decode_bytes(model_dir: Path) -> int:
+    """Bytes a bf16 engine (vLLM) reads per decode step from a converted model directory:
+    every tensor except the embedding table (one row of it), which doubles as the LM head
+    when there is no `lm_head.weight` (tied embeddings) and is then read whole."""
+    from safetensors import safe_open
+
+    sizes: dict[str, tuple[int, list[int]]] = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for name in st.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                sl = st.get_slice(name)
+                shape = list(sl.get_shape())
+                numel = 1
+                for d in shape:
+                    numel *= d
+                sizes[name] = (numel * _DTYPE_BYTES[sl.get_dtype()], shape)
+    emb = next(k for k in sizes if k.endswith("embed_tokens.weight"))
+    total = sum(n for k, (n, _) in sizes.items() if k != emb)
+    if not any(k.endswith("lm_head.weight") for k in sizes):
+        return total + sizes[emb][0]
+    return total + sizes[emb][0] // sizes[emb][1][0]
+
+
+_DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "I32": 4, "I64": 8}
