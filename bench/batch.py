@@ -151,7 +151,8 @@ def render(data: dict) -> str:
         f"{data.get('vllm_version') or 'CPU'} offline `LLM` engine, bf16 weights converted "
         "from the same GGUF, prefix caching off, engine core in-process "
         f"(VLLM_ENABLE_V1_MULTIPROCESSING=0), OpenMP bound to CPUs 0-{THREADS - 1}, "
-        f"VLLM_CPU_KVCACHE_SPACE=2, {vllm_mode} mode: decode time = best `generate` with max_tokens = {s['new_tokens'] + 1} minus "
+        f"VLLM_CPU_KVCACHE_SPACE=2, {vllm_mode} mode: decode time = best `generate` with "
+        f"max_tokens = {s['new_tokens'] + 1} minus "
         "best `generate` with max_tokens = 1 (the same prefill and first token), so both sides "
         f"count the same {s['new_tokens']} decode steps per sequence.",
         "",
