@@ -11,6 +11,16 @@ corpus; the extra "other" class stands for every token outside it, so a confiden
 one whose top class is a real token with probability >= tau. Only the adapter, the norms
 and the "other" row are trained (distilled from the final layer's distribution), so the
 artifact is small; the K x d projection is gathered from the model's LM head at load time.
+
+Calibrated heads (`calibrated=True`, trained by tandem.calibration.consistency) add a
+CALM-style consistency classifier: c = sigmoid(w_s . stats(p) + w_h . u + b), where p is
+the head's raw softmax, stats are its top probability, "other" probability, margin,
+entropy and log top probability, and u = silu(down(norm_in(h))) is the adapter's own
+low-rank feature. c estimates P(head's top token == the final layer's greedy token). The
+head then returns logits whose softmax gives the top token exactly probability c (by
+raising the "other" logit, or, where c is above the raw token-only top probability, by
+sharpening the token logits), so `decide(logits, shortlist, tau)` exits when the estimated
+agreement is >= tau and every caller keeps working unchanged. The argmax token never moves.
 """
 
 from __future__ import annotations
@@ -31,6 +41,10 @@ class ExitHeadConfig:
     hidden_size: int
     rank: int
     shortlist_size: int
+    calibrated: bool = False  # has a consistency classifier (see the module docstring)
+
+
+N_STATS = 5
 
 
 class ExitHead(nn.Module):
@@ -49,6 +63,10 @@ class ExitHead(nn.Module):
         self.register_buffer("shortlist", torch.zeros(cfg.shortlist_size, dtype=torch.long))
         self.proj: nn.Module = nn.Linear(d, cfg.shortlist_size, bias=False)
         self.proj.requires_grad_(False)
+        if cfg.calibrated:  # plain parameters, not nn.Linear: never quantized
+            self.conf_stats = nn.Parameter(torch.zeros(N_STATS))
+            self.conf_hidden = nn.Parameter(torch.zeros(cfg.rank))
+            self.conf_bias = nn.Parameter(torch.zeros(1))
 
     def attach_lm_head(self, lm_head_weight: torch.Tensor) -> None:
         """Gather the shortlisted rows of the model's (unquantized) LM head."""
@@ -56,14 +74,73 @@ class ExitHead(nn.Module):
         self.proj = nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=w.dtype)
         self.proj.weight = nn.Parameter(w, requires_grad=False)
 
+    def raw(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Uncalibrated logits [..., K + 1] and the adapter feature u [..., rank]."""
+        u = torch.nn.functional.silu(self.down(self.norm_in(h)))
+        a = self.norm_out(h + self.up(u))
+        return torch.cat([self.proj(a).float(), self.other(a).float()], dim=-1), u
+
+    def confidence(self, logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Consistency classifier: estimated P(top token == final greedy token), [...]."""
+        z = confidence_stats(logits) @ self.conf_stats.float()
+        z = z + u.float() @ self.conf_hidden.float() + self.conf_bias.float()
+        return torch.sigmoid(z)
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """Logits over the shortlist plus a last "other" class, [..., K + 1]."""
-        a = h + self.up(torch.nn.functional.silu(self.down(self.norm_in(h))))
-        a = self.norm_out(a)
-        return torch.cat([self.proj(a).float(), self.other(a).float()], dim=-1)
+        """Logits over the shortlist plus a last "other" class, [..., K + 1]; for a
+        calibrated head, with the top token's probability set to the classifier's c."""
+        logits, u = self.raw(h)
+        if not self.cfg.calibrated:
+            return logits
+        return with_top_probability(logits, self.confidence(logits, u))
 
     def trained_state(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.state_dict().items() if not k.startswith("proj.")}
+
+
+def confidence_stats(logits: torch.Tensor) -> torch.Tensor:
+    """[..., N_STATS] of the raw head softmax: top prob, "other" prob, top - second,
+    entropy, log top prob."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    p = lp.exp()
+    top2 = p.topk(2, dim=-1).values
+    entropy = -(p * lp).sum(-1)
+    return torch.stack(
+        [top2[..., 0], p[..., -1], top2[..., 0] - top2[..., 1], entropy, lp.amax(-1)], -1
+    )
+
+
+def with_top_probability(logits: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Logits [..., K + 1] whose softmax gives the top token probability `c` (rows whose
+    top class is "other" are returned as they are). Token logits are kept where c is at
+    most their own top share (only "other" moves), else sharpened around their max."""
+    logits = logits.float()
+    c = c.float().clamp(1e-6, 1 - 1e-6)
+    tok, other = logits[..., :-1], logits[..., -1]
+    zt = tok.amax(-1)
+    lse = torch.logsumexp(tok, -1)
+    top_is_token = zt >= other
+    # case A: c <= exp(zt - lse): other = log(exp(zt) / c - exp(lse))
+    x = (lse - zt + torch.log(c)).clamp(max=-1e-6)
+    other_a = zt - torch.log(c) + torch.log(-torch.expm1(x))
+    need_sharpen = (lse - zt + torch.log(c)) > -1e-6
+    out_tok = tok
+    if bool((need_sharpen & top_is_token).any()):
+        # case B: scale token logits around their max by alpha >= 1 until the top share is c
+        d = tok - zt[..., None]
+        lo = torch.zeros_like(zt)
+        hi = torch.full_like(zt, 8.0)  # log alpha in [0, 8]
+        for _ in range(24):
+            mid = (lo + hi) / 2
+            share = torch.exp(-torch.logsumexp(d * mid.exp()[..., None], -1))
+            lo = torch.where(share < c, mid, lo)
+            hi = torch.where(share < c, hi, mid)
+        sharp = zt[..., None] + d * hi.exp()[..., None]
+        out_tok = torch.where(need_sharpen[..., None], sharp, tok)
+    new_other = torch.where(need_sharpen, torch.full_like(zt, -1e4), other_a)
+    new_other = torch.where(top_is_token, new_other, other)
+    out_tok = torch.where(top_is_token[..., None], out_tok, tok)
+    return torch.cat([out_tok, new_other[..., None]], -1)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,127 @@
+"""`python -m tandem.calibration.freerun`: the served model's ExitDecoder, free-running
+greedy on held-out instruction prompts, with exits at several tau against full depth.
+
+Per tau: tokens/s of single-sequence decoding (tandem.runtime.generate, the same
+quantization at every tau, tau 1.0 = full depth = the baseline, measured in the same
+process), the fraction of tokens that exited (per exit layer), and their agreement with
+full depth: each generated sequence is teacher-forced once through the full model and an
+exited token agrees when it equals the full-depth argmax at its own prefix. Also the
+fraction of answers identical to full-depth greedy.
+
+`--split L` keeps only the heads at layers <= L: a token that no such head passes goes to
+full depth, which is what the cloud answers in CE-CoLLM (the deferred KV makes the two
+runs compute the same states), so its numbers are the collaborative edge's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from tandem.data.instructions import load_instructions
+from tandem.models.loader import LoadOptions, load_model
+from tandem.models.registry import ModelRegistry
+from tandem.runtime.decoder import ExitDecoder
+from tandem.runtime.engine_api import ChatMessage
+from tandem.runtime.generate import generate
+from tandem.runtime.sampling import SamplingParams
+
+
+@torch.inference_mode()
+def full_depth_argmax(model, prompt: list[int], answer: list[int]) -> list[int]:
+    """Full-depth argmax at each answer position (given the answer's own prefix)."""
+    ids = prompt + answer[:-1]
+    kv = model.new_kv()
+    h = model.run_sequence(model.embed(torch.tensor(ids)), kv, 0, 0, model.cfg.n_layers)
+    return model.logits(h[len(prompt) - 1 :]).argmax(-1).tolist()
+
+
+def run(args: argparse.Namespace) -> dict:
+    spec = ModelRegistry().get(args.model)
+    quant = args.quant or spec.default_quant
+    lm = load_model(spec, LoadOptions(quant=quant, exits=True))
+    heads = [h for h in lm.heads if args.split is None or h.cfg.layer <= args.split]
+    dec = ExitDecoder(lm.model, heads)
+    train = frozenset(x.prompt for x in load_instructions("train", args.train_prompts))
+    ins = load_instructions("heldout", args.prompts, args.seed, exclude=train)
+    prompts = [lm.codec.encode_chat([ChatMessage(role="user", content=x.prompt)]) for x in ins]
+    params = SamplingParams(max_tokens=args.max_new, temperature=0.0)
+    generate(dec, prompts[0][:16], SamplingParams(max_tokens=4, temperature=0.0))  # warm-up
+    full: list[tuple[int, ...]] = []
+    rows = []
+    for tau in [1.0, *args.taus]:
+        n_tok, n_exit, n_agree, same, secs = 0, 0, 0, 0, 0.0
+        per_layer: dict[int, int] = {}
+        for i, p in enumerate(prompts):
+            t = time.perf_counter()
+            g = generate(dec, p, params, tau, lm.codec.eos_ids)
+            secs += time.perf_counter() - t
+            n_tok += len(g.token_ids)
+            if tau == 1.0:
+                full.append(g.token_ids)
+                continue
+            same += g.token_ids == full[i]
+            exited = [j for j, e in enumerate(g.exit_layers) if e < lm.model.cfg.n_layers]
+            if exited:
+                ref = full_depth_argmax(lm.model, p, list(g.token_ids))
+                n_agree += sum(g.token_ids[j] == ref[j] for j in exited)
+            n_exit += len(exited)
+            for j in exited:
+                per_layer[g.exit_layers[j]] = per_layer.get(g.exit_layers[j], 0) + 1
+        row = {
+            "tau": tau,
+            "tokens": n_tok,
+            "tok_per_s": round(n_tok / secs, 2),
+            "exited": round(n_exit / n_tok, 4) if tau < 1.0 else 0.0,
+            "exited_agreement": round(n_agree / n_exit, 4) if n_exit else None,
+            "by_layer": {str(k): round(v / n_tok, 4) for k, v in sorted(per_layer.items())},
+            "identical_answers": round(same / len(prompts), 4) if tau < 1.0 else 1.0,
+        }
+        rows.append(row)
+        print(f"[freerun {args.model}] {row}", file=sys.stderr, flush=True)
+    base = rows[0]["tok_per_s"]
+    for r in rows:
+        r["speedup"] = round(r["tok_per_s"] / base, 3)
+    return {
+        "model": args.model,
+        "quant": quant,
+        "split": args.split,
+        "heads": [h.cfg.layer for h in heads],
+        "prompts": len(prompts),
+        "max_new": args.max_new,
+        "threads": args.threads,
+        "rows": rows,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tandem.calibration.freerun")
+    p.add_argument("--model", required=True)
+    p.add_argument("--quant")
+    p.add_argument("--split", type=int)
+    p.add_argument("--taus", default="0.8,0.9,0.95")
+    p.add_argument("--prompts", type=int, default=12)
+    p.add_argument("--max-new", type=int, default=48)
+    p.add_argument("--train-prompts", type=int, default=4000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--report", default="docs/bench/exits_sd.json")
+    args = p.parse_args(argv)
+    args.taus = [float(t) for t in args.taus.split(",")]
+    torch.set_num_threads(args.threads)
+    result = run(args)
+    path = Path(args.report)
+    blob = json.loads(path.read_text()) if path.exists() else {}
+    key = "freerun" if args.split is None else f"freerun_split{args.split}"
+    blob.setdefault("models", {}).setdefault(args.model, {})[key] = result
+    path.write_text(json.dumps(blob, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
