@@ -9,6 +9,10 @@ way it would handle a local engine:
             async for chunk in chunks:
                 ...
 
+Each chunk is one message of the stream: every token the node produced since its previous
+write (per-token ids, exit layers and sources in order); `whole_answer=True` (for a caller
+that needs only the whole answer) lets the node send it all in one message at the end.
+
 Closing the `generate` iterator early cancels the call; the node then aborts the request.
 Every failure is an `EdgeRpcError` (with the gRPC `code`); the ones with an engine
 equivalent also subclass it: `EdgeOverloaded` is an `EngineOverloaded`, `EdgeInvalidRequest`
@@ -30,6 +34,7 @@ from tandem.runtime.engine_api import (
     FinishReason,
     GenerationChunk,
     PromptTooLong,
+    TokenSource,
 )
 from tandem.runtime.sampling import SamplingParams
 from tandem.transport.grpc_tls import TlsConfig, aio_channel
@@ -47,6 +52,11 @@ _FINISH: dict[int, FinishReason | None] = {
     edge_pb2.FINISH_REASON_STOP: "stop",
     edge_pb2.FINISH_REASON_LENGTH: "length",
     edge_pb2.FINISH_REASON_ABORT: "abort",
+}
+_SOURCES: dict[int, TokenSource] = {
+    edge_pb2.TOKEN_SOURCE_EDGE: "edge",
+    edge_pb2.TOKEN_SOURCE_CLOUD: "cloud",
+    edge_pb2.TOKEN_SOURCE_FALLBACK: "fallback",
 }
 
 
@@ -140,12 +150,15 @@ def build_generate_request(
     token_ids: Sequence[int] | None = None,
     params: SamplingParams | None = None,
     request_id: str = "",
+    whole_answer: bool = False,
 ) -> edge_pb2.GenerateRequest:
     """Exactly one of prompt, messages, token_ids. Raises ValueError otherwise."""
     if sum(x is not None for x in (prompt, messages, token_ids)) != 1:
         raise ValueError("pass exactly one of prompt, messages, token_ids")
     req = edge_pb2.GenerateRequest(
-        request_id=request_id, sampling=sampling_to_proto(params or SamplingParams())
+        request_id=request_id,
+        sampling=sampling_to_proto(params or SamplingParams()),
+        whole_answer=whole_answer,
     )
     if prompt is not None:
         req.prompt = prompt
@@ -162,6 +175,7 @@ def build_generate_request(
 
 
 def chunk_from_proto(msg: edge_pb2.GenerateChunk) -> GenerationChunk:
+    """One engine chunk per message (it may hold several tokens)."""
     return GenerationChunk(
         text=msg.text,
         token_ids=tuple(msg.token_ids),
@@ -169,6 +183,7 @@ def chunk_from_proto(msg: edge_pb2.GenerateChunk) -> GenerationChunk:
         prompt_tokens=msg.prompt_tokens,
         completion_tokens=msg.completion_tokens,
         finish_reason=_FINISH.get(msg.finish_reason),
+        sources=tuple(_SOURCES.get(s, "edge") for s in msg.sources),
     )
 
 
@@ -212,15 +227,18 @@ class EdgeClient:
         params: SamplingParams | None = None,
         request_id: str = "",
         timeout: float | None = None,
+        whole_answer: bool = False,
     ) -> AsyncIterator[GenerationChunk]:
         """Stream chunks for one request (exactly one of prompt, messages, token_ids).
-        `timeout` bounds the whole stream (a gRPC deadline)."""
+        `timeout` bounds the whole stream (a gRPC deadline). `whole_answer`: the caller
+        waits for the end anyway, so the node may send everything in one chunk."""
         request = build_generate_request(
             prompt=prompt,
             messages=messages,
             token_ids=token_ids,
             params=params,
             request_id=request_id,
+            whole_answer=whole_answer,
         )
         call = self._get_stub().Generate(request, timeout=timeout, metadata=self._metadata)
         try:

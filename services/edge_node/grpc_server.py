@@ -8,6 +8,12 @@ Error mapping (the gRPC status, plus a `tandem-error` trailing-metadata key that
     EngineOverloaded  -> RESOURCE_EXHAUSTED  tandem-error: overloaded
     anything else     -> INTERNAL            tandem-error: internal
 
+Output is written in chunks, never one message per token when more are ready: while one write
+is on its way, what the engine produces next is gathered and goes out as the next message
+(one message per token only when the engine is slower than the stream, as at batch 1). A
+request with `whole_answer` (a non-streaming caller) gets its output in one message at the
+end. Per-token data (ids, exit layers, sources) stays per token in the repeated fields.
+
 A cancelled call (client gone, deadline passed) closes the engine's iterator, which aborts
 the request and frees its KV cache. With a token configured, Generate and Info require the
 metadata `authorization: Bearer <token>`; Health never does (probes carry no credentials).
@@ -15,9 +21,11 @@ metadata `authorization: Bearer <token>`; Health never does (probes carry no cre
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -52,6 +60,11 @@ _FINISH: dict[str | None, int] = {
     "length": edge_pb2.FINISH_REASON_LENGTH,
     "abort": edge_pb2.FINISH_REASON_ABORT,
 }
+_SOURCES: dict[str, int] = {
+    "edge": edge_pb2.TOKEN_SOURCE_EDGE,
+    "cloud": edge_pb2.TOKEN_SOURCE_CLOUD,
+    "fallback": edge_pb2.TOKEN_SOURCE_FALLBACK,
+}
 
 
 def sampling_from_proto(
@@ -76,15 +89,75 @@ def sampling_from_proto(
     )
 
 
-def chunk_to_proto(chunk: GenerationChunk) -> edge_pb2.GenerateChunk:
+def chunks_to_proto(chunks: Sequence[GenerationChunk]) -> edge_pb2.GenerateChunk:
+    """One message for consecutive engine chunks (at least one): their text joined, their
+    per-token fields concatenated, the counts and finish reason of the last."""
+    last = chunks[-1]
+    if len(chunks) == 1:
+        text, ids, layers, sources = last.text, last.token_ids, last.exit_layers, last.sources
+    else:
+        text = "".join(c.text for c in chunks)
+        ids = [t for c in chunks for t in c.token_ids]
+        layers = [x for c in chunks for x in c.exit_layers]
+        sources = [s for c in chunks for s in c.sources]
     return edge_pb2.GenerateChunk(
-        text=chunk.text,
-        token_ids=chunk.token_ids,
-        exit_layers=chunk.exit_layers,
-        prompt_tokens=chunk.prompt_tokens,
-        completion_tokens=chunk.completion_tokens,
-        finish_reason=_FINISH[chunk.finish_reason],
+        text=text,
+        token_ids=ids,
+        exit_layers=layers,
+        sources=[_SOURCES[s] for s in sources],
+        prompt_tokens=last.prompt_tokens,
+        completion_tokens=last.completion_tokens,
+        finish_reason=_FINISH[last.finish_reason],
     )
+
+
+def chunk_to_proto(chunk: GenerationChunk) -> edge_pb2.GenerateChunk:
+    return chunks_to_proto((chunk,))
+
+
+async def write_coalesced(
+    stream: AsyncIterator[GenerationChunk], context: grpc.aio.ServicerContext
+) -> None:
+    """Write `stream` to the call: each message carries everything the engine produced
+    while the previous write was in flight (the first chunk goes out at once). Reading the
+    engine never waits for the network."""
+    pending: list[GenerationChunk] = []
+    wake = asyncio.Event()
+    ended = False
+
+    async def writer() -> None:
+        nonlocal pending
+        while True:
+            if not pending:
+                if ended:
+                    return
+                wake.clear()
+                await wake.wait()
+                continue
+            batch, pending = pending, []
+            await context.write(chunks_to_proto(batch))
+
+    task = asyncio.create_task(writer())
+    error: Exception | None = None
+    try:
+        try:
+            async for chunk in stream:
+                pending.append(chunk)
+                wake.set()
+                if task.done():  # the write failed: stop reading (its error is raised below)
+                    break
+        except Exception as exc:  # the engine failed: first deliver what it produced
+            error = exc
+        ended = True
+        wake.set()
+        await task
+    finally:
+        if not task.done():  # cancelled
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    if error is not None:
+        raise error
 
 
 def _error_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -151,7 +224,7 @@ class EdgeServicer(edge_pb2_grpc.EdgeNodeServicer):
 
     async def Generate(
         self, request: edge_pb2.GenerateRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[edge_pb2.GenerateChunk]:
+    ) -> None:
         error: Exception | None = None
         try:
             engine_request = self._to_engine_request(request)
@@ -166,16 +239,20 @@ class EdgeServicer(edge_pb2_grpc.EdgeNodeServicer):
         try:
             # generate() may raise right away or on the first __anext__; both are handled.
             stream = self._engine.generate(engine_request)
-            async for chunk in stream:
-                yield chunk_to_proto(chunk)
+            if request.whole_answer:
+                chunks = [chunk async for chunk in stream]
+                if chunks:
+                    await context.write(chunks_to_proto(chunks))
+            else:
+                await write_coalesced(stream, context)
         except (ValueError, EngineOverloaded) as exc:
             error = exc
         except Exception as exc:
             log.exception("generate %s failed", engine_request.request_id)
             error = exc
         finally:
-            # Runs on normal end, on error, and on cancellation (CancelledError /
-            # GeneratorExit thrown in at the yield or the await): the engine frees the KV.
+            # Runs on normal end, on error, and on cancellation (CancelledError thrown in at
+            # an await): the engine frees the KV.
             if stream is not None:
                 await _aclose(stream)
         if error is not None:

@@ -11,6 +11,7 @@ from tandem.runtime.engine_api import (
     GenerationChunk,
     GenerationRequest,
     PromptTooLong,
+    TokenSource,
 )
 
 
@@ -20,8 +21,11 @@ class FakeEngine:
     The exit layer of token i is 2 when i is odd, else `n_layers`. `hang_after` makes the
     stream block forever after that many tokens (to test cancellation); `overloaded` makes
     `generate` raise EngineOverloaded before the first chunk; `fail_after` raises a
-    RuntimeError after that many tokens. `plain_iterator` returns a hand-written iterator
-    (not an async generator) whose `aclose` only runs if the front end calls it.
+    RuntimeError after that many tokens. From token `burst_after` on, chunks come without
+    yielding to the event loop in between (as from an engine queue with a backlog), so a
+    front end sees them all ready at once. `sources` (cycled) labels the tokens' sources.
+    `plain_iterator` returns a hand-written iterator (not an async generator) whose `aclose`
+    only runs if the front end calls it.
     """
 
     model_id = "fake-model"
@@ -36,12 +40,16 @@ class FakeEngine:
         fail_after: int | None = None,
         depth: int = 0,
         plain_iterator: bool = False,
+        burst_after: int | None = None,
+        sources: Sequence[TokenSource] = (),
     ) -> None:
         self.overloaded = overloaded
         self.hang_after = hang_after
         self.fail_after = fail_after
         self.depth = depth
         self.plain_iterator = plain_iterator
+        self.burst_after = burst_after
+        self.sources = tuple(sources)
         self.requests: list[GenerationRequest] = []
         self.chats: list[tuple[ChatMessage, ...]] = []
         self.started = asyncio.Event()
@@ -81,7 +89,8 @@ class FakeEngine:
                     await asyncio.Event().wait()
                 if self.fail_after is not None and i >= self.fail_after:
                     raise RuntimeError("kernel exploded")
-                await asyncio.sleep(0)
+                if self.burst_after is None or i < self.burst_after:
+                    await asyncio.sleep(0)
                 yield GenerationChunk(
                     text=f"word{i} ",
                     token_ids=(100 + i,),
@@ -89,6 +98,7 @@ class FakeEngine:
                     prompt_tokens=n_prompt,
                     completion_tokens=i + 1,
                     finish_reason="length" if i == n - 1 else None,
+                    sources=(self.sources[i % len(self.sources)],) if self.sources else (),
                 )
             self.completed = True
         finally:

@@ -71,25 +71,77 @@ def trailing(err: grpc.aio.AioRpcError, key: str) -> str | None:
     return dict(err.trailing_metadata() or ()).get(key)
 
 
+def tokens(chunks: list[Any]) -> tuple[list[int], list[int], list[str], str]:
+    """The per-token view of a stream of (possibly multi-token) chunks."""
+    ids = [t for c in chunks for t in c.token_ids]
+    layers = [x for c in chunks for x in c.exit_layers]
+    sources = [s for c in chunks for s in c.sources]
+    return ids, layers, sources, "".join(c.text for c in chunks)
+
+
 def test_generate_streams_chunks() -> None:
     async def body() -> None:
-        engine = FakeEngine()
+        engine = FakeEngine(sources=("edge", "cloud", "fallback"))
         params = SamplingParams(
             max_tokens=3, temperature=0.5, top_p=0.9, seed=7, stop=("x", "yz"), ignore_eos=True
         )
         async with serving(engine) as (_, client, _stub):
             chunks = await collect(client.generate(prompt="hello", params=params, request_id="r1"))
-        assert [c.text for c in chunks] == ["word0 ", "word1 ", "word2 "]
-        assert [c.token_ids for c in chunks] == [(100,), (101,), (102,)]
-        assert [c.exit_layers for c in chunks] == [(4,), (2,), (4,)]
-        assert [c.completion_tokens for c in chunks] == [1, 2, 3]
+        ids, layers, sources, text = tokens(chunks)
+        assert text == "word0 word1 word2 "
+        assert ids == [100, 101, 102]
+        assert layers == [4, 2, 4]
+        assert sources == ["edge", "cloud", "fallback"]
+        assert chunks[0].token_ids == (100,)  # the first token goes out on its own, at once
+        assert [c.completion_tokens for c in chunks][-1] == 3
+        assert all(len(c.token_ids) == len(c.exit_layers) >= 1 for c in chunks)
         assert all(c.prompt_tokens == 5 for c in chunks)
-        assert [c.finish_reason for c in chunks] == [None, None, "length"]
+        assert [c.finish_reason for c in chunks][-1] == "length"
+        assert all(c.finish_reason is None for c in chunks[:-1])
         (req,) = engine.requests
         assert req.request_id == "r1"
         assert req.prompt_ids == tuple(ord(c) for c in "hello")
         assert req.params == params
         assert engine.completed and engine.closed.is_set()
+
+    run(body())
+
+
+def test_tokens_ready_together_go_out_in_one_message() -> None:
+    """Six tokens ready at once (an engine backlog): one message, per-token data intact."""
+
+    async def body() -> None:
+        engine = FakeEngine(burst_after=0, sources=("edge", "cloud"))
+        async with serving(engine) as (_, _client, stub):
+            request = edge_pb2.GenerateRequest(
+                prompt="hi", sampling=edge_pb2.SamplingParams(max_tokens=6)
+            )
+            chunks = await collect(stub.Generate(request))
+        (chunk,) = chunks
+        assert list(chunk.token_ids) == [100, 101, 102, 103, 104, 105]
+        assert list(chunk.exit_layers) == [4, 2, 4, 2, 4, 2]
+        assert list(chunk.sources) == [edge_pb2.TOKEN_SOURCE_EDGE, edge_pb2.TOKEN_SOURCE_CLOUD] * 3
+        assert chunk.text == "".join(f"word{i} " for i in range(6))
+        assert chunk.completion_tokens == 6
+        assert chunk.finish_reason == edge_pb2.FINISH_REASON_LENGTH
+
+    run(body())
+
+
+def test_whole_answer_comes_in_one_message() -> None:
+    async def body() -> None:
+        engine = FakeEngine()
+        async with serving(engine) as (_, client, _stub):
+            chunks = await collect(
+                client.generate(prompt="hi", params=SamplingParams(5), whole_answer=True)
+            )
+            streamed = await collect(client.generate(prompt="hi", params=SamplingParams(5)))
+        (chunk,) = chunks
+        assert tokens(chunks) == tokens(streamed)
+        assert chunk.token_ids == (100, 101, 102, 103, 104)
+        assert chunk.completion_tokens == 5
+        assert chunk.finish_reason == "length"
+        assert len(streamed) > 1  # streaming does not wait for the end
 
     run(body())
 
@@ -251,7 +303,7 @@ def test_engine_failure_mid_stream_is_internal() -> None:
                     seen.append(chunk)
         assert info.value.code == grpc.StatusCode.INTERNAL
         assert "kernel exploded" in info.value.details
-        assert [c.text for c in seen] == ["word0 ", "word1 "]
+        assert "".join(c.text for c in seen) == "word0 word1 "  # delivered before the error
         assert engine.closed.is_set()
 
     run(body())
