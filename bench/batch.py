@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from bench.edge import OUT, ROOT, THREADS, _run_side
+from bench.edge import OUT, ROOT, THREADS, _bw_all, _run_side
 from bench.machine import cpu_name, read_bandwidth_gbs
 
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
@@ -137,8 +137,9 @@ def render(data: dict) -> str:
         "# Batched decode: Tandem vs vLLM CPU (`make bench-batch`)",
         "",
         f"Machine: {data['machine']}. Measured read bandwidth in this run: **{bw:.1f} GB/s** "
-        f"({THREADS}-thread torch sum over 512 MB, best of 7; the higher of before / after the "
-        f"models: {data['bandwidth_before_gbs']:.1f} / {data['bandwidth_after_gbs']:.1f}).",
+        f"({THREADS}-thread torch sum over 512 MB, best of 7; the highest of before, between "
+        "and after the models: "
+        f"{' / '.join(f'{x:.1f}' for x in _bw_all(data))}).",
         "",
         f"Both sides: {THREADS} threads, each in its own process, the same {PROMPT_TOKENS}-token "
         f"prompts (held-out corpus text, a different one per sequence), {s['new_tokens']} new "
@@ -272,13 +273,17 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(THREADS)
     bw_before = read_bandwidth_gbs(threads=THREADS)
     print(f"[bench-batch] read bandwidth {bw_before:.1f} GB/s", file=sys.stderr)
-    rows = [bench_model(m, a) for m in a.models.split(",")]
+    rows, bw_between = [], []
+    for m in a.models.split(","):
+        bw_between.append(read_bandwidth_gbs(threads=THREADS))
+        rows.append(bench_model(m, a))
     bw_after = read_bandwidth_gbs(threads=THREADS)
     data = {
         "machine": f"{cpu_name()}, torch {torch.__version__}",
-        "bandwidth_gbs": max(bw_before, bw_after),
+        "bandwidth_gbs": max(bw_before, bw_after, *bw_between),
         "bandwidth_before_gbs": bw_before,
         "bandwidth_after_gbs": bw_after,
+        "bandwidth_between_gbs": bw_between,
         "vllm_version": next((r["vllm"]["version"] for r in rows if r.get("vllm")), None),
         "settings": {
             "threads": THREADS,
