@@ -345,7 +345,9 @@ def plot(data: dict, path: Path) -> None:
             ratio = r.ratio(attr)
             if ratio:
                 top = max(ours[i], cpp[i])
-                ax.annotate(f"{ratio:.2f}×", (i, top * 1.13), ha="center", fontsize=8, weight="bold")
+                ax.annotate(
+                    f"{ratio:.2f}×", (i, top * 1.13), ha="center", fontsize=8, weight="bold"
+                )
         ax.set_xticks(list(x), models)
         ax.set_title(title)
         ax.set_ylim(0, max([*ours, *cpp, 1.0]) * 1.3)
