@@ -62,7 +62,7 @@ test: setup proto redis
 # (tandem.calibration.selfdistill -> sd_heads -> freerun -> report_sd). Prompt counts are
 # fixed (deterministic data); on 2 shared cores a batch of 32 prompts takes ~4 min (qwen05)
 # and ~12 min (qwen15).
-SD_PROMPTS ?= qwen05=128 qwen15=64
+SD_PROMPTS ?= qwen05=160 qwen15=64
 calibrate: setup
 	$(PY) -m tandem.calibration --models smollm2,gemma3 --out artifacts/exits --report docs/bench
 	for mp in $(SD_PROMPTS); do \
@@ -70,7 +70,7 @@ calibrate: setup
 	  $(PY) -m tandem.calibration.selfdistill --model $$m --prompts $$n || exit 1; \
 	done
 	$(PY) -m tandem.calibration.sd_heads --models qwen05,qwen15
-	$(PY) -m tandem.calibration.freerun --model qwen05
+	$(PY) -m tandem.calibration.freerun --model qwen05 --prompts 10 --taus 0.9,0.95
 	$(PY) -m tandem.calibration.freerun --model qwen15 --prompts 6 --max-new 32
 	$(PY) -m tandem.calibration.freerun --model qwen15 --split 14 --prompts 6 --max-new 32
 	$(PY) -m tandem.calibration.report_sd

@@ -41,10 +41,27 @@ def full_depth_argmax(model, prompt: list[int], answer: list[int]) -> list[int]:
     return model.logits(h[len(prompt) - 1 :]).argmax(-1).tolist()
 
 
+@torch.inference_mode()
+def head_cost_ms(lm, reps: int = 200) -> dict[str, float]:
+    """ms per token of each served head (one row), and of one decoder layer for scale."""
+    out = {}
+    h = torch.randn(1, lm.model.cfg.hidden_size, dtype=torch.bfloat16)
+    for head in lm.heads:
+        for _ in range(10):
+            head(h)
+        t = time.perf_counter()
+        for _ in range(reps):
+            head(h)
+        out[f"L{head.cfg.layer}"] = round((time.perf_counter() - t) / reps * 1e3, 3)
+    return out
+
+
 def run(args: argparse.Namespace) -> dict:
     spec = ModelRegistry().get(args.model)
     quant = args.quant or spec.default_quant
     lm = load_model(spec, LoadOptions(quant=quant, exits=True))
+    cost = head_cost_ms(lm)
+    print(f"[freerun {args.model}] head ms/token {cost}", file=sys.stderr, flush=True)
     heads = [h for h in lm.heads if args.split is None or h.cfg.layer <= args.split]
     dec = ExitDecoder(lm.model, heads)
     train = frozenset(x.prompt for x in load_instructions("train", args.train_prompts))
@@ -54,7 +71,7 @@ def run(args: argparse.Namespace) -> dict:
     generate(dec, prompts[0][:16], SamplingParams(max_tokens=4, temperature=0.0))  # warm-up
     full: list[tuple[int, ...]] = []
     rows = []
-    for tau in [1.0, *args.taus]:
+    for tau in [1.0, *args.taus] if args.taus else []:
         n_tok, n_exit, n_agree, same, secs = 0, 0, 0, 0, 0.0
         per_layer: dict[int, int] = {}
         for i, p in enumerate(prompts):
@@ -84,7 +101,7 @@ def run(args: argparse.Namespace) -> dict:
         }
         rows.append(row)
         print(f"[freerun {args.model}] {row}", file=sys.stderr, flush=True)
-    base = rows[0]["tok_per_s"]
+    base = rows[0]["tok_per_s"] if rows else 0.0
     for r in rows:
         r["speedup"] = round(r["tok_per_s"] / base, 3)
     return {
@@ -95,6 +112,7 @@ def run(args: argparse.Namespace) -> dict:
         "prompts": len(prompts),
         "max_new": args.max_new,
         "threads": args.threads,
+        "head_ms": cost,
         "rows": rows,
     }
 
@@ -112,13 +130,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--report", default="docs/bench/exits_sd.json")
     args = p.parse_args(argv)
-    args.taus = [float(t) for t in args.taus.split(",")]
+    args.taus = [float(t) for t in args.taus.split(",") if t]
     torch.set_num_threads(args.threads)
     result = run(args)
     path = Path(args.report)
     blob = json.loads(path.read_text()) if path.exists() else {}
-    key = "freerun" if args.split is None else f"freerun_split{args.split}"
-    blob.setdefault("models", {}).setdefault(args.model, {})[key] = result
+    entry = blob.setdefault("models", {}).setdefault(args.model, {})
+    if result["rows"]:
+        entry["freerun" if args.split is None else f"freerun_split{args.split}"] = result
+    entry["head_ms"] = result["head_ms"]
     path.write_text(json.dumps(blob, indent=1) + "\n")
     return 0
 

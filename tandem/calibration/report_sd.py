@@ -119,8 +119,8 @@ def render_sd(models: dict) -> list[str]:
             rows = [
                 [
                     f"{r['tau']:.2f}",
-                    f"{r['tok_per_s']:.1f}",
-                    f"{r['speedup']:.2f}x",
+                    "–" if r["tok_per_s"] is None else f"{r['tok_per_s']:.1f}",
+                    "–" if r["speedup"] is None else f"{r['speedup']:.2f}x",
                     _pct(r["exited"]),
                     _pct(r["exited_agreement"]),
                     ", ".join(f"L{k} {_pct(v)}" for k, v in r["by_layer"].items()) or "–",
@@ -131,6 +131,11 @@ def render_sd(models: dict) -> list[str]:
             header = ["tau", "tok/s", "speed-up", "exited", "agreement (exited)"]
             lines += _table([*header, "by layer", "answers identical"], rows)
             lines.append("")
+            if fr.get("timing_note"):
+                lines += [fr["timing_note"], ""]
+        if m.get("head_ms"):
+            cost = ", ".join(f"{k} {v:.2f} ms" for k, v in m["head_ms"].items())
+            lines += [f"Head cost per token (served quantization, one row): {cost}.", ""]
         if m.get("notes"):
             lines += [m["notes"], ""]
     return lines
