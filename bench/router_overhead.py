@@ -10,6 +10,11 @@ drift and order effects cancel:
 - routed: POST router `/v1/completions` (router HTTP front door, validation and budgets,
   RouteReport, then gRPC to the edge node's gRPC server).
 
+With `--baseline REF` (default: the commit before chunked gRPC, issue 12) a third target
+runs in the same interleaving: the router as it was at REF (`git archive` of `services/` and
+`tandem/` into a temporary directory, started with `bench.run_from`), against the same edge
+node, so before and after are measured in one run on the same machine state.
+
 One persistent `httpx.Client` per target; the time is the client's wall time per request.
 Both must return the same text and `usage.completion_tokens` (checked). A streaming variant
 measures the time to the first content chunk (TTFT) and to the end of the stream.
@@ -31,6 +36,7 @@ import json
 import math
 import platform
 import statistics
+import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
@@ -46,6 +52,9 @@ from tandem.launch import ServiceProcess, free_port
 OUT = Path("docs/bench")
 PROMPT = "The three primary colors are"
 MODEL = "smollm2"
+# The router before issue 12's work (one gRPC message per token, a task per request): the
+# "before" target. `--baseline none` skips it.
+BASELINE_REF = "072b2352cf4d2c446d969297eed4b6ffc93806a0"
 
 
 # -- statistics (pure) -------------------------------------------------------------------
@@ -124,7 +133,7 @@ def router_config(port: int, grpc_port: int) -> dict:
     return {
         "host": "127.0.0.1",
         "port": port,
-        "health": {"interval_s": 0.5, "timeout_s": 1.0, "failure_threshold": 2},
+        "health": {"interval_s": 1.0, "timeout_s": 1.0, "failure_threshold": 2},  # the default
         "gate": None,
         "experts": [
             {
@@ -137,8 +146,25 @@ def router_config(port: int, grpc_port: int) -> dict:
     }
 
 
-def start_services(tmp: Path) -> tuple[list[ServiceProcess], str, str]:
-    """(processes, edge base URL, router base URL), both serving."""
+def extract_baseline(ref: str, into: Path) -> Path:
+    """The router's code (`services/`, `tandem/`) at git `ref`, in `into`/code."""
+    root = Path(__file__).resolve().parents[1]
+    code = into / "code"
+    code.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "-C", str(root), "archive", ref, "services", "tandem"],
+        check=True,
+        capture_output=True,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(code)], input=archive, check=True)
+    return code
+
+
+def start_services(
+    tmp: Path, baseline: Path | None = None
+) -> tuple[list[ServiceProcess], dict[str, str]]:
+    """(processes, base URL per target: direct = the edge node, routed = the router,
+    before = the router from `baseline`'s code if given), all serving."""
     procs: list[ServiceProcess] = []
     try:
         edge_port, grpc_port, router_port = free_port(), free_port(), free_port()
@@ -163,11 +189,25 @@ def start_services(tmp: Path) -> tuple[list[ServiceProcess], str, str]:
             "router", ["services.router.main", "--config", str(config)], tmp
         )
         procs.append(router)
-        edge_url = f"http://127.0.0.1:{edge_port}"
-        router_url = f"http://127.0.0.1:{router_port}"
-        edge.wait_http(f"{edge_url}/health", timeout=150)
-        router.wait_http(f"{router_url}/ready", timeout=60)
-        return procs, edge_url, router_url
+        urls = {
+            "direct": f"http://127.0.0.1:{edge_port}",
+            "routed": f"http://127.0.0.1:{router_port}",
+        }
+        if baseline is not None:
+            old_port = free_port()
+            old_config = tmp / "router_before.yaml"
+            old_config.write_text(yaml.safe_dump(router_config(old_port, grpc_port)))
+            args = ["services.router.main", "--config", str(old_config)]
+            old = ServiceProcess.start(
+                "router_before", ["bench.run_from", str(baseline), *args], tmp
+            )
+            procs.append(old)
+            urls["before"] = f"http://127.0.0.1:{old_port}"
+        edge.wait_http(f"{urls['direct']}/health", timeout=150)
+        router.wait_http(f"{urls['routed']}/ready", timeout=60)
+        if baseline is not None:
+            procs[-1].wait_http(f"{urls['before']}/ready", timeout=60)
+        return procs, urls
     except BaseException:
         stop_all(procs)
         raise
@@ -254,37 +294,44 @@ def stream(client: httpx.Client, body: dict) -> StreamCall:
     return StreamCall(ttft, total, "".join(parts))
 
 
+def _rounds(clients: dict[str, httpx.Client], n: int):
+    """`n` rounds over every target, the order rotating each round (so each target is
+    first, second, ... equally often): yields (round, name, client)."""
+    names = list(clients)
+    for i in range(n):
+        k = i % len(names)
+        for name in names[k:] + names[:k]:
+            yield i, name, clients[name]
+
+
 def _interleaved(
-    clients: tuple[httpx.Client, httpx.Client],
+    clients: dict[str, httpx.Client],
     body: dict,
     n: int,
     reference: Call,
     pids: dict[str, int],
 ) -> dict[str, list]:
-    """`n` non-streaming pairs, direct and routed in alternating order; each answer must equal
+    """`n` non-streaming rounds over the targets in rotating order; each answer must equal
     `reference`. Also the CPU time each service spent per request (read between requests,
     outside the timed window)."""
-    out: dict[str, list] = {"direct": [], "routed": []}
-    out.update({f"cpu_{p}_{k}": [] for p in pids for k in ("direct", "routed")})
-    order = ((clients[0], "direct"), (clients[1], "routed"))
-    for i in range(n):
-        for client, key in order if i % 2 == 0 else order[::-1]:
-            before = {p: cpu_ms(pid) for p, pid in pids.items()}
-            call = complete(client, body)
-            for p, pid in pids.items():
-                out[f"cpu_{p}_{key}"].append(cpu_ms(pid) - before[p])
-            if call.text != reference.text or call.completion_tokens != reference.completion_tokens:
-                raise RuntimeError(
-                    f"{key} #{i}: {call.text!r} ({call.completion_tokens} tokens) differs "
-                    f"from {reference.text!r} ({reference.completion_tokens} tokens)"
-                )
-            out[key].append(call)
+    out: dict[str, list] = {key: [] for key in clients}
+    out.update({f"cpu_{p}_{k}": [] for p in pids for k in clients})
+    for i, key, client in _rounds(clients, n):
+        before = {p: cpu_ms(pid) for p, pid in pids.items()}
+        call = complete(client, body)
+        for p, pid in pids.items():
+            out[f"cpu_{p}_{key}"].append(cpu_ms(pid) - before[p])
+        if call.text != reference.text or call.completion_tokens != reference.completion_tokens:
+            raise RuntimeError(
+                f"{key} #{i}: {call.text!r} ({call.completion_tokens} tokens) differs "
+                f"from {reference.text!r} ({reference.completion_tokens} tokens)"
+            )
+        out[key].append(call)
     return out
 
 
 def measure_http(
-    edge_url: str,
-    router_url: str,
+    urls: dict[str, str],
     body: dict,
     pids: dict[str, int],
     *,
@@ -293,32 +340,30 @@ def measure_http(
     long_tokens: int,
     n_long: int,
 ) -> dict:
-    """Non-streaming pairs, streaming pairs, and (if `n_long`) non-streaming pairs with
+    """Non-streaming rounds, streaming rounds, and (if `n_long`) non-streaming rounds with
     `long_tokens` new tokens, to see whether the overhead grows with the answer."""
-    with (
-        httpx.Client(base_url=edge_url, timeout=60) as direct,
-        httpx.Client(base_url=router_url, timeout=60) as routed,
-    ):
-        clients = (direct, routed)
+    clients = {name: httpx.Client(base_url=url, timeout=60) for name, url in urls.items()}
+    try:
         for _ in range(3):  # warm-up: connections, the router's lazy gRPC channel
-            for client in clients:
+            for client in clients.values():
                 complete(client, body)
                 stream(client, body)
-        reference = complete(direct, body)
+        reference = complete(clients["direct"], body)
         out = {"reference": reference, "short": _interleaved(clients, body, n, reference, pids)}
-        streamed: dict[str, list[StreamCall]] = {"direct": [], "routed": []}
-        order = ((direct, "direct"), (routed, "routed"))
-        for i in range(n_stream):
-            for client, key in order if i % 2 == 0 else order[::-1]:
-                call = stream(client, body)
-                if call.text != reference.text:
-                    raise RuntimeError(f"{key} #{i}: streamed {call.text!r} != {reference.text!r}")
-                streamed[key].append(call)
+        streamed: dict[str, list[StreamCall]] = {key: [] for key in clients}
+        for i, key, client in _rounds(clients, n_stream):
+            call = stream(client, body)
+            if call.text != reference.text:
+                raise RuntimeError(f"{key} #{i}: streamed {call.text!r} != {reference.text!r}")
+            streamed[key].append(call)
         out["stream"] = streamed
         if n_long:
             long_body = {**body, "max_tokens": long_tokens}
-            out["long_reference"] = ref = complete(direct, long_body)
+            out["long_reference"] = ref = complete(clients["direct"], long_body)
             out["long"] = _interleaved(clients, long_body, n_long, ref, pids)
+    finally:
+        for client in clients.values():
+            client.close()
     return out
 
 
@@ -436,15 +481,36 @@ def table(rows: Sequence[Row]) -> list[str]:
 
 
 def cpu_table(cpu: dict[str, dict[str, float]]) -> list[str]:
-    lines = [
-        "| requests | edge CPU / direct request | edge CPU / routed request "
-        "| router CPU / routed request |",
-        "|---|---:|---:|---:|",
-    ]
+    before = all("router_before_before" in c for c in cpu.values())
+    head = "| requests | edge CPU / direct request | edge CPU / routed request "
+    head += "| router CPU / routed request |"
+    rule = "|---|---:|---:|---:|"
+    if before:
+        head += " edge CPU / request via the router before | router before CPU / request |"
+        rule += "---:|---:|"
+    lines = [head, rule]
     for name, c in cpu.items():
-        lines.append(
+        line = (
             f"| {name} | {c['edge_direct']:.1f} | {c['edge_routed']:.1f} "
             f"| {c['router_routed']:.1f} |"
+        )
+        if before:
+            line += f" {c['edge_before']:.1f} | {c['router_before_before']:.1f} |"
+        lines.append(line)
+    return lines
+
+
+def before_after_table(before: Sequence[Row], after: Sequence[Row]) -> list[str]:
+    lines = [
+        "| metric (ms) | before: routed p50 | before: overhead p50 | before: paired median "
+        "| after: routed p50 | after: overhead p50 | after: paired median |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for b, a in zip(before, after, strict=True):
+        lines.append(
+            f"| {a.metric} | {b.routed.p50:.1f} | {b.overhead_p50_ms:+.1f} "
+            f"| {b.paired_median_ms:+.1f} | {a.routed.p50:.1f} | {a.overhead_p50_ms:+.1f} "
+            f"| {a.paired_median_ms:+.1f} |"
         )
     return lines
 
@@ -472,7 +538,9 @@ def auto_table(auto: dict) -> list[str]:
     return lines
 
 
-def render(rows: Sequence[Row], auto: dict | None, meta: dict) -> str:
+def render(
+    rows: Sequence[Row], auto: dict | None, meta: dict, before: Sequence[Row] | None = None
+) -> str:
     ns = rows[0]
     lines = [
         "# Router overhead per request: through the router vs the expert directly",
@@ -486,9 +554,17 @@ def render(rows: Sequence[Row], auto: dict | None, meta: dict) -> str:
         "client is this process. Request: `/v1/completions`, prompt "
         f"{meta['prompt']!r}, temperature 0, max_tokens {meta['max_tokens']} (and "
         f"{meta['long_tokens']} in the last row). Direct = the edge node's own HTTP API; "
-        "routed = the router's HTTP API, which forwards over gRPC. Requests alternate "
-        "direct/routed (the order flips every pair), one persistent HTTP connection per "
-        "target, after 3 warm-up requests each. Every answer was checked to be the same text "
+        "routed = the router's HTTP API, which forwards over gRPC"
+        + (
+            f"; before = the router's code at `{meta['baseline'][:12]}` (before issue 12: one "
+            "gRPC message per token), started from a `git archive` of that commit, in front "
+            "of the same edge node"
+            if before is not None
+            else ""
+        )
+        + ". Requests go round the targets, the order rotating every round, one persistent "
+        "HTTP connection per target, after 3 warm-up requests each. Every answer was checked "
+        "to be the same text "
         f"({meta['completion_tokens']} completion tokens: {meta['text']!r}). Times are client "
         "wall times in ms; overhead = routed − direct of the same statistic; ratio = routed / "
         "direct; paired median = median over the interleaved pairs of (routed − direct), the "
@@ -500,6 +576,16 @@ def render(rows: Sequence[Row], auto: dict | None, meta: dict) -> str:
         "the tail's order of magnitude, not a precise figure. The box has 2 cores shared by "
         "the client, the router and the edge node (and whatever else ran), so tails are noisy.",
     ]
+    if before is not None:
+        lines += [
+            "",
+            "## Before and after, in this run",
+            "",
+            "The router before this change and after it, interleaved with the direct calls "
+            "(overhead = target − direct):",
+            "",
+            *before_after_table(before, rows),
+        ]
     if meta.get("headers"):
         lines += [
             "",
@@ -516,7 +602,7 @@ def render(rows: Sequence[Row], auto: dict | None, meta: dict) -> str:
             "(paired): that is the router's HTTP front door (body parse, validation, budgets, "
             "response) plus the client's loopback HTTP hop — the direct path pays a similar "
             "front door and hop at the edge node. The rest of the overhead is inside the "
-            "routed engine: the gRPC call and the edge node's gRPC server, chunk by chunk.",
+            "routed engine: the gRPC call and the edge node's gRPC server.",
             "",
             "CPU time per request (ms, mean; per-thread schedstat of each service process, "
             "read between requests):",
@@ -540,10 +626,22 @@ def render(rows: Sequence[Row], auto: dict | None, meta: dict) -> str:
     return "\n".join(lines)
 
 
-def discussion(rows: Sequence[Row], meta: dict, auto: dict | None) -> list[str]:
+def discussion(
+    rows: Sequence[Row], meta: dict, auto: dict | None, before: Sequence[Row] | None = None
+) -> list[str]:
     by = {r.metric: r for r in rows}
     ns = rows[0]
+    met = "met" if ns.overhead_p50_ms < 2.0 and ns.paired_median_ms < 2.0 else "not met"
     out = [
+        f"- Target (issue 12): the router adds under 2 ms at the median to an "
+        f"{meta['completion_tokens']}-token answer. Here: {ns.overhead_p50_ms:+.1f} ms "
+        f"(p50 difference), {ns.paired_median_ms:+.1f} ms (paired median): {met}."
+        + (
+            f" Before this change, in the same run: {before[0].overhead_p50_ms:+.1f} ms "
+            f"(p50 difference), {before[0].paired_median_ms:+.1f} ms (paired median)."
+            if before is not None
+            else ""
+        ),
         f"- Named expert, non-streaming, {meta['completion_tokens']} tokens: the router adds "
         f"{ns.overhead_p50_ms:+.1f} ms at the median ({(ns.ratio_p50 - 1) * 100:+.1f}%; "
         f"paired median {ns.paired_median_ms:+.1f} ms) to a {ns.direct.p50:.0f} ms request, "
@@ -574,12 +672,32 @@ def discussion(rows: Sequence[Row], meta: dict, auto: dict | None) -> list[str]:
         out.append(
             f"- Per token: with {meta['long_completion_tokens']} tokens the overhead is "
             f"{long.paired_median_ms:+.1f} ms (paired median; ratio {long.ratio_p50:.3f}), "
-            f"i.e. {per_token:+.2f} ms per extra token on top of the per-request part. Each "
-            "token crosses the gRPC stream as its own message; per extra token the router "
-            f"spends {router_tok:+.2f} ms CPU and the edge node {edge_tok:+.2f} ms more CPU "
-            "when it serves over gRPC than over HTTP (table above). On this 2-core box that "
-            "CPU competes with the edge node's decode thread, so it shows up as latency."
+            f"i.e. {per_token:+.2f} ms per extra token on top of the per-request part. A "
+            "non-streaming answer crosses gRPC as one message (`whole_answer`); a stream as "
+            "whatever the engine produced while the previous write was in flight (one "
+            "message per token only when the engine is slower than the stream, as at batch "
+            f"1). Per extra token the router spends {router_tok:+.2f} ms CPU and the edge "
+            f"node {edge_tok:+.2f} ms more CPU when it serves over gRPC than over HTTP (table "
+            "above)."
         )
+        if "router_before_before" in c_short:
+            old_router = (c_long["router_before_before"] - c_short["router_before_before"]) / extra
+            old_edge = (
+                (c_long["edge_before"] - c_long["edge_direct"])
+                - (c_short["edge_before"] - c_short["edge_direct"])
+            ) / extra
+            old_long = before[-1] if before is not None else None
+            out[-1] += (
+                f" The router before this change (one message per token), in the same run: "
+                f"{old_router:+.2f} ms router CPU and {old_edge:+.2f} ms edge CPU per extra "
+                "token"
+                + (
+                    f", {old_long.paired_median_ms:+.1f} ms overhead at "
+                    f"{meta['long_completion_tokens']} tokens (paired median)."
+                    if old_long is not None
+                    else "."
+                )
+            )
     cpu = meta["cpu_ms"].get(f"{meta['completion_tokens']} tokens")
     if cpu:
         out.append(
@@ -588,6 +706,12 @@ def discussion(rows: Sequence[Row], meta: dict, auto: dict | None) -> list[str]:
             f"{cpu['edge_direct']:.1f} ms per direct (HTTP) one. Generation (the edge "
             "node's decode) dominates every request by far; the router's own CPU per "
             "request is small next to it."
+            + (
+                f" The router before this change burned {cpu['router_before_before']:.1f} ms "
+                "per request in the same run."
+                if "router_before_before" in cpu
+                else ""
+            )
         )
     if auto is not None:
         f = Summary.of(auto["features_ms"])
@@ -616,6 +740,37 @@ def discussion(rows: Sequence[Row], meta: dict, auto: dict | None) -> list[str]:
     return out
 
 
+def compare(http: dict, key: str, tokens: int, long_tokens: int | None) -> list[Row]:
+    """The rows of target `key` (routed, or the baseline router) against direct."""
+    short, streamed = http["short"], http["stream"]
+    rows = [
+        Row.of(
+            f"non-streaming total ({tokens} tokens)",
+            [c.ms for c in short["direct"]],
+            [c.ms for c in short[key]],
+        ),
+        Row.of(
+            "streaming TTFT",
+            [c.ttft_ms for c in streamed["direct"]],
+            [c.ttft_ms for c in streamed[key]],
+        ),
+        Row.of(
+            f"streaming total ({tokens} tokens)",
+            [c.total_ms for c in streamed["direct"]],
+            [c.total_ms for c in streamed[key]],
+        ),
+    ]
+    if "long" in http:
+        rows.append(
+            Row.of(
+                f"non-streaming, {long_tokens} tokens",
+                [c.ms for c in http["long"]["direct"]],
+                [c.ms for c in http["long"][key]],
+            )
+        )
+    return rows
+
+
 def cpu_means(sample: dict[str, list]) -> dict[str, float]:
     return {
         k.removeprefix("cpu_"): statistics.fmean(v)
@@ -636,6 +791,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prompt", default=PROMPT)
     p.add_argument("--feature-repeats", type=int, default=20)
     p.add_argument("--no-auto", action="store_true", help="skip the in-process auto-path part")
+    p.add_argument(
+        "--baseline",
+        default=BASELINE_REF,
+        help="git ref of the 'before' router, run in the same interleaving ('none': skip)",
+    )
     p.add_argument("--out", type=Path, default=OUT)
     a = p.parse_args(argv)
     n_stream = a.stream_requests if a.stream_requests is not None else max(1, a.requests // 2)
@@ -644,13 +804,15 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
 
     with tempfile.TemporaryDirectory(prefix="router_overhead_") as tmp:
-        procs, edge_url, router_url = start_services(Path(tmp))
+        baseline = None
+        if a.baseline.lower() != "none":
+            baseline = extract_baseline(a.baseline, Path(tmp) / "baseline")
+        procs, urls = start_services(Path(tmp), baseline)
         try:
             print(f"services up in {time.perf_counter() - start:.1f} s", flush=True)
             pids = {proc.name: proc.proc.pid for proc in procs}
             http = measure_http(
-                edge_url,
-                router_url,
+                urls,
                 body,
                 pids,
                 n=a.requests,
@@ -670,34 +832,11 @@ def main(argv: list[str] | None = None) -> None:
     short, streamed = http["short"], http["stream"]
     reference = http["reference"]
     tokens = reference.completion_tokens
-    rows = [
-        Row.of(
-            f"non-streaming total ({tokens} tokens)",
-            [c.ms for c in short["direct"]],
-            [c.ms for c in short["routed"]],
-        ),
-        Row.of(
-            "streaming TTFT",
-            [c.ttft_ms for c in streamed["direct"]],
-            [c.ttft_ms for c in streamed["routed"]],
-        ),
-        Row.of(
-            f"streaming total ({tokens} tokens)",
-            [c.total_ms for c in streamed["direct"]],
-            [c.total_ms for c in streamed["routed"]],
-        ),
-    ]
+    long_tokens = http["long_reference"].completion_tokens if "long" in http else None
+    rows = compare(http, "routed", tokens, long_tokens)
+    before = compare(http, "before", tokens, long_tokens) if "before" in short else None
     cpu = {f"{tokens} tokens": cpu_means(short)}
-    long_tokens = None
     if "long" in http:
-        long_tokens = http["long_reference"].completion_tokens
-        rows.append(
-            Row.of(
-                f"non-streaming, {long_tokens} tokens",
-                [c.ms for c in http["long"]["direct"]],
-                [c.ms for c in http["long"]["routed"]],
-            )
-        )
         cpu[f"{long_tokens} tokens"] = cpu_means(http["long"])
     gaps = [
         c.ms - float(c.headers["x-tandem-latency-ms"])
@@ -716,16 +855,17 @@ def main(argv: list[str] | None = None) -> None:
         "headers": short["routed"][0].headers,
         "router_gap_ms": statistics.median(gaps) if gaps else None,
         "cpu_ms": cpu,
+        "baseline": a.baseline if before is not None else None,
         "wall_s": time.perf_counter() - start,
     }
-    meta["discussion"] = discussion(rows, meta, auto)
-    md = render(rows, auto, meta)
+    meta["discussion"] = discussion(rows, meta, auto, before)
+    md = render(rows, auto, meta, before)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "router_overhead.md").write_text(md)
 
     def samples(sample: dict[str, list], attr: str) -> dict[str, list[float]]:
         return {
-            k: [getattr(c, attr) for c in v] if k in ("direct", "routed") else v
+            k: [getattr(c, attr) for c in v] if k in ("direct", "routed", "before") else v
             for k, v in sample.items()
         }
 
@@ -741,6 +881,7 @@ def main(argv: list[str] | None = None) -> None:
                     "edge_threads": 1,
                 },
                 "rows": [r.as_dict() for r in rows],
+                "rows_before": [r.as_dict() for r in before] if before is not None else None,
                 "samples_ms": {
                     "short": samples(short, "ms"),
                     "short_router_reported": [

@@ -243,7 +243,12 @@ class EdgeClient:
         call = self._get_stub().Generate(request, timeout=timeout, metadata=self._metadata)
         try:
             async for msg in call:
-                yield chunk_from_proto(msg)
+                chunk = chunk_from_proto(msg)
+                yield chunk
+                if chunk.finish_reason is not None:
+                    # The answer is complete: the node sends nothing after its last chunk
+                    # but the OK status, so do not wait for it (one wake-up less per call).
+                    return
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc) from exc
         finally:

@@ -43,6 +43,11 @@ CHAT_TOKENS_EXTRA = 16
 served: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
     "tandem_router_served", default=None
 )
+# True while the router collects a whole answer (the client does not stream): the edge node
+# may then send it in one message at the end instead of as it is produced.
+whole_answer: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "tandem_router_whole_answer", default=False
+)
 
 
 class ExpertUnavailable(EngineOverloaded):
@@ -163,6 +168,7 @@ class ExpertEngine(RemoteExpert):
             params=request.params,
             request_id=request.request_id,
             timeout=self.timeout_s,
+            whole_answer=whole_answer.get(),
         )
 
     async def close(self) -> None:

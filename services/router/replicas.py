@@ -54,6 +54,9 @@ EDGE_CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
+    # No BDP ping after received data: answers are small, and a ping is one more wake-up
+    # on both sides per call.
+    ("grpc.http2.bdp_probe", 0),
 )
 
 _RETRY_HTTP_STATUS = frozenset({429, 502, 503, 504})

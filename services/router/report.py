@@ -19,7 +19,7 @@ chunk; the usage chunk's `energy_j` is for the tokens actually generated.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 EXPERT_HEADER = "x-tandem-expert"
@@ -60,7 +60,12 @@ class RouteReport:
     aggregation: str = "single"
 
     def usage(self) -> dict[str, Any]:
-        return {"router": asdict(self)}
+        """JSON-ready copy (lists and dicts copied one level; their items are immutable)."""
+        out: dict[str, Any] = {}
+        for f in _FIELDS:
+            value = getattr(self, f)
+            out[f] = value.copy() if isinstance(value, list | dict) else value
+        return {"router": out}
 
     def headers(self, final: bool) -> dict[str, str]:
         out = {
@@ -75,3 +80,6 @@ class RouteReport:
         if final and self.latency_ms is not None:
             out[MEASURED_HEADER] = f"{self.latency_ms:.1f}"
         return out
+
+
+_FIELDS = tuple(f.name for f in fields(RouteReport))

@@ -34,7 +34,7 @@ from dataclasses import dataclass, replace
 
 from services.router.aggregate import RULE, Answer, weighted_vote
 from services.router.budget import ENERGY_FIELD, LATENCY_FIELD, BudgetDefaults, RequestBudget
-from services.router.expert_engine import ExpertUnavailable
+from services.router.expert_engine import ExpertUnavailable, whole_answer
 from services.router.features import Featurizer, gate_text
 from services.router.metrics import RouterMetrics
 from services.router.moe2 import BudgetInfeasible, Moe2Selector
@@ -230,6 +230,17 @@ class RoutedEngine:
                 ran.append(expert)
                 tasks[asyncio.create_task(self._collect(expert, request))] = expert
 
+        if k == 1:  # one expert at a time, in this task (no task and wait per request)
+            for expert in pending:
+                ran.append(expert)
+                try:
+                    results[expert] = await self._collect(expert, request)
+                    break
+                except ValueError:
+                    raise
+                except Exception as exc:
+                    self._failed(report, expert, exc)
+            pending = []
         try:
             launch()
             while tasks:
@@ -272,6 +283,15 @@ class RoutedEngine:
         """The expert's whole answer. Nothing has reached the client yet, so an answer that
         breaks off half-way (its replica died) is asked for again, once, from the expert's
         other replicas; the client's own mistakes (ValueError) are not retried."""
+        token = whole_answer.set(True)  # nothing streams: the expert may answer in one piece
+        try:
+            return await self._collect_once(expert, request, attempts)
+        finally:
+            whole_answer.reset(token)
+
+    async def _collect_once(
+        self, expert: str, request: GenerationRequest, attempts: int
+    ) -> list[GenerationChunk]:
         for attempt in range(attempts):
             t0 = time.perf_counter()
             chunks: list[GenerationChunk] = []
