@@ -558,7 +558,8 @@ def render(
         + (
             f"; before = the router's code at `{meta['baseline'][:12]}` (before issue 12: one "
             "gRPC message per token), started from a `git archive` of that commit, in front "
-            "of the same edge node"
+            "of the same (current) edge node, whose gRPC server, asked by that router for a "
+            "stream, sends one message per token at batch 1 as the old server did"
             if before is not None
             else ""
         )
