@@ -10,7 +10,7 @@ Collaborative mode (CE-CoLLM): run layers [0, split) here and ask a cloud contex
 Every flag has an environment variable (TANDEM_MODEL, TANDEM_QUANT, TANDEM_TAU, HOST, PORT,
 GRPC_PORT, TANDEM_API_KEY, TANDEM_GRPC_TOKEN, TANDEM_MAX_BATCH, TANDEM_MAX_CONTEXT,
 TANDEM_SPLIT, TANDEM_CLOUD, TANDEM_CLOUD_ENCODING, TANDEM_CLOUD_TIMEOUT, TANDEM_TAU_MIN,
-TANDEM_CLOUD_BUDGET_MS).
+TANDEM_CLOUD_BUDGET_MS, TANDEM_COMPILE).
 """
 
 from __future__ import annotations
@@ -35,8 +35,11 @@ from services.edge_node.tau_policy import TauPolicy
 from tandem.config_file import Settings
 from tandem.models.loader import LoadOptions, load_model
 from tandem.models.registry import ModelRegistry
+from tandem.runtime.compiled import warm_up
 from tandem.runtime.quant import QuantMode
 from tandem.transport.grpc_tls import TlsConfig, tls_from_env_or
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,7 @@ class EdgeSettings:
     cloud_timeout_s: float = 2.0
     tau_min: float = 0.5
     cloud_budget_ms: float = 200.0
+    compiled: bool = True  # TANDEM_COMPILE=0 / --no-compile: the eager reference path
     tls: TlsConfig | None = None  # TANDEM_TLS_*: TLS on its gRPC server and to the cloud
 
 
@@ -96,6 +100,12 @@ def parse_settings(registry: ModelRegistry, argv: list[str] | None = None) -> Ed
         "--cloud-timeout",
         type=float,
         default=float(fenv("TANDEM_CLOUD_TIMEOUT", "cloud_timeout", "2.0")),
+    )
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=fenv("TANDEM_COMPILE", "compile", "1") not in ("0", "false", False),
+        help="compiled decode step (static KV slots); --no-compile: the eager reference",
     )
     p.add_argument("--tau-min", type=float, default=float(fenv("TANDEM_TAU_MIN", "tau_min", "0.5")))
     p.add_argument(
@@ -138,6 +148,7 @@ def parse_settings(registry: ModelRegistry, argv: list[str] | None = None) -> Ed
         cloud_timeout_s=a.cloud_timeout,
         tau_min=a.tau_min,
         cloud_budget_ms=a.cloud_budget_ms,
+        compiled=a.compile,
     )
 
 
@@ -150,6 +161,8 @@ def build_engine(settings: EdgeSettings, registry: ModelRegistry) -> EdgeEngine:
             exits=settings.tau < 1.0 or settings.split is not None,
             max_context=settings.max_context,
             cache_dir=settings.cache_dir,
+            compiled=settings.compiled,
+            kv_slots=max(16, 2 * settings.max_batch),
         ),
     )
     config = EngineConfig(
@@ -170,9 +183,14 @@ def build_engine(settings: EdgeSettings, registry: ModelRegistry) -> EdgeEngine:
             )
         )
         cloud.start()
+    decoder = loaded.decoder(config.max_deferred, depth=settings.split)
+    if settings.compiled:
+        ranges = decoder.ranges(use_exits=settings.tau < 1.0 or settings.split is not None)
+        seconds = warm_up(loaded.model, ranges)
+        log.info("compiled the decode step for layer ranges %s in %.1f s", ranges, seconds)
     return EdgeEngine(
         spec.id,
-        loaded.decoder(config.max_deferred, depth=settings.split),
+        decoder,
         loaded.codec,
         config,
         cloud=cloud,

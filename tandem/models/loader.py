@@ -23,6 +23,10 @@ class LoadOptions:
     quant: QuantMode = "bf16"
     exits: bool = True
     max_context: int = 4096
+    # The compiled decode step (tandem.runtime.compiled: static KV slots, one graph per
+    # layer range). Off here, the eager reference; services turn it on (TANDEM_COMPILE).
+    compiled: bool = False
+    kv_slots: int = 16  # sequences with a static slot (compiled); more get dynamic caches
     cache_dir: Path = Path("model_cache")
     exits_dir: Path = EXITS_DIR
 
@@ -62,5 +66,7 @@ def load_model(spec: ModelSpec, opts: LoadOptions) -> LoadedModel:
         quantize_model(model, opts.quant, skip=("embed_tokens",))
         for head in heads:
             quantize_model(head, opts.quant, skip=("other", "down", "up"))
+    if opts.compiled:
+        model.compile(opts.kv_slots)
     codec = TextCodec(path, model.cfg.eos_ids)
     return LoadedModel(spec, model, heads, codec, opts.quant)

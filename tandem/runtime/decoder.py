@@ -101,6 +101,12 @@ class ExitDecoder:
     def split(self) -> bool:
         return self.depth < self.n_layers
 
+    def ranges(self, use_exits: bool) -> list[tuple[int, int]]:
+        """The layer ranges `prefill` and `decode` run as one piece each (what a compiled
+        model compiles): the whole depth, and the stretches between exits when they are on."""
+        bounds = [0, *self.exit_layers, self.depth] if use_exits else [0, self.depth]
+        return sorted({(0, self.depth), *zip(bounds, bounds[1:])})
+
     def new_sequence(self) -> SequenceState:
         return SequenceState(kv=self.model.new_kv(0, self.depth))
 
@@ -137,8 +143,12 @@ class ExitDecoder:
             i: (s.length, emb[i : i + 1]) for i, s in enumerate(seqs)
         }
         results: dict[int, StepResult] = {}
-        bounds = [0, *self.exit_layers, self.depth]
         use_exits = tau < 1.0
+        # Without exits one piece, unless rows deferred by earlier exits must join midway.
+        if use_exits or any(s.pending for s in seqs):
+            bounds = [0, *self.exit_layers, self.depth]
+        else:
+            bounds = [0, self.depth]
         for head_idx in range(len(bounds) - 1):
             if not rows:
                 break

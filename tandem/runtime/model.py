@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tandem.runtime.compiled import CompiledDecode
 from tandem.runtime.config import ArchConfig
 from tandem.runtime.kv_cache import SequenceKV
 
@@ -59,6 +60,10 @@ class Rope:
             # rotate_half(x) * sin == roll(x, half) * signed_sin
             sin = freqs.sin()
             self._tables[theta] = (torch.cat((freqs, freqs), -1).cos(), torch.cat((-sin, sin), -1))
+
+    def tables(self, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin for every position, float32 [max_pos, head_dim]."""
+        return self._tables[theta]
 
     def at(self, positions: torch.Tensor, dtype: torch.dtype) -> Rotary:
         return Rotary(self, positions, dtype)
@@ -110,11 +115,14 @@ class DecoderLayer(nn.Module):
 
     def qkv(self, x: torch.Tensor, rot: Rotary):
         """Project normed input to rotated q [T,H,hd], k [T,KVH,hd] and v [T,KVH,hd]."""
+        return self.qkv_rotated(x, *rot.cos_sin(self.theta))
+
+    def qkv_rotated(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """`qkv` with this layer's cos/sin rows given ([T, 1, hd] each)."""
         cfg = self.cfg
         t = x.shape[0]
         nh, nkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         qkv = self.qkv_proj(x).view(t, nh + 2 * nkv, hd)
-        cos, sin = rot.cos_sin(self.theta)
         v = qkv[:, nh + nkv :]
         if cfg.qk_norm:
             q = _rotate(self.q_norm(qkv[:, :nh]), cos, sin)
@@ -190,6 +198,13 @@ class DecoderModel(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.max_context = min(max_context or cfg.max_position, cfg.max_position)
         self.rope = Rope(cfg.head_dim, cfg.rope_theta, self.max_context)
+        self.compiled: CompiledDecode | None = None  # see compile()
+
+    def compile(self, slots: int = 16) -> None:
+        """From now on, new caches are static slots (up to `slots` sequences; more get
+        dynamic caches) and decode steps over them run as compiled graphs
+        (tandem.runtime.compiled). The eager path stays the reference."""
+        self.compiled = CompiledDecode(self, slots)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -197,6 +212,10 @@ class DecoderModel(nn.Module):
 
     def new_kv(self, first_layer: int = 0, last_layer: int | None = None) -> SequenceKV:
         last = self.cfg.n_layers if last_layer is None else last_layer
+        if self.compiled is not None:
+            slot = self.compiled.new_kv(first_layer, last)
+            if slot is not None:
+                return slot  # type: ignore[return-value]  # the same interface
         return SequenceKV(
             last - first_layer, self.cfg.n_kv_heads, self.cfg.head_dim, self.dtype, first_layer
         )
@@ -221,6 +240,12 @@ class DecoderModel(nn.Module):
         start: int,
         end: int,
     ) -> torch.Tensor:
+        if (
+            self.compiled is not None
+            and end > start
+            and self.compiled.accepts(segments, start, end)
+        ):
+            return self.compiled.run(start, end, h, segments)
         rot = self.rope.at(positions, h.dtype)
         for layer in self.layers[start:end]:
             h = layer(h, rot, segments)

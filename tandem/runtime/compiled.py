@@ -1,0 +1,174 @@
+"""The decode step compiled: a layer range in one inductor graph, over static KV slots.
+
+Eager (`DecoderModel.run_layers` with `compiled` off) is the reference: about 45 aten ops
+per layer per token, each dispatched from Python, and attention per sequence. It cost as
+much as the weights' memory traffic on the small models.
+
+Compiled, a step's rows for layers [a, b) are one graph call. Each row carries its
+sequence's KV slot and its position (`tandem.runtime.kv_slots`); inside the graph, every
+layer writes the rows' keys and values into the slot pool in place, then attends over the
+pool with a causal (and, for sliding-window layers, windowed) mask per row: grouped GQA
+as fused multiply-reduce loops that read the slots directly (no gather copy, no per-sequence
+loop). Inductor fuses norms, rotary, residuals and the MLP's activation into C++ loops
+around the weight-only matmul kernels.
+
+Scope: rows of sequences whose caches are slots, at most `max_rows` per step (decode
+steps, with any pending rows of deferred exits). Prefill and other large batches run the
+eager layers over the same slots (their attention is compute-bound, where SDPA wins).
+
+Each layer range a decoder asks for (full depth, the ranges between exits, the edge half
+of a split) is its own graph, compiled on first use: once for one row and once with a
+dynamic row count; `warm_up` compiles a server's ranges at start. What remains outside the
+kernels is dynamo's guard check on each call (~20 us per layer: it checks every weight
+tensor). The LM head stays eager (compiling it measured no faster). Compiled and eager logits agree to bf16 rounding (the
+fused kernels round once where eager rounds after every op); tests/runtime/test_compiled.py
+checks that greedy tokens are the same on real models.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import torch
+import torch._dynamo
+from torch import nn
+
+from tandem.runtime.kv_slots import SlotKV, SlotPool
+
+if TYPE_CHECKING:
+    from tandem.runtime.model import DecoderModel, Segment
+
+# One graph per layer range and model: dynamo's default of 8 entries per code object is
+# too few once several models (tests) or several exits exist.
+_RECOMPILE_LIMIT = 256
+
+
+def slot_attention(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    slot: torch.Tensor,
+    pos: torch.Tensor,
+    length: int,
+    scale: float,
+    window: int | None,
+) -> torch.Tensor:
+    """Rows q [T, H, hd], row t of slot[t] at position pos[t], over pool caches
+    [S, KVH, cap, hd] whose positions [0, length) are filled; row t sees its slot's
+    positions <= pos[t] (and > pos[t] - window). Returns [T, H, hd] in q's dtype."""
+    t, heads, hd = q.shape
+    kv_heads = k_pool.shape[1]
+    group = heads // kv_heads
+    keys = k_pool[:, :, :length][slot]  # [T, KVH, L, hd]; inductor reads it in place
+    vals = v_pool[:, :, :length][slot]
+    qg = (q.float() * scale).view(t, kv_heads, group, 1, hd)
+    scores = (qg * keys[:, :, None].float()).sum(-1)  # [T, KVH, G, L]
+    kpos = torch.arange(length)[None, :]
+    visible = kpos <= pos[:, None]
+    if window is not None:
+        visible = visible & (pos[:, None] - kpos < window)
+    scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
+    p = torch.softmax(scores, dim=-1)
+    out = (p[..., None] * vals[:, :, None].float()).sum(-2)  # [T, KVH, G, hd]
+    return out.reshape(t, heads, hd).to(q.dtype)
+
+
+class _DecodeGraph(nn.Module):
+    """Layers [a, b) for rows with slots and positions; writes their KV into the pool."""
+
+    def __init__(self, model: DecoderModel, pool: SlotPool, start: int, end: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(model.layers[start:end])
+        self.thetas = tuple(sorted({layer.theta for layer in self.layers}))
+        for j, theta in enumerate(self.thetas):
+            cos, sin = model.rope.tables(theta)
+            self.register_buffer(f"cos{j}", cos, persistent=False)
+            self.register_buffer(f"sin{j}", sin, persistent=False)
+        for layer in self.layers:
+            self.register_buffer(f"k{layer.index}", pool.k[layer.index], persistent=False)
+            self.register_buffer(f"v{layer.index}", pool.v[layer.index], persistent=False)
+
+    def forward(
+        self, h: torch.Tensor, slot: torch.Tensor, pos: torch.Tensor, length: int
+    ) -> torch.Tensor:
+        rot = [
+            (
+                getattr(self, f"cos{j}")[pos].to(h.dtype)[:, None, :],
+                getattr(self, f"sin{j}")[pos].to(h.dtype)[:, None, :],
+            )
+            for j in range(len(self.thetas))
+        ]
+        for layer in self.layers:
+            cos, sin = rot[self.thetas.index(layer.theta)]
+            q, k, v = layer.qkv_rotated(layer.input_layernorm(h), cos, sin)
+            kp, vp = getattr(self, f"k{layer.index}"), getattr(self, f"v{layer.index}")
+            kp[slot, :, pos] = k
+            vp[slot, :, pos] = v
+            cfg = layer.cfg
+            attn = slot_attention(q, kp, vp, slot, pos, length, cfg.attn_scale, layer.window)
+            h = layer.after_attention(h, attn)
+        return h
+
+
+class CompiledDecode:
+    """A model's compiled decode graphs and its KV slot pool (module docstring)."""
+
+    def __init__(self, model: DecoderModel, slots: int = 16, max_rows: int = 16) -> None:
+        torch._dynamo.config.recompile_limit = max(
+            torch._dynamo.config.recompile_limit, _RECOMPILE_LIMIT
+        )
+        cfg = model.cfg
+        self.model = model
+        self.max_rows = max_rows
+        self.pool = SlotPool(
+            cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, model.dtype, slots, model.max_context
+        )
+        self._graphs: dict[tuple[int, int], nn.Module] = {}
+
+    def new_kv(self, first_layer: int, last_layer: int) -> SlotKV | None:
+        return self.pool.acquire(first_layer, last_layer)
+
+    def accepts(self, segments: list[Segment], start: int, end: int) -> bool:
+        """Whether these rows can take the compiled step for layers [start, end)."""
+        if sum(s.count for s in segments) > self.max_rows:
+            return False
+        for s in segments:
+            kv = s.kv
+            if not isinstance(kv, SlotKV) or kv.pool is not self.pool:
+                return False
+            first = start - kv.first_layer
+            if kv.lengths[first : first + end - start] != [s.start_pos] * (end - start):
+                return False
+        return True
+
+    def run(self, start: int, end: int, h: torch.Tensor, segments: list[Segment]) -> torch.Tensor:
+        """Layers [start, end) for the rows of `segments` (after `accepts`)."""
+        slot = torch.tensor([s.kv.slot for s in segments for _ in range(s.count)])
+        pos = torch.cat([torch.arange(s.start_pos, s.start_pos + s.count) for s in segments])
+        length = max(s.start_pos + s.count for s in segments)
+        graph = self._graphs.get((start, end))
+        if graph is None:
+            module = _DecodeGraph(self.model, self.pool, start, end)
+            graph = self._graphs[start, end] = torch.compile(module, dynamic=True)
+        out = graph(h, slot, pos, length)
+        for s in segments:
+            first = start - s.kv.first_layer
+            for i in range(first, first + end - start):
+                s.kv.lengths[i] += s.count
+        return out
+
+
+def warm_up(model: DecoderModel, ranges: list[tuple[int, int]]) -> float:
+    """Compile the decode graphs of `ranges` (one row and several rows) before the first
+    request, on a throwaway slot; returns the seconds it took."""
+    t = time.perf_counter()
+    with torch.inference_mode():
+        for a, b in ranges:
+            kv = model.new_kv(a, b)
+            for rows in (3, 1, 2):  # prefill (eager), one row, then a dynamic row count
+                h = model.embed(torch.zeros(rows, dtype=torch.long))
+                model.run_rows([(kv, kv.length(a), h)], a, b)
+            if isinstance(kv, SlotKV):
+                kv.release()
+    return time.perf_counter() - t
