@@ -20,9 +20,11 @@ Each layer range a decoder asks for (full depth, the ranges between exits, the e
 of a split) is its own graph, compiled on first use: once for one row and once with a
 dynamic row count; `warm_up` compiles a server's ranges at start. What remains outside the
 kernels is dynamo's guard check on each call (~20 us per layer: it checks every weight
-tensor). The LM head stays eager (compiling it measured no faster). Compiled and eager logits agree to bf16 rounding (the
-fused kernels round once where eager rounds after every op); tests/runtime/test_compiled.py
-checks that greedy tokens are the same on real models.
+tensor). The LM head stays eager (compiling it measured no faster).
+
+Compiled and eager logits agree to bf16 rounding (the fused kernels round once where eager
+rounds after every op); tests/runtime/test_compiled.py checks that greedy tokens are the
+same on real models.
 """
 
 from __future__ import annotations

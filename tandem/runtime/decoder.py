@@ -105,7 +105,7 @@ class ExitDecoder:
         """The layer ranges `prefill` and `decode` run as one piece each (what a compiled
         model compiles): the whole depth, and the stretches between exits when they are on."""
         bounds = [0, *self.exit_layers, self.depth] if use_exits else [0, self.depth]
-        return sorted({(0, self.depth), *zip(bounds, bounds[1:])})
+        return sorted({(0, self.depth), *zip(bounds, bounds[1:], strict=False)})
 
     def new_sequence(self) -> SequenceState:
         return SequenceState(kv=self.model.new_kv(0, self.depth))
