@@ -1,0 +1,399 @@
+// Int4 weight x int8 activation GEMV/GEMM for CPU decode (M = 1..16 rows).
+//
+// Weight format (built by tandem/runtime/kernels/int4.py, `pack_int4`):
+//   w[n, k] ~= scale[n, b] * q[n, k] + min[n, b],  q in [0, 15],  b = k / 32.
+//   Output rows are padded to a multiple of 16 and stored in groups of 16 rows (g = n / 16).
+//   qweight: uint8 [G, KB, 256]. For block b of group g, 4 chunks of 64 bytes; chunk i byte
+//            (4 * r + t) (r = row in group 0..15, t = 0..3) holds
+//            q[16g + r, 32b + 4i + t] in its low nibble and q[16g + r, 32b + 16 + 4i + t]
+//            in its high nibble. So one int32 lane = 4 consecutive k of one row, and a
+//            256-bit half of a chunk = 8 rows (AVX2), the whole chunk = 16 rows (AVX-512).
+//   scales, mins: fp16 [G, KB, 16]. Total 4 + 1 bits per weight.
+//
+// Activations are quantized per block of 32 to int8 (Q8_0 style: d = max|x| / 127) with the
+// per-block sum s = d * sum(xq) precomputed, so that
+//   y[m, n] = sum_b scale[n,b] * d[m,b] * dot_int(q[n,b], xq[m,b]) + min[n,b] * s[m,b].
+// Integer dot products: AVX2 maddubs (u8 x s8 -> s16, summed in s16: 8 * 2 * 15 * 127 fits)
+// + madd; AVX-512 VNNI dpbusd. The path is picked at run time (`isa` = 0) with
+// __builtin_cpu_supports; the file itself is built for baseline AVX2 + FMA + F16C.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace tandem_kernels {
+namespace {
+
+constexpr int kRows = 16;    // output rows per group
+constexpr int kBlock = 32;   // k per quantization block
+constexpr int kBlockBytes = 256;
+constexpr int kMaxMc = 4;    // activation rows per pass over a group's weights
+
+enum Isa : int64_t { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvx512 = 3 };
+
+struct QuantX {
+  std::vector<int8_t> q;  // [M, KB * 32]
+  std::vector<float> d;   // [M, KB]
+  std::vector<float> s;   // [M, KB]  d * sum(q)
+};
+
+struct Problem {
+  const uint8_t* qw;
+  const uint16_t* scales;
+  const uint16_t* mins;
+  const QuantX* x;
+  int64_t m, n, kb;
+  float* y;  // [M, N] fp32
+};
+
+template <typename T>
+inline float to_float(T v) {
+  return static_cast<float>(v);
+}
+
+template <typename T>
+void quantize_rows(const T* x, int64_t m, int64_t k, QuantX& out) {
+  const int64_t kb = k / kBlock;
+  out.q.resize(m * k);
+  out.d.resize(m * kb);
+  out.s.resize(m * kb);
+  at::parallel_for(0, m * kb, 64, [&](int64_t begin, int64_t end) {
+    float buf[kBlock];
+    for (int64_t i = begin; i < end; ++i) {
+      const T* src = x + i * kBlock;  // rows are contiguous, k % 32 == 0
+      float amax = 0.f;
+      for (int j = 0; j < kBlock; ++j) {
+        buf[j] = to_float(src[j]);
+        amax = std::max(amax, std::fabs(buf[j]));
+      }
+      const float d = amax / 127.f;
+      const float inv = amax > 0.f ? 127.f / amax : 0.f;
+      int8_t* dst = out.q.data() + i * kBlock;
+      int sum = 0;
+      for (int j = 0; j < kBlock; ++j) {
+        const int v = static_cast<int>(std::nearbyint(buf[j] * inv));
+        dst[j] = static_cast<int8_t>(v);
+        sum += v;
+      }
+      out.d[i] = d;
+      out.s[i] = d * static_cast<float>(sum);
+    }
+  });
+}
+
+inline float half_to_float(uint16_t h) {
+  return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+}
+
+// ---------------------------------------------------------------- scalar reference path
+void group_scalar(const Problem& p, int64_t g) {
+  const int64_t k = p.kb * kBlock;
+  for (int64_t m = 0; m < p.m; ++m) {
+    float acc[kRows] = {};
+    for (int64_t b = 0; b < p.kb; ++b) {
+      const uint8_t* w = p.qw + (g * p.kb + b) * kBlockBytes;
+      const uint16_t* sc = p.scales + (g * p.kb + b) * kRows;
+      const uint16_t* mn = p.mins + (g * p.kb + b) * kRows;
+      const int8_t* xq = p.x->q.data() + m * k + b * kBlock;
+      const float d = p.x->d[m * p.kb + b];
+      const float s = p.x->s[m * p.kb + b];
+      for (int r = 0; r < kRows; ++r) {
+        int dot = 0;
+        for (int i = 0; i < 4; ++i) {
+          for (int t = 0; t < 4; ++t) {
+            const uint8_t byte = w[i * 64 + 4 * r + t];
+            dot += (byte & 0xF) * xq[4 * i + t] + (byte >> 4) * xq[16 + 4 * i + t];
+          }
+        }
+        acc[r] += half_to_float(sc[r]) * d * static_cast<float>(dot) + half_to_float(mn[r]) * s;
+      }
+    }
+    for (int r = 0; r < kRows; ++r) {
+      const int64_t n = g * kRows + r;
+      if (n < p.n) p.y[m * p.n + n] = acc[r];
+    }
+  }
+}
+
+inline void store_rows(const Problem& p, int64_t m, int64_t g, const float* acc16) {
+  const int64_t n0 = g * kRows;
+  const int64_t cnt = std::min<int64_t>(kRows, p.n - n0);
+  std::memcpy(p.y + m * p.n + n0, acc16, cnt * sizeof(float));
+}
+
+// ---------------------------------------------------------------- AVX2 path
+template <int MC>
+void group_avx2_mc(const Problem& p, int64_t g, int64_t m0) {
+  const int64_t k = p.kb * kBlock;
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[MC][2];
+  for (int m = 0; m < MC; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+  const int8_t* xq[MC];
+  const float* xd[MC];
+  const float* xs[MC];
+  for (int m = 0; m < MC; ++m) {
+    xq[m] = p.x->q.data() + (m0 + m) * k;
+    xd[m] = p.x->d.data() + (m0 + m) * p.kb;
+    xs[m] = p.x->s.data() + (m0 + m) * p.kb;
+  }
+  const uint8_t* w = p.qw + g * p.kb * kBlockBytes;
+  const uint16_t* sc = p.scales + g * p.kb * kRows;
+  const uint16_t* mn = p.mins + g * p.kb * kRows;
+  for (int64_t b = 0; b < p.kb; ++b, w += kBlockBytes, sc += kRows, mn += kRows) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + 8 * kBlockBytes), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + 8 * kBlockBytes + 128), _MM_HINT_T0);
+    for (int h = 0; h < 2; ++h) {
+      __m256i s16[MC];
+      for (int m = 0; m < MC; ++m) s16[m] = _mm256_setzero_si256();
+      for (int i = 0; i < 4; ++i) {
+        const __m256i raw =
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i * 64 + h * 32));
+        const __m256i lo = _mm256_and_si256(raw, low);
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+        for (int m = 0; m < MC; ++m) {
+          int32_t xl, xh;
+          std::memcpy(&xl, xq[m] + b * kBlock + 4 * i, 4);
+          std::memcpy(&xh, xq[m] + b * kBlock + 16 + 4 * i, 4);
+          s16[m] = _mm256_add_epi16(s16[m], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(xl)));
+          s16[m] = _mm256_add_epi16(s16[m], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(xh)));
+        }
+      }
+      const __m256 wsc = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + 8 * h)));
+      const __m256 wmn = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mn + 8 * h)));
+      for (int m = 0; m < MC; ++m) {
+        const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16[m], ones));
+        const __m256 f = _mm256_mul_ps(wsc, _mm256_set1_ps(xd[m][b]));
+        acc[m][h] = _mm256_fmadd_ps(dot, f, acc[m][h]);
+        acc[m][h] = _mm256_fmadd_ps(wmn, _mm256_set1_ps(xs[m][b]), acc[m][h]);
+      }
+    }
+  }
+  for (int m = 0; m < MC; ++m) {
+    alignas(32) float out[kRows];
+    _mm256_store_ps(out, acc[m][0]);
+    _mm256_store_ps(out + 8, acc[m][1]);
+    store_rows(p, m0 + m, g, out);
+  }
+}
+
+// ---------------------------------------------------------------- AVX-512 VNNI path
+template <int MC>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void group_avx512_mc(
+    const Problem& p, int64_t g, int64_t m0) {
+  const int64_t k = p.kb * kBlock;
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  __m512 acc[MC];
+  for (int m = 0; m < MC; ++m) acc[m] = _mm512_setzero_ps();
+  const int8_t* xq[MC];
+  const float* xd[MC];
+  const float* xs[MC];
+  for (int m = 0; m < MC; ++m) {
+    xq[m] = p.x->q.data() + (m0 + m) * k;
+    xd[m] = p.x->d.data() + (m0 + m) * p.kb;
+    xs[m] = p.x->s.data() + (m0 + m) * p.kb;
+  }
+  const uint8_t* w = p.qw + g * p.kb * kBlockBytes;
+  const uint16_t* sc = p.scales + g * p.kb * kRows;
+  const uint16_t* mn = p.mins + g * p.kb * kRows;
+  for (int64_t b = 0; b < p.kb; ++b, w += kBlockBytes, sc += kRows, mn += kRows) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + 8 * kBlockBytes), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + 8 * kBlockBytes + 128), _MM_HINT_T0);
+    __m512i dot[MC];
+    for (int m = 0; m < MC; ++m) dot[m] = _mm512_setzero_si512();
+    for (int i = 0; i < 4; ++i) {
+      const __m512i raw = _mm512_loadu_si512(w + i * 64);
+      const __m512i lo = _mm512_and_si512(raw, low);
+      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);
+      for (int m = 0; m < MC; ++m) {
+        int32_t xl, xh;
+        std::memcpy(&xl, xq[m] + b * kBlock + 4 * i, 4);
+        std::memcpy(&xh, xq[m] + b * kBlock + 16 + 4 * i, 4);
+        dot[m] = _mm512_dpbusd_epi32(dot[m], lo, _mm512_set1_epi32(xl));
+        dot[m] = _mm512_dpbusd_epi32(dot[m], hi, _mm512_set1_epi32(xh));
+      }
+    }
+    const __m512 wsc = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc)));
+    const __m512 wmn = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mn)));
+    for (int m = 0; m < MC; ++m) {
+      const __m512 f = _mm512_mul_ps(wsc, _mm512_set1_ps(xd[m][b]));
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[m]), f, acc[m]);
+      acc[m] = _mm512_fmadd_ps(wmn, _mm512_set1_ps(xs[m][b]), acc[m]);
+    }
+  }
+  for (int m = 0; m < MC; ++m) {
+    alignas(64) float out[kRows];
+    _mm512_store_ps(out, acc[m]);
+    store_rows(p, m0 + m, g, out);
+  }
+}
+
+// ---------------------------------------------------------------- dispatch
+void group_avx2(const Problem& p, int64_t g) {
+  int64_t m0 = 0;
+  for (; m0 + 4 <= p.m; m0 += 4) group_avx2_mc<4>(p, g, m0);
+  switch (p.m - m0) {
+    case 3: group_avx2_mc<3>(p, g, m0); break;
+    case 2: group_avx2_mc<2>(p, g, m0); break;
+    case 1: group_avx2_mc<1>(p, g, m0); break;
+    default: break;
+  }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void group_avx512(
+    const Problem& p, int64_t g) {
+  int64_t m0 = 0;
+  for (; m0 + kMaxMc <= p.m; m0 += kMaxMc) group_avx512_mc<kMaxMc>(p, g, m0);
+  switch (p.m - m0) {
+    case 3: group_avx512_mc<3>(p, g, m0); break;
+    case 2: group_avx512_mc<2>(p, g, m0); break;
+    case 1: group_avx512_mc<1>(p, g, m0); break;
+    default: break;
+  }
+}
+
+bool has_avx2() {
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c");
+}
+
+bool has_avx512() {
+  return has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+}
+
+Isa resolve(int64_t isa) {
+  if (isa == kAuto) return has_avx512() ? kAvx512 : (has_avx2() ? kAvx2 : kScalar);
+  TORCH_CHECK(isa >= kScalar && isa <= kAvx512, "int4_mm: unknown isa ", isa);
+  TORCH_CHECK(isa != kAvx2 || has_avx2(), "int4_mm: this CPU has no AVX2/FMA/F16C");
+  TORCH_CHECK(isa != kAvx512 || has_avx512(), "int4_mm: this CPU has no AVX-512 VNNI");
+  return static_cast<Isa>(isa);
+}
+
+at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                   const at::Tensor& mins, int64_t n, const c10::optional<at::Tensor>& bias,
+                   int64_t isa) {
+  TORCH_CHECK(x.dim() == 2, "int4_mm: x must be [M, K]");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat,
+              "int4_mm: x must be bf16 or fp32");
+  TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.dim() == 3 &&
+                  qweight.size(2) == kBlockBytes,
+              "int4_mm: qweight must be uint8 [G, KB, 256]");
+  const int64_t groups = qweight.size(0), kb = qweight.size(1);
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && mins.scalar_type() == at::kHalf,
+              "int4_mm: scales/mins must be fp16");
+  TORCH_CHECK(scales.sizes() == at::IntArrayRef({groups, kb, kRows}) &&
+                  mins.sizes() == scales.sizes(),
+              "int4_mm: scales/mins must be [G, KB, 16]");
+  TORCH_CHECK(x.size(1) == kb * kBlock, "int4_mm: x has K=", x.size(1), ", weight has ",
+              kb * kBlock);
+  TORCH_CHECK(n > (groups - 1) * kRows && n <= groups * kRows, "int4_mm: n=", n,
+              " does not match ", groups, " row groups");
+  const Isa path = resolve(isa);
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor qc = qweight.contiguous(), sc = scales.contiguous(), mc = mins.contiguous();
+  const int64_t m = xc.size(0), k = xc.size(1);
+
+  QuantX xqt;
+  if (xc.scalar_type() == at::kBFloat16) {
+    quantize_rows(xc.data_ptr<at::BFloat16>(), m, k, xqt);
+  } else {
+    quantize_rows(xc.data_ptr<float>(), m, k, xqt);
+  }
+  at::Tensor y32 = at::empty({m, n}, xc.options().dtype(at::kFloat));
+  Problem p{qc.data_ptr<uint8_t>(),
+            reinterpret_cast<const uint16_t*>(sc.data_ptr<at::Half>()),
+            reinterpret_cast<const uint16_t*>(mc.data_ptr<at::Half>()),
+            &xqt,
+            m,
+            n,
+            kb,
+            y32.data_ptr<float>()};
+  if (m > 0) {
+    at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t g = begin; g < end; ++g) {
+        if (path == kAvx512) {
+          group_avx512(p, g);
+        } else if (path == kAvx2) {
+          group_avx2(p, g);
+        } else {
+          group_scalar(p, g);
+        }
+      }
+    });
+  }
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, "int4_mm: bias must be [N]");
+    y32.add_(bias->to(at::kFloat));
+  }
+  return xc.scalar_type() == at::kFloat ? y32 : y32.to(xc.scalar_type());
+}
+
+// Dequantize to fp32 [N, K] (for tests, dequantized() and a prefill fallback).
+at::Tensor int4_dequant(const at::Tensor& qweight, const at::Tensor& scales,
+                        const at::Tensor& mins, int64_t n) {
+  const at::Tensor qc = qweight.contiguous(), sc = scales.contiguous(), mc = mins.contiguous();
+  const int64_t groups = qc.size(0), kb = qc.size(1), k = kb * kBlock;
+  TORCH_CHECK(n > (groups - 1) * kRows && n <= groups * kRows, "int4_dequant: bad n");
+  at::Tensor out = at::empty({n, k}, qc.options().dtype(at::kFloat));
+  const uint8_t* w = qc.data_ptr<uint8_t>();
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(sc.data_ptr<at::Half>());
+  const uint16_t* mn = reinterpret_cast<const uint16_t*>(mc.data_ptr<at::Half>());
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      for (int64_t b = 0; b < kb; ++b) {
+        const uint8_t* blk = w + (g * kb + b) * kBlockBytes;
+        for (int r = 0; r < kRows; ++r) {
+          const int64_t row = g * kRows + r;
+          if (row >= n) break;
+          const float d = half_to_float(s[(g * kb + b) * kRows + r]);
+          const float mm = half_to_float(mn[(g * kb + b) * kRows + r]);
+          float* dst = o + row * k + b * kBlock;
+          for (int i = 0; i < 4; ++i) {
+            for (int t = 0; t < 4; ++t) {
+              const uint8_t byte = blk[i * 64 + 4 * r + t];
+              dst[4 * i + t] = d * static_cast<float>(byte & 0xF) + mm;
+              dst[16 + 4 * i + t] = d * static_cast<float>(byte >> 4) + mm;
+            }
+          }
+        }
+      }
+    }
+  });
+  return out;
+}
+
+int64_t best_isa() { return static_cast<int64_t>(resolve(kAuto)); }
+
+}  // namespace
+
+TORCH_LIBRARY(tandem_kernels, lib) {
+  lib.def(
+      "int4_mm(Tensor x, Tensor qweight, Tensor scales, Tensor mins, int n, Tensor? bias=None, "
+      "int isa=0) -> Tensor");
+  lib.def("int4_dequant(Tensor qweight, Tensor scales, Tensor mins, int n) -> Tensor");
+  lib.def("best_isa() -> int", &best_isa);
+}
+
+TORCH_LIBRARY_IMPL(tandem_kernels, CPU, lib) {
+  lib.impl("int4_mm", &int4_mm);
+  lib.impl("int4_dequant", &int4_dequant);
+}
+
+// Inference only: no autograd formula; outputs never require grad.
+TORCH_LIBRARY_IMPL(tandem_kernels, Autograd, lib) {
+  lib.impl("int4_mm", torch::CppFunction::makeFallthrough());
+  lib.impl("int4_dequant", torch::CppFunction::makeFallthrough());
+}
+
+}  // namespace tandem_kernels
