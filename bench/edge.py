@@ -62,6 +62,7 @@ class EdgeRow:
     cpp: Side
     exit_fraction: float | None = None
     agreement: float | None = None  # greedy tokens before the first divergence / all
+    eager_agreement: float | None = None  # the same, compiled against Tandem's eager path
     bpc: float | None = None
     extra: dict = field(default_factory=dict)
 
@@ -155,6 +156,7 @@ def bench_model(model_id: str, a: argparse.Namespace) -> EdgeRow:
             **job,
             "model": model_id,
             "compiled": not a.eager,
+            "check_eager": not a.eager,
             "quality_texts": a.quality_texts,
         },
         f"{model_id} tandem",
@@ -173,7 +175,8 @@ def bench_model(model_id: str, a: argparse.Namespace) -> EdgeRow:
         cpp.bytes_per_token = gguf_decode_bytes(gguf)
     row = EdgeRow(
         model=model_id,
-        quant=spec.default_quant,
+        quant=spec.default_quant
+        + (f" ({spec.default_head_quant} head)" if spec.default_head_quant else ""),
         tau=spec.default_tau,
         compiled=bool(ours_res and ours_res["compiled"]),
         ours=ours,
@@ -185,6 +188,9 @@ def bench_model(model_id: str, a: argparse.Namespace) -> EdgeRow:
         row.extra["ours_peak_rss_mb"] = ours_res["peak_rss_mb"]
         row.extra["ours_bytes_full_depth"] = ours_res["bytes_full_depth"]
         row.extra["ours_warmup_pass_s"] = ours_res["warmup_pass_s"]
+        row.extra["ours_compile_s"] = ours_res.get("compile_s")
+        if ours_res.get("eager_tokens"):
+            row.eager_agreement = _agreement(ours_res["tokens"], ours_res["eager_tokens"])
     if cpp_res:
         row.extra["cpp_version"] = cpp_res["version"]
         row.extra["cpp_system_info"] = cpp_res["system_info"]
@@ -284,15 +290,18 @@ def render(data: dict) -> str:
         "outputs first differ (different quantizations of the same model, so 100% is not "
         "expected). Bits/char: Tandem as served, teacher-forced on held-out corpus text "
         f"({s['quality_texts']} texts per source; — when skipped). Exited: fraction of the "
-        "decoded tokens that left at an exit head.",
+        "decoded tokens that left at an exit head. Compiled = eager: the same measure between "
+        "Tandem's compiled decode path and its eager reference path (same weights, same "
+        "exits), which must be 100%.",
         "",
-        "| model | greedy agreement with llama.cpp | Tandem bits/char | exited |",
-        "|---|---|---|---|",
+        "| model | greedy agreement with llama.cpp | Tandem compiled = eager |"
+        " Tandem bits/char | exited |",
+        "|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r.model} | {_f(r.agreement, '{:.0%}')} | {_f(r.bpc, '{:.3f}')} | "
-            f"{_f(r.exit_fraction, '{:.0%}')} |"
+            f"| {r.model} | {_f(r.agreement, '{:.0%}')} | {_f(r.eager_agreement, '{:.0%}')} | "
+            f"{_f(r.bpc, '{:.3f}')} | {_f(r.exit_fraction, '{:.0%}')} |"
         )
     info = next((r.extra["cpp_system_info"] for r in rows if "cpp_system_info" in r.extra), None)
     if info:
@@ -418,6 +427,7 @@ def main(argv: list[str] | None = None) -> None:
             "prefill_tokens": PREFILL_TOKENS,
             "repeats": a.repeats,
             "compiled": not a.eager,
+            "check_eager": not a.eager,
             "quality_texts": a.quality_texts,
         },
         "rows": [asdict(r) for r in rows],

@@ -6,7 +6,11 @@ Reads one JSON job on stdin, prints one JSON result on stdout:
   .venv/bin/python -m bench.tandem_side < job.json
 
 Job: {"model": id, "threads": 2, "new_tokens": 64, "repeats": 3, "compiled": true,
-      "decode_prompt": [ids], "prefill_prompt": [ids], "quality_texts": 8}
+      "check_eager": true, "decode_prompt": [ids], "prefill_prompt": [ids], "quality_texts": 8}
+
+Compiled: the decode graphs are compiled first, as the edge node does at start (`compile_s`,
+part of `warmup_s`). `check_eager`: afterwards, the eager reference path decodes the same
+prompt greedily (`eager_tokens`, to compare with `tokens`).
 
 Loaded as served: `spec.default_quant`, exits on where `spec.default_tau` < 1 and decoded at
 that tau. Timing (the same protocol as bench/llamacpp_side.py):
@@ -44,6 +48,15 @@ def _greedy(step) -> int:
     return int(step.shortlist[idx]) if step.shortlist is not None else idx
 
 
+def _compile(lm, dec, tau: float, opts: dict) -> float:
+    """Compile the decode graphs as a server does at start (seconds; 0 on the eager path)."""
+    if not opts.get("compiled"):
+        return 0.0
+    from tandem.runtime.compiled import warm_up
+
+    return warm_up(lm.model, dec.ranges(use_exits=tau < 1.0))
+
+
 def run(job: dict) -> dict:
     from tandem.models.loader import LoadOptions, load_model
     from tandem.models.registry import ModelRegistry
@@ -60,6 +73,7 @@ def run(job: dict) -> dict:
     lm = load_model(spec, LoadOptions(**opts))
     load_s = time.perf_counter() - t
     dec = lm.decoder()
+    compile_s = _compile(lm, dec, tau, opts)
     decode_prompt: list[int] = job["decode_prompt"]
     prefill_prompt: list[int] = job["prefill_prompt"]
     n = job["new_tokens"]
@@ -111,7 +125,8 @@ def run(job: dict) -> dict:
         "tau": tau,
         "compiled": bool(opts.get("compiled", False)),
         "load_s": load_s,
-        "warmup_s": first_calls,
+        "compile_s": compile_s,
+        "warmup_s": compile_s + first_calls,
         "warmup_pass_s": warmup_pass_s,
         "decode_tok_s": n / decode_best,
         "prefill_tok_s": len(prefill_prompt) / prefill_best,
@@ -122,7 +137,17 @@ def run(job: dict) -> dict:
         "rss_mb": _status_kb("VmRSS") / 1024,
         "peak_rss_mb": _status_kb("VmHWM") / 1024,
         "bpc": None,
+        "eager_tokens": None,
     }
+    if job.get("check_eager") and out["compiled"]:  # the same greedy tokens on the reference
+        ref = load_model(spec, LoadOptions(**{**opts, "compiled": False})).decoder()
+        seq = ref.new_sequence()
+        tok = _greedy(ref.prefill([seq], [decode_prompt])[0])
+        out["eager_tokens"] = [tok]
+        for _ in range(n):
+            tok = _greedy(ref.decode([seq], [tok], tau)[0])
+            out["eager_tokens"].append(tok)
+        del ref
     if job.get("quality_texts"):
         from bench.quality import bits_per_char
         from tandem.data.corpus import load_corpus
@@ -153,6 +178,7 @@ def run_batch(job: dict) -> dict:
     lm = load_model(spec, LoadOptions(**opts))
     load_s = time.perf_counter() - t
     dec = lm.decoder()
+    compile_s = _compile(lm, dec, tau, opts)
     wb = WeightBytes.of(lm.model, lm.heads)
     n = job["new_tokens"]
 
@@ -195,6 +221,7 @@ def run_batch(job: dict) -> dict:
         "tau": tau,
         "compiled": bool(opts.get("compiled", False)),
         "load_s": load_s,
+        "compile_s": compile_s,
         "results": results,
         "rss_mb": _status_kb("VmRSS") / 1024,
         "peak_rss_mb": _status_kb("VmHWM") / 1024,

@@ -13,7 +13,7 @@ from tandem.models.tokenizer import TextCodec
 from tandem.runtime.decoder import ExitDecoder
 from tandem.runtime.exit_head import ExitHead, load_heads
 from tandem.runtime.model import DecoderModel
-from tandem.runtime.quant import QuantMode, quantize_model
+from tandem.runtime.quant import QuantMode, make_quantizer, quantize_model
 
 EXITS_DIR = Path(__file__).resolve().parents[2] / "artifacts" / "exits"
 
@@ -62,8 +62,11 @@ def load_model(spec: ModelSpec, opts: LoadOptions) -> LoadedModel:
             model.cfg.norm_unit_offset,
             torch.bfloat16,
         )
-    if opts.quant != "bf16":
-        quantize_model(model, opts.quant, skip=("embed_tokens",))
+    head_quant = spec.default_head_quant if opts.quant == spec.default_quant else None
+    if opts.quant != "bf16" or head_quant not in (None, "bf16"):
+        quantize_model(model, opts.quant, skip=("embed_tokens", "lm_head"))
+        if (head_quant or opts.quant) != "bf16":
+            model.lm_head = make_quantizer(head_quant or opts.quant)(model.lm_head)
         for head in heads:
             quantize_model(head, opts.quant, skip=("other", "down", "up"))
     if opts.compiled:

@@ -50,6 +50,10 @@ class ModelSpec:
     # costs <= 3% bits/char against bf16, else int8; exits on (tau < 1) only where they
     # were faster than full depth at the same greedy agreement.
     default_quant: Literal["bf16", "int8", "int4"] = "int8"
+    # The LM head's quantization when the model runs at `default_quant`, where it differs
+    # (None: the same). The head is the largest single matrix of a small model with a big
+    # vocabulary, so it can pay to quantize it harder than the layers.
+    default_head_quant: Literal["bf16", "int8", "int4"] | None = None
     default_tau: float = 1.0
 
     @property
@@ -99,6 +103,9 @@ DEFAULT_MODELS: tuple[ModelSpec, ...] = (
         license="Gemma Terms of Use",
         exit_layers=(5, 9, 14),
         default_quant="int8",
+        # int4 head: 1.6% more bits/char than bf16 (int4 everywhere: 7.9%), and the
+        # 262,144 x 640 head reads 2.6x faster (the int8 kernel is slow at large N)
+        default_head_quant="int4",
         default_tau=0.9,
     ),
     ModelSpec(
