@@ -22,7 +22,8 @@ if [[ -z "${PYTHON:-}" ]]; then
 fi
 
 # ---- Debian packages ----------------------------------------------------------------------
-APT_PKGS=(fortunes wordnet-base redis-server docker-compose)
+# g++: torch.compile (inductor) generates and builds C++ for the compiled decode step.
+APT_PKGS=(fortunes wordnet-base redis-server docker-compose g++)
 # The venv module (and ensurepip) ship separately on Debian's own python; pyenv/python.org have them.
 if ! command -v "$PYTHON" >/dev/null 2>&1; then
     APT_PKGS+=(python3 python3-venv); PYTHON=python3
