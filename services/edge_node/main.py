@@ -186,8 +186,12 @@ def build_engine(settings: EdgeSettings, registry: ModelRegistry) -> EdgeEngine:
     decoder = loaded.decoder(config.max_deferred, depth=settings.split)
     if settings.compiled:
         ranges = decoder.ranges(use_exits=settings.tau < 1.0 or settings.split is not None)
-        seconds = warm_up(loaded.model, ranges)
-        log.info("compiled the decode step for layer ranges %s in %.1f s", ranges, seconds)
+        try:
+            seconds = warm_up(loaded.model, ranges)
+            log.info("compiled the decode step for layer ranges %s in %.1f s", ranges, seconds)
+        except Exception as exc:  # e.g. no C++ compiler in the image: serve, but say so
+            log.error("compiling the decode step failed, serving the eager path: %s", exc)
+            loaded.model.compiled = None
     return EdgeEngine(
         spec.id,
         decoder,
