@@ -36,7 +36,7 @@ namespace {
 constexpr int kRows = 16;    // output rows per group
 constexpr int kBlock = 32;   // k per quantization block
 constexpr int kBlockBytes = 256;
-constexpr int kMaxMc = 4;    // activation rows per pass over a group's weights
+constexpr int kMaxMcAvx2 = 4;  // activation rows per pass over a group's weights (AVX-512: 8)
 
 enum Isa : int64_t { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvx512 = 3 };
 
@@ -52,7 +52,9 @@ struct Problem {
   const uint16_t* mins;
   const QuantX* x;
   int64_t m, n, kb;
-  float* y;  // [M, N] fp32
+  const float* bias;  // [N] or nullptr
+  float* y32;         // [M, N] when the output is fp32
+  at::BFloat16* y16;  // [M, N] when the output is bf16
 };
 
 template <typename T>
@@ -117,17 +119,21 @@ void group_scalar(const Problem& p, int64_t g) {
         acc[r] += half_to_float(sc[r]) * d * static_cast<float>(dot) + half_to_float(mn[r]) * s;
       }
     }
-    for (int r = 0; r < kRows; ++r) {
-      const int64_t n = g * kRows + r;
-      if (n < p.n) p.y[m * p.n + n] = acc[r];
-    }
+    store_rows(p, m, g, acc);
   }
 }
 
 inline void store_rows(const Problem& p, int64_t m, int64_t g, const float* acc16) {
   const int64_t n0 = g * kRows;
   const int64_t cnt = std::min<int64_t>(kRows, p.n - n0);
-  std::memcpy(p.y + m * p.n + n0, acc16, cnt * sizeof(float));
+  for (int64_t r = 0; r < cnt; ++r) {
+    const float v = acc16[r] + (p.bias ? p.bias[n0 + r] : 0.f);
+    if (p.y16) {
+      p.y16[m * p.n + n0 + r] = at::BFloat16(v);
+    } else {
+      p.y32[m * p.n + n0 + r] = v;
+    }
+  }
 }
 
 // ---------------------------------------------------------------- AVX2 path
@@ -136,8 +142,10 @@ void group_avx2_mc(const Problem& p, int64_t g, int64_t m0) {
   const int64_t k = p.kb * kBlock;
   const __m256i low = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
-  __m256 acc[MC][2];
-  for (int m = 0; m < MC; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+  __m256 acc[MC][2], accm[MC][2];  // scale term, min term
+  for (int m = 0; m < MC; ++m) {
+    acc[m][0] = acc[m][1] = accm[m][0] = accm[m][1] = _mm256_setzero_ps();
+  }
   const int8_t* xq[MC];
   const float* xd[MC];
   const float* xs[MC];
@@ -174,26 +182,28 @@ void group_avx2_mc(const Problem& p, int64_t g, int64_t m0) {
         const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16[m], ones));
         const __m256 f = _mm256_mul_ps(wsc, _mm256_set1_ps(xd[m][b]));
         acc[m][h] = _mm256_fmadd_ps(dot, f, acc[m][h]);
-        acc[m][h] = _mm256_fmadd_ps(wmn, _mm256_set1_ps(xs[m][b]), acc[m][h]);
+        accm[m][h] = _mm256_fmadd_ps(wmn, _mm256_set1_ps(xs[m][b]), accm[m][h]);
       }
     }
   }
   for (int m = 0; m < MC; ++m) {
     alignas(32) float out[kRows];
-    _mm256_store_ps(out, acc[m][0]);
-    _mm256_store_ps(out + 8, acc[m][1]);
+    _mm256_store_ps(out, _mm256_add_ps(acc[m][0], accm[m][0]));
+    _mm256_store_ps(out + 8, _mm256_add_ps(acc[m][1], accm[m][1]));
     store_rows(p, m0 + m, g, out);
   }
 }
 
 // ---------------------------------------------------------------- AVX-512 VNNI path
+// CH independent int32 accumulators per activation row hide the dpbusd latency at small MC.
 template <int MC>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void group_avx512_mc(
     const Problem& p, int64_t g, int64_t m0) {
+  constexpr int CH = MC == 1 ? 4 : (MC <= 4 ? 2 : 1);
   const int64_t k = p.kb * kBlock;
   const __m512i low = _mm512_set1_epi8(0x0F);
-  __m512 acc[MC];
-  for (int m = 0; m < MC; ++m) acc[m] = _mm512_setzero_ps();
+  __m512 acc[MC], accm[MC];  // scale term, min term
+  for (int m = 0; m < MC; ++m) acc[m] = accm[m] = _mm512_setzero_ps();
   const int8_t* xq[MC];
   const float* xd[MC];
   const float* xs[MC];
@@ -208,31 +218,36 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void group_avx51
   for (int64_t b = 0; b < p.kb; ++b, w += kBlockBytes, sc += kRows, mn += kRows) {
     _mm_prefetch(reinterpret_cast<const char*>(w + 8 * kBlockBytes), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(w + 8 * kBlockBytes + 128), _MM_HINT_T0);
-    __m512i dot[MC];
-    for (int m = 0; m < MC; ++m) dot[m] = _mm512_setzero_si512();
+    __m512i dot[MC][CH];
+    for (int m = 0; m < MC; ++m) {
+      for (int c = 0; c < CH; ++c) dot[m][c] = _mm512_setzero_si512();
+    }
     for (int i = 0; i < 4; ++i) {
       const __m512i raw = _mm512_loadu_si512(w + i * 64);
       const __m512i lo = _mm512_and_si512(raw, low);
       const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);
+      const int cl = (2 * i) % CH, chh = (2 * i + 1) % CH;
       for (int m = 0; m < MC; ++m) {
         int32_t xl, xh;
         std::memcpy(&xl, xq[m] + b * kBlock + 4 * i, 4);
         std::memcpy(&xh, xq[m] + b * kBlock + 16 + 4 * i, 4);
-        dot[m] = _mm512_dpbusd_epi32(dot[m], lo, _mm512_set1_epi32(xl));
-        dot[m] = _mm512_dpbusd_epi32(dot[m], hi, _mm512_set1_epi32(xh));
+        dot[m][cl] = _mm512_dpbusd_epi32(dot[m][cl], lo, _mm512_set1_epi32(xl));
+        dot[m][chh] = _mm512_dpbusd_epi32(dot[m][chh], hi, _mm512_set1_epi32(xh));
       }
     }
     const __m512 wsc = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc)));
     const __m512 wmn = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mn)));
     for (int m = 0; m < MC; ++m) {
+      __m512i d = dot[m][0];
+      for (int c = 1; c < CH; ++c) d = _mm512_add_epi32(d, dot[m][c]);
       const __m512 f = _mm512_mul_ps(wsc, _mm512_set1_ps(xd[m][b]));
-      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[m]), f, acc[m]);
-      acc[m] = _mm512_fmadd_ps(wmn, _mm512_set1_ps(xs[m][b]), acc[m]);
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), f, acc[m]);
+      accm[m] = _mm512_fmadd_ps(wmn, _mm512_set1_ps(xs[m][b]), accm[m]);
     }
   }
   for (int m = 0; m < MC; ++m) {
     alignas(64) float out[kRows];
-    _mm512_store_ps(out, acc[m]);
+    _mm512_store_ps(out, _mm512_add_ps(acc[m], accm[m]));
     store_rows(p, m0 + m, g, out);
   }
 }
@@ -240,7 +255,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void group_avx51
 // ---------------------------------------------------------------- dispatch
 void group_avx2(const Problem& p, int64_t g) {
   int64_t m0 = 0;
-  for (; m0 + 4 <= p.m; m0 += 4) group_avx2_mc<4>(p, g, m0);
+  for (; m0 + kMaxMcAvx2 <= p.m; m0 += kMaxMcAvx2) group_avx2_mc<kMaxMcAvx2>(p, g, m0);
   switch (p.m - m0) {
     case 3: group_avx2_mc<3>(p, g, m0); break;
     case 2: group_avx2_mc<2>(p, g, m0); break;
@@ -252,8 +267,12 @@ void group_avx2(const Problem& p, int64_t g) {
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void group_avx512(
     const Problem& p, int64_t g) {
   int64_t m0 = 0;
-  for (; m0 + kMaxMc <= p.m; m0 += kMaxMc) group_avx512_mc<kMaxMc>(p, g, m0);
+  for (; m0 + 8 <= p.m; m0 += 8) group_avx512_mc<8>(p, g, m0);
   switch (p.m - m0) {
+    case 7: group_avx512_mc<7>(p, g, m0); break;
+    case 6: group_avx512_mc<6>(p, g, m0); break;
+    case 5: group_avx512_mc<5>(p, g, m0); break;
+    case 4: group_avx512_mc<4>(p, g, m0); break;
     case 3: group_avx512_mc<3>(p, g, m0); break;
     case 2: group_avx512_mc<2>(p, g, m0); break;
     case 1: group_avx512_mc<1>(p, g, m0); break;
@@ -309,7 +328,13 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   } else {
     quantize_rows(xc.data_ptr<float>(), m, k, xqt);
   }
-  at::Tensor y32 = at::empty({m, n}, xc.options().dtype(at::kFloat));
+  at::Tensor bias32;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, "int4_mm: bias must be [N]");
+    bias32 = bias->to(at::kFloat).contiguous();
+  }
+  const bool out16 = xc.scalar_type() == at::kBFloat16;
+  at::Tensor y = at::empty({m, n}, xc.options());
   Problem p{qc.data_ptr<uint8_t>(),
             reinterpret_cast<const uint16_t*>(sc.data_ptr<at::Half>()),
             reinterpret_cast<const uint16_t*>(mc.data_ptr<at::Half>()),
@@ -317,7 +342,9 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
             m,
             n,
             kb,
-            y32.data_ptr<float>()};
+            bias32.defined() ? bias32.data_ptr<float>() : nullptr,
+            out16 ? nullptr : y.data_ptr<float>(),
+            out16 ? y.data_ptr<at::BFloat16>() : nullptr};
   if (m > 0) {
     at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
       for (int64_t g = begin; g < end; ++g) {
@@ -331,11 +358,7 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
       }
     });
   }
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, "int4_mm: bias must be [N]");
-    y32.add_(bias->to(at::kFloat));
-  }
-  return xc.scalar_type() == at::kFloat ? y32 : y32.to(xc.scalar_type());
+  return y;
 }
 
 // Dequantize to fp32 [N, K] (for tests, dequantized() and a prefill fallback).
