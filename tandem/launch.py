@@ -30,6 +30,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Settings of the machine rather than of one service, passed to every child: the model
+# cache, and whether to compile the decode step (tests turn it off for speed).
+MACHINE_ENV = ("TANDEM_CACHE", "TANDEM_COMPILE")
+
+
 @dataclass
 class ServiceProcess:
     name: str
@@ -48,12 +53,12 @@ class ServiceProcess:
     ) -> ServiceProcess:
         """`python -m <args>` from the repository root. The child gets this environment minus
         inherited TANDEM_* settings (the flags and `env` say everything; with
-        `inherit_tandem_env` they pass through), plus `env`; with `cores`, it is pinned to
-        those CPU cores."""
+        `inherit_tandem_env` they pass through) other than the machine-wide ones
+        (`MACHINE_ENV`), plus `env`; with `cores`, it is pinned to those CPU cores."""
         base = {
             k: v
             for k, v in os.environ.items()
-            if inherit_tandem_env or k == "TANDEM_CACHE" or "TANDEM_" not in k
+            if inherit_tandem_env or k in MACHINE_ENV or "TANDEM_" not in k
         }
         base.update(PYTHONUNBUFFERED="1")
         base.update(env or {})

@@ -155,7 +155,10 @@ class EdgeExpert:
         max_context: int = 1024,
         threads: int = 1,
         cache_dir: str = "model_cache",
+        compiled: bool | None = None,
     ) -> None:
+        import os
+
         import torch
 
         from services.edge_node.main import EdgeSettings, build_engine
@@ -176,6 +179,8 @@ class EdgeExpert:
             api_key=None,
             grpc_token=None,
             cache_dir=_resolve(cache_dir),
+            # None: the edge node's default (compiled unless TANDEM_COMPILE=0)
+            compiled=os.environ.get("TANDEM_COMPILE", "1") != "0" if compiled is None else compiled,
         )
         self.engine = build_engine(settings, registry)
         self.engine.start()
