@@ -149,14 +149,18 @@ class Int4KernelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        rows = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+        rows = x if x.dim() == 2 else x.reshape(-1, shape[-1])
+        if rows.dtype != torch.bfloat16:
+            rows = rows.to(torch.bfloat16)
         if rows.shape[0] > PREFILL_ROWS and not torch.compiler.is_compiling():
             y = self._prefill(rows)
         else:
             y = torch.ops.tandem_kernels.int4_mm(
                 rows, self.qweight, self.scales, self.mins, self.out_features, self.bias, 0
             )
-        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+        if x.dim() != 2:
+            y = y.reshape(*shape[:-1], self.out_features)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def _prefill(self, rows: torch.Tensor) -> torch.Tensor:
         """Many rows: dequantize tiles of output rows to bf16 and use torch's bf16 matmul."""

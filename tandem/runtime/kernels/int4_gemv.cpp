@@ -96,6 +96,19 @@ inline float half_to_float(uint16_t h) {
   return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
 }
 
+inline void store_rows(const Problem& p, int64_t m, int64_t g, const float* acc16) {
+  const int64_t n0 = g * kRows;
+  const int64_t cnt = std::min<int64_t>(kRows, p.n - n0);
+  for (int64_t r = 0; r < cnt; ++r) {
+    const float v = acc16[r] + (p.bias ? p.bias[n0 + r] : 0.f);
+    if (p.y16) {
+      p.y16[m * p.n + n0 + r] = at::BFloat16(v);
+    } else {
+      p.y32[m * p.n + n0 + r] = v;
+    }
+  }
+}
+
 // ---------------------------------------------------------------- scalar reference path
 void group_scalar(const Problem& p, int64_t g) {
   const int64_t k = p.kb * kBlock;
@@ -120,19 +133,6 @@ void group_scalar(const Problem& p, int64_t g) {
       }
     }
     store_rows(p, m, g, acc);
-  }
-}
-
-inline void store_rows(const Problem& p, int64_t m, int64_t g, const float* acc16) {
-  const int64_t n0 = g * kRows;
-  const int64_t cnt = std::min<int64_t>(kRows, p.n - n0);
-  for (int64_t r = 0; r < cnt; ++r) {
-    const float v = acc16[r] + (p.bias ? p.bias[n0 + r] : 0.f);
-    if (p.y16) {
-      p.y16[m * p.n + n0 + r] = at::BFloat16(v);
-    } else {
-      p.y32[m * p.n + n0 + r] = v;
-    }
   }
 }
 
