@@ -2,8 +2,8 @@
 
 Weighted like a whole model: per token, `layers` x each per-layer shape + one LM head.
 Each shape cycles through enough copies of its weights to overflow the L3 cache, so the
-times are for weights streamed from memory as in decode. A/B runs are interleaved (rounds)
-and the median round is kept, which tolerates a shared machine.
+times are for weights streamed from memory as in decode. A/B runs are interleaved in short
+rounds and the fastest round is kept, which tolerates a shared (intermittently loaded) machine.
 
     python -m bench.int4_kernel [--threads 2] [--rounds 5] [--prefill]
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import time
 
 import torch
@@ -61,7 +60,7 @@ def bench_shape(k: int, n: int, rows: list[int], rounds: int) -> dict[int, tuple
         for _ in range(rounds):
             ta.append(time_cycle(ref, x, calls))
             tb.append(time_cycle(new, x, calls))
-        out[m] = (statistics.median(ta), statistics.median(tb))
+        out[m] = (min(ta), min(tb))
     return out
 
 
@@ -98,7 +97,7 @@ def report(model: str, rows: list[int], rounds: int, head: bool) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--models", default="qwen15,qwen05")
     ap.add_argument("--rows", default="1,8")
     ap.add_argument("--prefill", action="store_true", help="also M=512 (layers only, no head)")
