@@ -57,37 +57,60 @@ struct Problem {
   at::BFloat16* y16;  // [M, N] when the output is bf16
 };
 
-template <typename T>
-inline float to_float(T v) {
-  return static_cast<float>(v);
+// 32 activations -> fp32 (8-lane vectors). The whole file is built for AVX2 (load() refuses
+// CPUs without it), so activation quantization always uses AVX2.
+inline void load_block(const at::BFloat16* src, __m256 v[4]) {
+  for (int j = 0; j < 4; ++j) {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 8 * j));
+    v[j] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+  }
 }
 
+inline void load_block(const float* src, __m256 v[4]) {
+  for (int j = 0; j < 4; ++j) v[j] = _mm256_loadu_ps(src + 8 * j);
+}
+
+inline float hmax(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+  return _mm_cvtss_f32(m);
+}
+
+inline int hsum(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// Q8_0: d = max|x| / 127, q = round_half_even(x * 127 / max|x|), s = d * sum(q).
 template <typename T>
 void quantize_rows(const T* x, int64_t m, int64_t k, QuantX& out) {
   const int64_t kb = k / kBlock;
   out.q.resize(m * k);
   out.d.resize(m * kb);
   out.s.resize(m * kb);
-  at::parallel_for(0, m * kb, 64, [&](int64_t begin, int64_t end) {
-    float buf[kBlock];
+  at::parallel_for(0, m * kb, 256, [&](int64_t begin, int64_t end) {
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     for (int64_t i = begin; i < end; ++i) {
-      const T* src = x + i * kBlock;  // rows are contiguous, k % 32 == 0
-      float amax = 0.f;
-      for (int j = 0; j < kBlock; ++j) {
-        buf[j] = to_float(src[j]);
-        amax = std::max(amax, std::fabs(buf[j]));
-      }
-      const float d = amax / 127.f;
-      const float inv = amax > 0.f ? 127.f / amax : 0.f;
-      int8_t* dst = out.q.data() + i * kBlock;
-      int sum = 0;
-      for (int j = 0; j < kBlock; ++j) {
-        const int v = static_cast<int>(std::nearbyint(buf[j] * inv));
-        dst[j] = static_cast<int8_t>(v);
-        sum += v;
-      }
-      out.d[i] = d;
-      out.s[i] = d * static_cast<float>(sum);
+      __m256 v[4];
+      load_block(x + i * kBlock, v);  // rows are contiguous and k % 32 == 0
+      __m256 amax = _mm256_andnot_ps(sign, v[0]);
+      for (int j = 1; j < 4; ++j) amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[j]));
+      const float mx = hmax(amax);
+      const __m256 inv = _mm256_set1_ps(mx > 0.f ? 127.f / mx : 0.f);
+      __m256i q[4];
+      for (int j = 0; j < 4; ++j) q[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], inv));
+      const int sum = hsum(_mm256_add_epi32(_mm256_add_epi32(q[0], q[1]),
+                                            _mm256_add_epi32(q[2], q[3])));
+      const __m256i p16 = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]),
+                                             _mm256_packs_epi32(q[2], q[3]));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.q.data() + i * kBlock),
+                          _mm256_permutevar8x32_epi32(p16, order));
+      out.d[i] = mx / 127.f;
+      out.s[i] = out.d[i] * static_cast<float>(sum);
     }
   });
 }
