@@ -132,6 +132,21 @@ inline void store_rows(const Problem& p, int64_t m, int64_t g, const float* acc1
   }
 }
 
+#ifndef TANDEM_PREFETCH_BLOCKS
+#define TANDEM_PREFETCH_BLOCKS 16
+#endif
+// Software prefetch a few blocks ahead in all three streams (a group's blocks are contiguous,
+// and so are consecutive groups, so this also warms the next group's start).
+inline void prefetch_ahead(const uint8_t* w, const uint16_t* sc, const uint16_t* mn) {
+  constexpr int ahead = TANDEM_PREFETCH_BLOCKS;
+  if constexpr (ahead > 0) {
+    const char* pw = reinterpret_cast<const char*>(w + ahead * kBlockBytes);
+    for (int line = 0; line < kBlockBytes; line += 64) _mm_prefetch(pw + line, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(sc + ahead * kRows), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(mn + ahead * kRows), _MM_HINT_T0);
+  }
+}
+
 // ---------------------------------------------------------------- scalar reference path
 void group_scalar(const Problem& p, int64_t g) {
   const int64_t k = p.kb * kBlock;
@@ -181,8 +196,7 @@ void group_avx2_mc(const Problem& p, int64_t g, int64_t m0) {
   const uint16_t* sc = p.scales + g * p.kb * kRows;
   const uint16_t* mn = p.mins + g * p.kb * kRows;
   for (int64_t b = 0; b < p.kb; ++b, w += kBlockBytes, sc += kRows, mn += kRows) {
-    _mm_prefetch(reinterpret_cast<const char*>(w + 8 * kBlockBytes), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(w + 8 * kBlockBytes + 128), _MM_HINT_T0);
+    prefetch_ahead(w, sc, mn);
     for (int h = 0; h < 2; ++h) {
       __m256i s16[MC];
       for (int m = 0; m < MC; ++m) s16[m] = _mm256_setzero_si256();
@@ -239,8 +253,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void group_avx51
   const uint16_t* sc = p.scales + g * p.kb * kRows;
   const uint16_t* mn = p.mins + g * p.kb * kRows;
   for (int64_t b = 0; b < p.kb; ++b, w += kBlockBytes, sc += kRows, mn += kRows) {
-    _mm_prefetch(reinterpret_cast<const char*>(w + 8 * kBlockBytes), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(w + 8 * kBlockBytes + 128), _MM_HINT_T0);
+    prefetch_ahead(w, sc, mn);
     __m512i dot[MC][CH];
     for (int m = 0; m < MC; ++m) {
       for (int c = 0; c < CH; ++c) dot[m][c] = _mm512_setzero_si512();
