@@ -24,7 +24,10 @@ ROWS = 16  # output rows per packed group
 ISA_AUTO, ISA_SCALAR, ISA_AVX2, ISA_AVX512 = 0, 1, 2, 3
 
 _SOURCE = Path(__file__).with_name("int4_gemv.cpp")
-_CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c"]
+# -fopenmp: at::parallel_for is a header template that runs serially without it. The link
+# resolves to the libgomp.so.1 torch has already loaded (same soname), so one thread pool.
+_CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
+_LDFLAGS = ["-fopenmp"]
 
 
 def build_dir() -> Path:
@@ -50,6 +53,7 @@ def load() -> None:
             name="tandem_int4",
             sources=[str(_SOURCE)],
             extra_cflags=_CFLAGS,
+            extra_ldflags=_LDFLAGS,
             build_directory=str(build_dir()),
             is_python_module=False,
             verbose=False,
