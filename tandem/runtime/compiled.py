@@ -72,7 +72,10 @@ def slot_attention(
         visible = visible & (pos[:, None] - kpos < window)
     scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
     p = torch.softmax(scores, dim=-1)
-    out = (p[..., None] * vals[:, :, None].float()).sum(-2)  # [T, KVH, G, hd]
+    # Positions a row does not see may hold anything (other sequences' old entries, never
+    # written memory, NaN): 0 * NaN is NaN, so they are selected away, not weighted by 0.
+    vals = torch.where(visible[:, None, :, None], vals.float(), 0.0)
+    out = (p[..., None] * vals[:, :, None]).sum(-2)  # [T, KVH, G, hd]
     return out.reshape(t, heads, hd).to(q.dtype)
 
 
