@@ -15,7 +15,13 @@ import pytest
 import torch
 from torch import nn
 
-from tandem.runtime.quant import Int4Linear, Int8Linear, make_quantizer, quantize_model
+from tandem.runtime.quant import (
+    Int4Linear,
+    Int8Linear,
+    int4_kernel_available,
+    make_quantizer,
+    quantize_model,
+)
 
 GROUP = 32
 OUTLIER = 3  # input channel holding a large weight in every row
@@ -192,8 +198,15 @@ class _Tiny(nn.Module):
         return self.lm_head(h)
 
 
-@pytest.mark.parametrize("mode,cls,tol", [("int8", Int8Linear, 0.03), ("int4", Int4Linear, 0.25)])
-def test_quantize_model_replaces_linears_except_skipped(mode, cls, tol):
+def _served_int4() -> type[nn.Module]:
+    from tandem.runtime.kernels.int4 import Int4KernelLinear
+
+    return Int4KernelLinear if int4_kernel_available() else Int4Linear
+
+
+@pytest.mark.parametrize("mode,tol", [("int8", 0.03), ("int4", 0.25)])
+def test_quantize_model_replaces_linears_except_skipped(mode, tol):
+    cls = Int8Linear if mode == "int8" else _served_int4()
     model = _Tiny().to(torch.bfloat16)
     ids = torch.arange(12).reshape(2, 6)
     with torch.no_grad():
@@ -235,3 +248,14 @@ def test_make_quantizer_rejects_unknown_mode():
         make_quantizer("fp8")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         make_quantizer("bf16")
+
+
+def test_int4_serves_tandems_kernel_unless_told_aten(monkeypatch):
+    """On x86-64 with AVX2 and g++ (this project's machines), int4 is Tandem's kernel;
+    TANDEM_INT4_KERNEL=aten selects aten's."""
+    from tandem.runtime.kernels.int4 import Int4KernelLinear
+
+    lin = _linear(64, 32, bias=False)
+    assert type(make_quantizer("int4")(lin)) is Int4KernelLinear
+    monkeypatch.setenv("TANDEM_INT4_KERNEL", "aten")
+    assert type(make_quantizer("int4")(lin)) is Int4Linear
