@@ -44,7 +44,7 @@ def _status_kb(field: str) -> int:
 
 
 def _greedy(step) -> int:
-    idx = int(torch.argmax(step.logits))
+    idx = int(step.logits.max(-1).indices)  # the engine's greedy pick (Sampler)
     return int(step.shortlist[idx]) if step.shortlist is not None else idx
 
 
