@@ -70,6 +70,6 @@ def load_model(spec: ModelSpec, opts: LoadOptions) -> LoadedModel:
         for head in heads:
             quantize_model(head, opts.quant, skip=("other", "down", "up"))
     if opts.compiled:
-        model.compile(opts.kv_slots)
+        model.compile_decode(opts.kv_slots)
     codec = TextCodec(path, model.cfg.eos_ids)
     return LoadedModel(spec, model, heads, codec, opts.quant)

@@ -198,9 +198,9 @@ class DecoderModel(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.max_context = min(max_context or cfg.max_position, cfg.max_position)
         self.rope = Rope(cfg.head_dim, cfg.rope_theta, self.max_context)
-        self.compiled: CompiledDecode | None = None  # see compile()
+        self.compiled: CompiledDecode | None = None  # see compile_decode()
 
-    def compile(self, slots: int = 16) -> None:
+    def compile_decode(self, slots: int = 16) -> None:
         """From now on, new caches are static slots (up to `slots` sequences; more get
         dynamic caches) and decode steps over them run as compiled graphs
         (tandem.runtime.compiled). The eager path stays the reference."""

@@ -17,7 +17,7 @@ from tests.tiny import tiny_model
 
 def _pair(arch: str, slots: int = 4):
     eager, fast = tiny_model(arch), tiny_model(arch)
-    fast.compile(slots)
+    fast.compile_decode(slots)
     return eager, fast
 
 
