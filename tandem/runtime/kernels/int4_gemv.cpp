@@ -147,6 +147,21 @@ inline void prefetch_ahead(const uint8_t* w, const uint16_t* sc, const uint16_t*
   }
 }
 
+// The quantized activations of rows m0 .. m0 + MC: int8 values, block scales, block sums.
+template <int MC>
+struct ActivationRows {
+  const int8_t* q[MC];
+  const float* d[MC];
+  const float* s[MC];
+  ActivationRows(const Problem& p, int64_t m0) {
+    for (int m = 0; m < MC; ++m) {
+      q[m] = p.x->q.data() + (m0 + m) * p.kb * kBlock;
+      d[m] = p.x->d.data() + (m0 + m) * p.kb;
+      s[m] = p.x->s.data() + (m0 + m) * p.kb;
+    }
+  }
+};
+
 // ---------------------------------------------------------------- scalar reference path
 void group_scalar(const Problem& p, int64_t g) {
   const int64_t k = p.kb * kBlock;
@@ -177,21 +192,13 @@ void group_scalar(const Problem& p, int64_t g) {
 // ---------------------------------------------------------------- AVX2 path
 template <int MC>
 void group_avx2_mc(const Problem& p, int64_t g, int64_t m0) {
-  const int64_t k = p.kb * kBlock;
   const __m256i low = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc[MC][2], accm[MC][2];  // scale term, min term
   for (int m = 0; m < MC; ++m) {
     acc[m][0] = acc[m][1] = accm[m][0] = accm[m][1] = _mm256_setzero_ps();
   }
-  const int8_t* xq[MC];
-  const float* xd[MC];
-  const float* xs[MC];
-  for (int m = 0; m < MC; ++m) {
-    xq[m] = p.x->q.data() + (m0 + m) * k;
-    xd[m] = p.x->d.data() + (m0 + m) * p.kb;
-    xs[m] = p.x->s.data() + (m0 + m) * p.kb;
-  }
+  const ActivationRows<MC> x(p, m0);
   const uint8_t* w = p.qw + g * p.kb * kBlockBytes;
   const uint16_t* sc = p.scales + g * p.kb * kRows;
   const uint16_t* mn = p.mins + g * p.kb * kRows;
@@ -207,8 +214,8 @@ void group_avx2_mc(const Problem& p, int64_t g, int64_t m0) {
         const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
         for (int m = 0; m < MC; ++m) {
           int32_t xl, xh;
-          std::memcpy(&xl, xq[m] + b * kBlock + 4 * i, 4);
-          std::memcpy(&xh, xq[m] + b * kBlock + 16 + 4 * i, 4);
+          std::memcpy(&xl, x.q[m] + b * kBlock + 4 * i, 4);
+          std::memcpy(&xh, x.q[m] + b * kBlock + 16 + 4 * i, 4);
           s16[m] = _mm256_add_epi16(s16[m], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(xl)));
           s16[m] = _mm256_add_epi16(s16[m], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(xh)));
         }
@@ -217,9 +224,9 @@ void group_avx2_mc(const Problem& p, int64_t g, int64_t m0) {
       const __m256 wmn = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mn + 8 * h)));
       for (int m = 0; m < MC; ++m) {
         const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16[m], ones));
-        const __m256 f = _mm256_mul_ps(wsc, _mm256_set1_ps(xd[m][b]));
+        const __m256 f = _mm256_mul_ps(wsc, _mm256_set1_ps(x.d[m][b]));
         acc[m][h] = _mm256_fmadd_ps(dot, f, acc[m][h]);
-        accm[m][h] = _mm256_fmadd_ps(wmn, _mm256_set1_ps(xs[m][b]), accm[m][h]);
+        accm[m][h] = _mm256_fmadd_ps(wmn, _mm256_set1_ps(x.s[m][b]), accm[m][h]);
       }
     }
   }
@@ -237,18 +244,10 @@ template <int MC>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void group_avx512_mc(
     const Problem& p, int64_t g, int64_t m0) {
   constexpr int CH = MC == 1 ? 4 : (MC <= 4 ? 2 : 1);
-  const int64_t k = p.kb * kBlock;
   const __m512i low = _mm512_set1_epi8(0x0F);
   __m512 acc[MC], accm[MC];  // scale term, min term
   for (int m = 0; m < MC; ++m) acc[m] = accm[m] = _mm512_setzero_ps();
-  const int8_t* xq[MC];
-  const float* xd[MC];
-  const float* xs[MC];
-  for (int m = 0; m < MC; ++m) {
-    xq[m] = p.x->q.data() + (m0 + m) * k;
-    xd[m] = p.x->d.data() + (m0 + m) * p.kb;
-    xs[m] = p.x->s.data() + (m0 + m) * p.kb;
-  }
+  const ActivationRows<MC> x(p, m0);
   const uint8_t* w = p.qw + g * p.kb * kBlockBytes;
   const uint16_t* sc = p.scales + g * p.kb * kRows;
   const uint16_t* mn = p.mins + g * p.kb * kRows;
@@ -265,8 +264,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void group_avx51
       const int cl = (2 * i) % CH, chh = (2 * i + 1) % CH;
       for (int m = 0; m < MC; ++m) {
         int32_t xl, xh;
-        std::memcpy(&xl, xq[m] + b * kBlock + 4 * i, 4);
-        std::memcpy(&xh, xq[m] + b * kBlock + 16 + 4 * i, 4);
+        std::memcpy(&xl, x.q[m] + b * kBlock + 4 * i, 4);
+        std::memcpy(&xh, x.q[m] + b * kBlock + 16 + 4 * i, 4);
         dot[m][cl] = _mm512_dpbusd_epi32(dot[m][cl], lo, _mm512_set1_epi32(xl));
         dot[m][chh] = _mm512_dpbusd_epi32(dot[m][chh], hi, _mm512_set1_epi32(xh));
       }
@@ -276,9 +275,9 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void group_avx51
     for (int m = 0; m < MC; ++m) {
       __m512i d = dot[m][0];
       for (int c = 1; c < CH; ++c) d = _mm512_add_epi32(d, dot[m][c]);
-      const __m512 f = _mm512_mul_ps(wsc, _mm512_set1_ps(xd[m][b]));
+      const __m512 f = _mm512_mul_ps(wsc, _mm512_set1_ps(x.d[m][b]));
       acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), f, acc[m]);
-      accm[m] = _mm512_fmadd_ps(wmn, _mm512_set1_ps(xs[m][b]), accm[m]);
+      accm[m] = _mm512_fmadd_ps(wmn, _mm512_set1_ps(x.s[m][b]), accm[m]);
     }
   }
   for (int m = 0; m < MC; ++m) {
