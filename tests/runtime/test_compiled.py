@@ -11,7 +11,7 @@ import torch
 from tandem.runtime.decoder import ExitDecoder
 from tandem.runtime.kv_cache import SequenceKV
 from tandem.runtime.kv_slots import SlotKV, SlotPool
-from tests.runtime.test_decoder import ScriptedExits, _heads, _ids
+from tests.runtime.test_decoder import ScriptedExits, _heads, _ids, assert_same_kv
 from tests.tiny import tiny_model
 
 
@@ -42,9 +42,7 @@ def test_batched_decode_matches_eager(arch):
             torch.testing.assert_close(g.logits, w.logits, atol=1e-4, rtol=1e-4)
     assert fast.compiled is not None and (0, fast.cfg.n_layers) in fast.compiled._graphs
     for s, r in zip(seqs[1], seqs[0], strict=True):
-        for layer in range(fast.cfg.n_layers):
-            for got, want in zip(s.kv.view(layer), r.kv.view(layer), strict=True):
-                torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        assert_same_kv(s.kv, r.kv, fast.cfg.n_layers)
 
 
 def test_deferred_exits_are_exact_compiled():
@@ -67,9 +65,7 @@ def test_deferred_exits_are_exact_compiled():
     assert not s.pending
     assert {(0, 2), (2, 3), (3, 5), (5, 6)} <= set(fast.compiled._graphs)
     torch.testing.assert_close(out[0].logits, expected.logits, atol=1e-4, rtol=1e-4)
-    for layer in range(fast.cfg.n_layers):
-        for got, want in zip(s.kv.view(layer), r.kv.view(layer), strict=True):
-            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert_same_kv(s.kv, r.kv, fast.cfg.n_layers)
 
 
 def test_sequences_beyond_the_slots_fall_back_to_eager():

@@ -72,6 +72,14 @@ def test_batched_decode_equals_one_by_one(arch):
         torch.testing.assert_close(batched[i].logits, alone, atol=1e-5, rtol=1e-5)
 
 
+def assert_same_kv(kv, ref, n_layers: int) -> None:
+    """Every layer of `kv` holds as many positions as `ref`, with the same K and V."""
+    for layer in range(n_layers):
+        assert kv.length(layer) == ref.length(layer)
+        for got, want in zip(kv.view(layer), ref.view(layer), strict=True):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
 def _heads(model: DecoderModel, layers: tuple[int, ...]) -> list[ExitHead]:
     heads = []
     for layer in layers:
@@ -133,10 +141,8 @@ def test_deferred_exit_kv_is_exact(arch):
     assert seen == [x if x is not None else model.cfg.n_layers for x in script]
     assert not s.pending
     torch.testing.assert_close(out.logits, expected.logits, atol=1e-5, rtol=1e-5)
-    for layer in range(model.cfg.n_layers):
-        assert s.kv.length(layer) == r.kv.length(layer) == len(prompt) + len(tokens)
-        for got, want in zip(s.kv.view(layer), r.kv.view(layer), strict=True):
-            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert_same_kv(s.kv, r.kv, model.cfg.n_layers)
+    assert all(r.kv.length(i) == len(prompt) + len(tokens) for i in range(model.cfg.n_layers))
 
 
 def test_deferred_rows_are_capped():
