@@ -161,7 +161,7 @@ class EdgeExpert:
 
         import torch
 
-        from services.edge_node.main import EdgeSettings, build_engine
+        from services.edge_node.main import EdgeSettings, build_engine, compile_setting
         from tandem.models.registry import ModelRegistry
 
         torch.set_num_threads(max(1, threads))
@@ -180,7 +180,9 @@ class EdgeExpert:
             grpc_token=None,
             cache_dir=_resolve(cache_dir),
             # None: the edge node's default (compiled unless TANDEM_COMPILE=0)
-            compiled=os.environ.get("TANDEM_COMPILE", "1") != "0" if compiled is None else compiled,
+            compiled=compile_setting(os.environ.get("TANDEM_COMPILE", "1"))
+            if compiled is None
+            else compiled,
         )
         self.engine = build_engine(settings, registry)
         self.engine.start()

@@ -42,6 +42,11 @@ from tandem.transport.grpc_tls import TlsConfig, tls_from_env_or
 log = logging.getLogger(__name__)
 
 
+def compile_setting(value: str | bool) -> bool:
+    """TANDEM_COMPILE (or the config file's `compile`) as a bool: off for 0 / false."""
+    return str(value).strip().lower() not in ("0", "false")
+
+
 @dataclass(frozen=True)
 class EdgeSettings:
     model: str
@@ -104,7 +109,7 @@ def parse_settings(registry: ModelRegistry, argv: list[str] | None = None) -> Ed
     p.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
-        default=fenv("TANDEM_COMPILE", "compile", "1") not in ("0", "false", False),
+        default=compile_setting(fenv("TANDEM_COMPILE", "compile", "1")),
         help="compiled decode step (static KV slots); --no-compile: the eager reference",
     )
     p.add_argument("--tau-min", type=float, default=float(fenv("TANDEM_TAU_MIN", "tau_min", "0.5")))

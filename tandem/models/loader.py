@@ -62,13 +62,14 @@ def load_model(spec: ModelSpec, opts: LoadOptions) -> LoadedModel:
             model.cfg.norm_unit_offset,
             torch.bfloat16,
         )
-    head_quant = spec.default_head_quant if opts.quant == spec.default_quant else None
-    if opts.quant != "bf16" or head_quant not in (None, "bf16"):
-        quantize_model(model, opts.quant, skip=("embed_tokens", "lm_head"))
-        if (head_quant or opts.quant) != "bf16":
-            model.lm_head = make_quantizer(head_quant or opts.quant)(model.lm_head)
-        for head in heads:
-            quantize_model(head, opts.quant, skip=("other", "down", "up"))
+    head_quant = (
+        spec.default_head_quant if opts.quant == spec.default_quant else None
+    ) or opts.quant
+    quantize_model(model, opts.quant, skip=("embed_tokens", "lm_head"))  # bf16: unchanged
+    if head_quant != "bf16":
+        model.lm_head = make_quantizer(head_quant)(model.lm_head)
+    for head in heads:
+        quantize_model(head, opts.quant, skip=("other", "down", "up"))
     if opts.compiled:
         model.compile_decode(opts.kv_slots)
     codec = TextCodec(path, model.cfg.eos_ids)
