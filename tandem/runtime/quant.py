@@ -11,6 +11,7 @@ Activations stay bf16. `quantize_model` swaps nn.Linear modules in place.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -82,8 +83,10 @@ class Int4Linear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
 
+@functools.cache
 def int4_kernel_available() -> bool:
-    """Whether Tandem's int4 kernel (tandem.runtime.kernels.int4) builds and loads here."""
+    """Whether Tandem's int4 kernel (tandem.runtime.kernels.int4) builds and loads here
+    (asked once per process: a failed build is not retried for every quantized module)."""
     from tandem.runtime.kernels import int4
 
     try:
