@@ -48,6 +48,21 @@ class SequenceState:
     def pending_rows(self) -> int:
         return sum(b.hidden.shape[0] for b in self.pending)
 
+    def truncate(self, n: int) -> None:
+        """Roll back to the first n positions: the KV and the deferred rows of every later
+        position are dropped, the rest is untouched, so decoding on from position n is
+        exactly as if the dropped positions had never been fed."""
+        if not 0 <= n <= self.length:
+            raise ValueError(f"cannot truncate a sequence of {self.length} positions to {n}")
+        self.kv.truncate(n)
+        kept = []
+        for block in self.pending:
+            if block.start_pos < n:
+                block.hidden = block.hidden[: n - block.start_pos]
+                kept.append(block)
+        self.pending = kept
+        self.length = n
+
 
 @dataclass(frozen=True)
 class Reached:
@@ -126,7 +141,7 @@ class ExitDecoder:
             logits = self.model.forward_tokens(prompts, [s.kv for s in seqs], starts)
             return [StepResult(self.n_layers, row) for row in logits]
         rows = [
-            (start, self.model.embed(torch.tensor(p)))
+            (start, self.model.embed(torch.tensor(p, device=self.model.device)))
             for start, p in zip(starts, prompts, strict=True)
         ]
         out = self._run(seqs, rows, 0, self.depth)
@@ -138,7 +153,7 @@ class ExitDecoder:
     ) -> list[StepResult]:
         """One new token per sequence; each may exit at the first confident exit."""
         model = self.model
-        emb = model.embed(torch.tensor(tokens))
+        emb = model.embed(torch.tensor(tokens, device=model.device))
         rows: dict[int, tuple[int, torch.Tensor]] = {
             i: (s.length, emb[i : i + 1]) for i, s in enumerate(seqs)
         }

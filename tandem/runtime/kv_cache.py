@@ -20,14 +20,16 @@ class SequenceKV:
         dtype: torch.dtype,
         first_layer: int = 0,
         initial_capacity: int = 64,
+        device: torch.device | None = None,
     ) -> None:
         self.first_layer = first_layer
         self._k: list[torch.Tensor] = []
         self._v: list[torch.Tensor] = []
         self.lengths = [0] * n_layers
         for _ in range(n_layers):
-            self._k.append(torch.empty(n_kv_heads, initial_capacity, head_dim, dtype=dtype))
-            self._v.append(torch.empty(n_kv_heads, initial_capacity, head_dim, dtype=dtype))
+            shape = (n_kv_heads, initial_capacity, head_dim)
+            self._k.append(torch.empty(shape, dtype=dtype, device=device))
+            self._v.append(torch.empty(shape, dtype=dtype, device=device))
 
     def length(self, layer: int) -> int:
         return self.lengths[layer - self.first_layer]
@@ -44,7 +46,8 @@ class SequenceKV:
             new_cap = max(cap * 2, start + n)
             for bufs in (self._k, self._v):
                 old = bufs[i]
-                grown = torch.empty(old.shape[0], new_cap, old.shape[2], dtype=old.dtype)
+                shape = (old.shape[0], new_cap, old.shape[2])
+                grown = torch.empty(shape, dtype=old.dtype, device=old.device)
                 grown[:, :start] = old[:, :start]
                 bufs[i] = grown
         self._k[i][:, start : start + n] = k
@@ -56,6 +59,10 @@ class SequenceKV:
         """The filled part of one layer's K and V, [n_kv_heads, length, head_dim]."""
         i = layer - self.first_layer
         return self._k[i][:, : self.lengths[i]], self._v[i][:, : self.lengths[i]]
+
+    def truncate(self, n: int) -> None:
+        """Forget every position from n on (a rollback); what is kept stays as it was."""
+        self.lengths = [min(length, n) for length in self.lengths]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._k + self._v)

@@ -28,12 +28,17 @@ class SlotPool:
         dtype: torch.dtype,
         slots: int,
         capacity: int,
+        device: torch.device | None = None,
     ) -> None:
         if slots < 1 or capacity < 1:
             raise ValueError(f"slots ({slots}) and capacity ({capacity}) must be positive")
         shape = (slots, n_kv_heads, capacity, head_dim)
-        self.k = [torch.empty(shape, dtype=dtype) for _ in range(n_layers)]
-        self.v = [torch.empty(shape, dtype=dtype) for _ in range(n_layers)]
+        # On a GPU, zeros: positions a row does not see are then always finite, so the
+        # CUDA path's attention may weight them by 0 (on the CPU, pages stay uncommitted).
+        on_gpu = device is not None and torch.device(device).type == "cuda"
+        new = torch.zeros if on_gpu else torch.empty
+        self.k = [new(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [new(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.capacity = capacity
         self._free = list(range(slots - 1, -1, -1))
 
@@ -89,6 +94,10 @@ class SlotKV:
         """The filled part of one layer's K and V, [n_kv_heads, length, head_dim]."""
         n = self.lengths[layer - self.first_layer]
         return self.pool.k[layer][self.slot, :, :n], self.pool.v[layer][self.slot, :, :n]
+
+    def truncate(self, n: int) -> None:
+        """Forget every position from n on (a rollback): attention masks by length."""
+        self.lengths = [min(length, n) for length in self.lengths]
 
     def nbytes(self) -> int:
         """Bytes of the positions written (what the slot's pages hold)."""
