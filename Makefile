@@ -108,10 +108,11 @@ bench-attn: setup proto
 bench-router-solver: setup
 	$(PY) -m bench.router_solver
 
-# MoE² gate training data: every expert's NLL on corpus continuations + smollm2 features
-# (cached in model_cache/gate/; skipped when present).
+# MoE² gate training data: every expert's NLL on ~2,000 prompts of 8 kinds of text and task
+# + smollm2 features (cached in model_cache/gate/; skipped when present). One thread at nice 19,
+# resumable (per-batch cache in model_cache/gate/jobs/), budgeted to ~55 min of scoring.
 gate-data: setup
-	$(PY) -m services.router.gate_data
+	OMP_NUM_THREADS=1 nice -n 19 $(PY) -m services.router.gate_data --budget-s 3300
 
 # Train the gate on the cached gate data: artifacts/gate/gate.pt, its subset-loss table
 # (artifacts/gate/subset_loss.json, what the router's coarse level reads) and docs/bench/gate.md.

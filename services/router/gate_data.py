@@ -1,21 +1,33 @@
-"""Training data for the MoE² gate: every expert's loss on real corpus continuations.
+"""Training data for the MoE² gate: every expert's loss on prompts of eight kinds of text
+and task (services.router.gate_prompts: corpus continuations, Python reference docs, licence
+text, chat instructions with reference answers, code tasks).
 
-Each corpus item (fortunes prose, stdlib code, wordnet definitions; the category is the
-source) is cut at a whitespace into a prompt and a reference continuation. For every expert,
-loaded the way the router serves it (registry default quant), the label is the teacher-forced
-negative log-likelihood of the continuation given the prompt, in nats, together with the
-continuation's length in characters, so bits per character compare across tokenizers. The
-features are smollm2's hidden states at its middle layer, mean-pooled over the prompt.
+Raw items are cut at a whitespace into a prompt and a reference continuation whose boundary
+is a token edge for every expert; chat items put the user message behind each expert's own
+chat template and score the reference answer after it. For every expert, loaded the way the
+router serves it (registry default quant, tandem.models.loader), the label is the
+teacher-forced negative log-likelihood of the continuation in nats, with the continuation's
+length in characters, so bits per character compare across tokenizers. The features are
+smollm2's hidden states at its middle layer, mean-pooled over the gate text (the raw prompt,
+or the user message: what ``features.gate_text`` gives the router).
 
-Splits come from the corpus's own disjoint splits: train -> train, heldout -> val,
-test -> test. `python -m services.router.gate_data` (`make gate-data`) caches everything in
-one ``.npz`` with a manifest ``.json`` beside it and skips the work when both are present.
+Scoring is CPU-heavy, so `python -m services.router.gate_data` (`make gate-data`) is
+incremental and budgeted: each job (features, then one per expert, cheapest first) writes
+one small file per batch under ``model_cache/gate/jobs/`` and skips the batches already
+there, so a restart resumes; ``--budget-s`` stops starting batches after that many
+seconds, and an expert not scored on a prompt is NaN there (the gate and the benches
+say how many rows each expert has). Each job walks the prompts in one fixed, shuffled
+order, so a partial job is a random sample of every domain. Run it with one thread at
+nice 19 (``make gate-data`` does). The assembled ``.npz`` and a manifest ``.json`` are
+written at the end; splits come from the corpus's hash split of each text (train -> train,
+heldout -> val, test -> test).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -24,11 +36,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tandem.data.corpus import load_corpus
+from services.router.gate_prompts import DOMAINS, GateItem, domain_items
 from tandem.models.convert import ensure_converted
 from tandem.models.loader import LoadedModel, LoadOptions, load_model
 from tandem.models.registry import ModelRegistry
 from tandem.models.tokenizer import TextCodec
+from tandem.runtime.engine_api import ChatMessage
 
 EXPERTS: tuple[str, ...] = ("smollm2", "gemma3", "qwen05", "qwen15")
 FEATURE_MODEL = "smollm2"
@@ -37,20 +50,11 @@ DEFAULT_PATH = Path("model_cache/gate/gate_data.npz")
 BATCH = 8
 
 
-@dataclass(frozen=True, slots=True)
-class GatePrompt:
-    category: str
-    prompt: str
-    continuation: str
-
-
 @dataclass(frozen=True)
 class GateSizes:
-    """How much data to build: prompts per corpus source in each split, and cut lengths."""
+    """How much data to build: prompts per domain, and cut lengths."""
 
-    train: int = 35
-    val: int = 12
-    test: int = 15
+    per_domain: int = 260
     prompt_chars: int = 96
     continuation_chars: int = 64
     seed: int = 0
@@ -104,58 +108,87 @@ def prompt_boundary(codec: TextCodec, prompt: str, ids: Sequence[int]) -> int | 
     return None
 
 
-def build_prompts(
-    split: str, n_per_source: int, sizes: GateSizes, codecs: Sequence[TextCodec]
-) -> list[GatePrompt]:
-    """Cut corpus items into prompts whose prompt/continuation boundary is a token boundary
-    for every codec (so every expert scores exactly the same continuation text)."""
+def _clip_words(text: str, n: int) -> str:
+    """At most n characters of ``text``, cut at a whitespace where there is one."""
+    if len(text) <= n:
+        return text
+    i = text.rfind(" ", n // 2, n + 1)
+    return text[: i if i > 0 else n]
+
+
+def answer_ids(codec: TextCodec, text: str) -> list[int]:
+    """``text`` tokenized as a continuation (without the BOS the tokenizer adds)."""
+    ids, lead = codec.encode(text), codec.encode("")
+    return ids[len(lead) :] if ids[: len(lead)] == lead else ids
+
+
+def token_rows(codec: TextCodec, item: GateItem) -> tuple[list[int], int]:
+    """(ids, k): the tokens of prompt + continuation as this expert serves the item, and
+    where the continuation starts (it is exactly ids[k:])."""
+    if item.chat:
+        prompt = codec.encode_chat([ChatMessage("user", item.prompt)])
+        return prompt + answer_ids(codec, item.continuation), len(prompt)
+    ids = codec.encode(item.prompt + item.continuation)
+    k = prompt_boundary(codec, item.prompt, ids)
+    if k is None:
+        raise ValueError("prompt/continuation boundary is not a token edge")
+    return ids, k
+
+
+def build_prompts(sizes: GateSizes, codecs: Sequence[TextCodec]) -> list[GateItem]:
+    """``sizes.per_domain`` prompts of every domain: raw texts cut where the boundary is a
+    token edge for every codec (every expert scores exactly the same continuation text),
+    chat answers clipped at a whitespace."""
 
     def aligned(prompt: str, cont: str) -> bool:
         return all(prompt_boundary(c, prompt, c.encode(prompt + cont)) is not None for c in codecs)
 
-    out: list[GatePrompt] = []
-    # Ask for spare items: a few have no aligned cut.
-    for sample in load_corpus(split, 2 * n_per_source, sizes.seed):  # type: ignore[arg-type]
-        if sum(p.category == sample.source for p in out) >= n_per_source:
-            continue
-        got = cut(sample.text, sizes.prompt_chars, sizes.continuation_chars, aligned)
-        if got is not None:
-            out.append(GatePrompt(sample.source, *got))
+    out: list[GateItem] = []
+    for domain, items in domain_items(sizes.per_domain, sizes.continuation_chars).items():
+        got: list[GateItem] = []
+        for item in items:
+            if len(got) >= sizes.per_domain:
+                break
+            if item.chat:
+                cont = _clip_words(item.continuation, sizes.continuation_chars)
+                got.append(GateItem(domain, item.split, item.prompt, cont, True))
+                continue
+            pc = cut(item.prompt, sizes.prompt_chars, sizes.continuation_chars, aligned)
+            if pc is not None:
+                got.append(GateItem(domain, item.split, *pc))
+        out += got
     return out
 
 
 @torch.inference_mode()
-def score(
-    lm: LoadedModel, prompts: Sequence[GatePrompt], feature_layer: int | None = None
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Teacher-forced NLL (nats) of each continuation given its prompt, [P]; with
-    ``feature_layer``, also the hidden states after that many layers mean-pooled over the
-    prompt tokens (BOS excluded), [P, D]."""
+def score_rows(lm: LoadedModel, items: Sequence[GateItem]) -> np.ndarray:
+    """Teacher-forced NLL (nats) of each item's continuation, [P], in one batch."""
     model, codec = lm.model, lm.codec
-    n_layers = model.cfg.n_layers
-    nll = np.zeros(len(prompts))
-    feats: list[np.ndarray] = []
-    for b in range(0, len(prompts), BATCH):
-        batch = prompts[b : b + BATCH]
-        ids = [codec.encode(p.prompt + p.continuation) for p in batch]
-        ks = [prompt_boundary(codec, p.prompt, i) for p, i in zip(batch, ids, strict=True)]
-        if any(k is None for k in ks):
-            raise ValueError(f"{lm.spec.id}: prompt/continuation boundary is not a token edge")
-        rows = [(model.new_kv(), 0, model.embed(torch.tensor(i))) for i in ids]
-        if feature_layer is None:
-            outs = model.run_rows(rows, 0, n_layers)
-        else:
-            mid = model.run_rows(rows, 0, feature_layer)
-            for h, k in zip(mid, ks, strict=True):
-                pooled = h[1:k] if k > 1 else h[:k]
-                feats.append(pooled.float().mean(0).numpy())
-            rows = [(kv, 0, h) for (kv, _, _), h in zip(rows, mid, strict=True)]
-            outs = model.run_rows(rows, feature_layer, n_layers)
-        for j, (h, i, k) in enumerate(zip(outs, ids, ks, strict=True)):
-            logp = torch.log_softmax(model.logits(h[k - 1 : -1]).float(), dim=-1)
-            target = torch.tensor(i[k:])
-            nll[b + j] = -float(logp.gather(1, target[:, None]).sum())
-    return nll, (np.stack(feats).astype(np.float32) if feature_layer is not None else None)
+    rows = [token_rows(codec, it) for it in items]
+    batch = [(model.new_kv(), 0, model.embed(torch.tensor(ids))) for ids, _ in rows]
+    outs = model.run_rows(batch, 0, model.cfg.n_layers)
+    nll = np.zeros(len(items))
+    for j, (h, (ids, k)) in enumerate(zip(outs, rows, strict=True)):
+        logp = torch.log_softmax(model.logits(h[k - 1 : -1]).float(), dim=-1)
+        target = torch.tensor(ids[k:])
+        nll[j] = -float(logp.gather(1, target[:, None]).sum())
+    return nll
+
+
+@torch.inference_mode()
+def feature_rows(lm: LoadedModel, texts: Sequence[str]) -> np.ndarray:
+    """``prompt_features`` for several texts in one batch, [P, D] float32."""
+    model = lm.model
+    layer = model.cfg.n_layers // 2
+    ids = [lm.codec.encode(t) for t in texts]
+    batch = [(model.new_kv(), 0, model.embed(torch.tensor(i))) for i in ids]
+    outs = model.run_rows(batch, 0, layer)
+    return np.stack(
+        [
+            (h[1:] if len(i) > 1 else h).float().mean(0).numpy()
+            for h, i in zip(outs, ids, strict=True)
+        ]
+    ).astype(np.float32)
 
 
 @torch.inference_mode()
@@ -173,70 +206,147 @@ def prompt_features(lm: LoadedModel, texts: Sequence[str]) -> np.ndarray:
     return np.stack(out).astype(np.float32)
 
 
+def job_order(n: int, seed: int) -> np.ndarray:
+    """The fixed order every job walks the prompts in (so a partial job is a random
+    sample of all domains)."""
+    return np.random.default_rng(seed).permutation(n)
+
+
+class JobCache:
+    """One job's results, one ``.npz`` per batch (``idx`` and ``value``) in ``root``; a
+    batch file is written atomically, so an interrupted run loses at most one batch."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, b: int) -> Path:
+        return self.root / f"{b:06d}.npz"
+
+    def done(self, b: int) -> bool:
+        return self.path(b).exists()
+
+    def put(self, b: int, idx: np.ndarray, value: np.ndarray) -> None:
+        tmp = self.root / f".{b:06d}.tmp.npz"
+        np.savez(tmp, idx=idx, value=value)
+        os.replace(tmp, self.path(b))
+
+    def collect(self, n: int, shape: tuple[int, ...]) -> np.ndarray:
+        out = np.full((n, *shape), np.nan, dtype=np.float64 if not shape else np.float32)
+        for p in sorted(self.root.glob("[0-9]*.npz")):
+            with np.load(p) as z:
+                out[z["idx"]] = z["value"]
+        return out
+
+
+def run_job(
+    name: str,
+    fn: Callable[[Sequence[GateItem]], np.ndarray],
+    items: Sequence[GateItem],
+    cache: JobCache,
+    order: np.ndarray,
+    deadline: float,
+    log: Callable[[str], None],
+) -> dict[str, float]:
+    """Score ``items`` in ``order``, BATCH at a time, skipping cached batches, until done
+    or ``deadline`` (time.monotonic()). Returns rows done now and their seconds."""
+    rows, spent, n_batches = 0, 0.0, -(-len(items) // BATCH)
+    for b in range(n_batches):
+        if cache.done(b):
+            continue
+        if time.monotonic() > deadline:
+            log(f"gate-data: {name}: budget spent at batch {b}/{n_batches}")
+            break
+        idx = order[b * BATCH : (b + 1) * BATCH]
+        t0 = time.perf_counter()
+        value = fn([items[i] for i in idx])
+        spent += time.perf_counter() - t0
+        rows += len(idx)
+        cache.put(b, idx, value)
+        if b % 25 == 0:
+            log(f"gate-data: {name}: batch {b}/{n_batches}, {rows / max(spent, 1e-9):.2f} rows/s")
+    return {"rows": rows, "seconds": spent}
+
+
 def build(
     sizes: GateSizes,
     experts: Sequence[str] = EXPERTS,
     registry: ModelRegistry | None = None,
     cache_dir: Path = Path("model_cache"),
+    jobs_dir: Path = DEFAULT_PATH.parent / "jobs",
+    budget_s: float = float("inf"),
     log: Callable[[str], None] = print,
 ) -> tuple[dict[str, GateData], dict]:
-    """Build all splits; returns them and a manifest (sizes, models, timings)."""
+    """Build all splits within ``budget_s`` (resuming cached batches); returns them and a
+    manifest (sizes, models, timings, rows scored per expert)."""
+    deadline = time.monotonic() + budget_s
     registry = registry or ModelRegistry()
     specs = [registry.get(e) for e in experts]
+    if FEATURE_MODEL not in experts:
+        raise ValueError(f"the feature model {FEATURE_MODEL!r} must be one of the experts")
     codecs = [TextCodec(ensure_converted(s, cache_dir), ()) for s in specs]
-    per_split = {"train": sizes.train, "val": sizes.val, "test": sizes.test}
-    prompts = {
-        name: build_prompts(corpus_split, per_split[name], sizes, codecs)
-        for name, corpus_split in SPLITS
-    }
-    order = [(name, p) for name, _ in SPLITS for p in prompts[name]]
-    flat = [p for _, p in order]
-    log(f"gate-data: {', '.join(f'{k}={len(v)}' for k, v in prompts.items())} prompts")
-    nll = np.zeros((len(flat), len(specs)))
-    features: np.ndarray | None = None
+    items = build_prompts(sizes, codecs)
+    key = f"{len(items)}-{sizes.per_domain}-{sizes.prompt_chars}-{sizes.continuation_chars}"
+    jobs_dir = jobs_dir / key
+    jobs_dir.mkdir(parents=True, exist_ok=True)
+    (jobs_dir / "prompts.json").write_text(json.dumps([asdict(i) for i in items]) + "\n")
+    order = job_order(len(items), sizes.seed)
+    log(f"gate-data: {len(items)} prompts in {len(set(i.domain for i in items))} domains")
     timings: dict[str, dict[str, float]] = {}
+    features: np.ndarray | None = None
+    nll = np.full((len(items), len(specs)), np.nan)
     for n, spec in enumerate(specs):
         t0 = time.perf_counter()
         lm = load_model(
             spec, LoadOptions(quant=spec.default_quant, exits=False, cache_dir=cache_dir)
         )
-        t1 = time.perf_counter()
-        layer = lm.model.cfg.n_layers // 2 if spec.id == FEATURE_MODEL else None
-        nll[:, n], f = score(lm, flat, layer)
-        if f is not None:
-            features = f
-        t2 = time.perf_counter()
-        timings[spec.id] = {
-            "load_s": t1 - t0,
-            "score_s": t2 - t1,
-            "per_prompt_s": (t2 - t1) / len(flat),
-        }
-        log(
-            f"gate-data: {spec.id} ({spec.default_quant}) load {t1 - t0:.0f}s, "
-            f"score {t2 - t1:.0f}s ({(t2 - t1) / len(flat):.2f}s/prompt)"
+        load_s = time.perf_counter() - t0
+        if spec.id == FEATURE_MODEL:
+            cache = JobCache(jobs_dir / "features")
+            t = run_job(
+                "features",
+                lambda batch, lm=lm: feature_rows(lm, [i.gate_text for i in batch]),
+                items,
+                cache,
+                order,
+                deadline,
+                log,
+            )
+            features = cache.collect(len(items), (lm.model.cfg.hidden_size,))
+            timings["features"] = {"load_s": load_s, **t}
+        cache = JobCache(jobs_dir / spec.id)
+        t = run_job(
+            spec.id, lambda batch, lm=lm: score_rows(lm, batch), items, cache, order, deadline, log
         )
+        nll[:, n] = cache.collect(len(items), ())
+        timings[spec.id] = {"load_s": load_s, **t, "scored": int(np.isfinite(nll[:, n]).sum())}
+        log(f"gate-data: {spec.id} ({spec.default_quant}) {timings[spec.id]}")
         del lm
-    if features is None:
-        raise ValueError(f"the feature model {FEATURE_MODEL!r} must be one of the experts")
-    chars = np.array([len(p.continuation) for p in flat])
+    assert features is not None
+    keep = np.isfinite(features).all(1)  # a prompt without features is no gate row
+    chars = np.array([len(i.continuation) for i in items])
     splits: dict[str, GateData] = {}
-    for name, _ in SPLITS:
-        idx = np.array([i for i, (s, _) in enumerate(order) if s == name])
+    for name, corpus_split in SPLITS:
+        idx = np.array([j for j, i in enumerate(items) if i.split == corpus_split and keep[j]])
         splits[name] = GateData(
             tuple(experts),
             features[idx],
             nll[idx],
             chars[idx],
-            tuple(flat[i].category for i in idx),
-            tuple(flat[i].prompt for i in idx),
+            tuple(items[j].domain for j in idx),
+            tuple(items[j].prompt for j in idx),
         )
     manifest = {
         "sizes": asdict(sizes),
+        "domains": list(DOMAINS),
         "experts": {s.id: s.default_quant for s in specs},
         "feature_model": FEATURE_MODEL,
         "feature_dim": int(features.shape[1]),
+        "prompts": len(items),
         "counts": {k: len(v) for k, v in splits.items()},
+        "scored": {e: int(np.isfinite(nll[keep, n]).sum()) for n, e in enumerate(experts)},
         "timings": timings,
+        "threads": torch.get_num_threads(),
     }
     return splits, manifest
 
@@ -275,23 +385,24 @@ def load(path: Path = DEFAULT_PATH) -> dict[str, GateData]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_PATH)
-    ap.add_argument("--train", type=int, default=GateSizes.train, help="prompts per source")
-    ap.add_argument("--val", type=int, default=GateSizes.val)
-    ap.add_argument("--test", type=int, default=GateSizes.test)
-    ap.add_argument("--force", action="store_true", help="rebuild even if cached")
+    ap.add_argument("--per-domain", type=int, default=GateSizes.per_domain)
+    ap.add_argument("--budget-s", type=float, default=3600.0, help="stop scoring after this")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: shared host)")
+    ap.add_argument("--force", action="store_true", help="reassemble even if cached")
     args = ap.parse_args(argv)
     if args.out.exists() and args.out.with_suffix(".json").exists() and not args.force:
-        print(f"gate-data: cached at {args.out} (use --force to rebuild)")
+        print(f"gate-data: cached at {args.out} (use --force to resume / reassemble)")
         return
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    splits, manifest = build(GateSizes(args.train, args.val, args.test))
+    splits, manifest = build(GateSizes(args.per_domain), budget_s=args.budget_s)
     manifest["total_s"] = time.perf_counter() - t0
     save(splits, manifest, args.out)
     for name, d in splits.items():
         bpc = ", ".join(f"{e} {b:.3f}" for e, b in zip(d.experts, d.bits_per_char(), strict=True))
         print(f"gate-data: {name} ({len(d)} prompts) bits/char: {bpc}")
-    print(f"gate-data: wrote {args.out} in {manifest['total_s']:.0f}s")
+    print(f"gate-data: wrote {args.out} in {manifest['total_s']:.0f}s ({manifest['scored']})")
 
 
 if __name__ == "__main__":
