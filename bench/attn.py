@@ -307,9 +307,9 @@ def loopback_bandwidth(nbytes: int = 256 << 20, chunk: int = 1 << 20) -> float:
 
 class Bench:
     def __init__(self, a: argparse.Namespace) -> None:
-        from services.attention_pool.client import PoolClient, PoolShape
         from services.cloud_ctx.offload import OffloadRunner
         from services.cloud_ctx.weights import load_upper_half
+        from tandem.clients.pool import PoolClient, PoolShape
         from tandem.models.registry import ModelRegistry
 
         self.a = a
@@ -394,7 +394,7 @@ class Bench:
         return kvs
 
     def fill_pool(self, sids: Sequence[str], context: int) -> None:
-        from services.attention_pool.client import KVLoad
+        from tandem.clients.pool import KVLoad
 
         k, v = self.random_kv(context)
         before = self.pool.traffic.loaded

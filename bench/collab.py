@@ -43,9 +43,9 @@ from bench.edge import OUT
 from bench.machine import cpu_name
 from services.edge_node.cloud_link import CloudLink, CloudLinkConfig
 from services.edge_node.engine import EdgeEngine, EngineConfig
-from services.edge_node.grpc_client import EdgeClient, build_generate_request
 from services.edge_node.grpc_server import chunk_to_proto
 from services.edge_node.tau_policy import TauPolicy
+from tandem.clients.edge import EdgeClient, build_generate_request
 from tandem.data.corpus import TextSample, load_corpus
 from tandem.launch import ServiceProcess, free_port
 from tandem.models.loader import LoadedModel, LoadOptions, load_model

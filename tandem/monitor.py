@@ -62,8 +62,8 @@ def start_monitor(
 
     server = ThreadingHTTPServer((host, port), Handler)
     server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, name="cloud-monitor", daemon=True)
+    thread = threading.Thread(target=server.serve_forever, name="monitor", daemon=True)
     thread.start()
     bound = server.server_address[1]
-    log.info("cloud monitor (/metrics, /health) on http://%s:%d", host, bound)
+    log.info("monitor (/metrics, /health) on http://%s:%d", host, bound)
     return RunningMonitor(server, thread, bound)

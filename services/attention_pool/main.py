@@ -51,8 +51,8 @@ from services.attention_pool.worker import (
     ModelShape,
     start_attention_worker,
 )
-from services.cloud_ctx.monitor import start_monitor
 from tandem.config_file import Settings
+from tandem.monitor import start_monitor
 from tandem.transport.grpc_tls import TlsConfig, tls_from_env_or
 
 log = logging.getLogger(__name__)

@@ -46,18 +46,18 @@ from services.attention_pool.kv_store import (
     UnknownSession,
 )
 from services.attention_pool.metrics import AttnMetrics
-from services.attention_pool.wire import (
-    WIRE_DTYPES,
-    AttendBatch,
-    attend_reply,
-    from_bytes,
-    parse_attend,
-)
 from tandem.runtime.partial_attention import (
     attend_with_cache,
     decode_attention,
     merge,
     partial_attention,
+)
+from tandem.transport.attn_wire import (
+    WIRE_DTYPES,
+    AttendBatch,
+    attend_reply,
+    from_bytes,
+    parse_attend,
 )
 from tandem.transport.grpc_auth import BearerAuth
 from tandem.transport.grpc_tls import TlsConfig, add_port

@@ -21,7 +21,6 @@ from typing import TypeVar
 
 import torch
 
-from services.attention_pool.client import PoolKVLost
 from services.cloud_ctx.runner import LayerRunner, LocalRunner
 from services.cloud_ctx.session_log import (
     LogLost,
@@ -31,6 +30,7 @@ from services.cloud_ctx.session_log import (
     SessionRecord,
 )
 from services.cloud_ctx.session_store import CloudSession, LastToken, SessionStore, UnknownSession
+from tandem.clients.pool import PoolKVLost
 from tandem.runtime.model import DecoderModel
 from tandem.runtime.sampling import Sampler, SamplingParams
 from tandem.transport.hidden import HiddenPayload, decode_hidden, encode_hidden

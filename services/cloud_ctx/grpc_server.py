@@ -21,7 +21,6 @@ from typing import TypeVar
 
 import grpc
 
-from services.attention_pool.client import PoolUnavailable
 from services.cloud_ctx.context_manager import (
     CloudContextManager,
     CloudToken,
@@ -31,6 +30,7 @@ from services.cloud_ctx.context_manager import (
 from services.cloud_ctx.metrics import CloudMetrics
 from services.cloud_ctx.session_log import LogUnavailable
 from services.cloud_ctx.session_store import SessionTooLarge, UnknownSession
+from tandem.clients.pool import PoolUnavailable
 from tandem.runtime.sampling import SamplingParams
 from tandem.transport.cloud_wire import EXPECTED_POSITION_KEY, hidden_from_proto
 from tandem.transport.grpc_auth import BearerAuth

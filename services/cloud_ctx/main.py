@@ -37,17 +37,17 @@ from prometheus_client import CollectorRegistry
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from services.attention_pool.client import WIRE_DTYPES, PoolClient, PoolShape, PoolUnavailable
 from services.cloud_ctx.context_manager import CloudContextManager
 from services.cloud_ctx.grpc_server import start_cloud_server
 from services.cloud_ctx.metrics import CloudMetrics
-from services.cloud_ctx.monitor import start_monitor
 from services.cloud_ctx.offload import OffloadRunner
 from services.cloud_ctx.session_log import SessionLog
 from services.cloud_ctx.session_store import SessionStore, StoreLimits
 from services.cloud_ctx.weights import UpperHalf, load_upper_half
+from tandem.clients.pool import WIRE_DTYPES, PoolClient, PoolShape, PoolUnavailable
 from tandem.config_file import Settings
 from tandem.models.registry import ModelRegistry
+from tandem.monitor import start_monitor
 from tandem.runtime.model import DecoderModel
 from tandem.runtime.quant import QuantMode
 from tandem.transport.grpc_tls import TlsConfig, tls_from_env_or

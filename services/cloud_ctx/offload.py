@@ -24,13 +24,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from services.attention_pool.client import (
+from services.cloud_ctx.session_store import CloudSession
+from tandem.clients.pool import (
     KVLoad,
     PoolClient,
     PoolKVLost,
     PoolUnavailable,
 )
-from services.cloud_ctx.session_store import CloudSession
 from tandem.runtime.model import DecoderModel, attention
 
 

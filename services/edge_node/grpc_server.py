@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from services.edge_node.http_api import ApiLimits
+from tandem.api.limits import ApiLimits
 from tandem.runtime.engine_api import (
     ChatMessage,
     Engine,

@@ -29,9 +29,10 @@ from prometheus_client import CollectorRegistry
 from services.edge_node.cloud_link import CloudLink, CloudLinkConfig
 from services.edge_node.engine import EdgeEngine, EngineConfig
 from services.edge_node.grpc_server import start_grpc_server
-from services.edge_node.http_api import ApiLimits, build_app
 from services.edge_node.metrics import EdgeMetrics
 from services.edge_node.tau_policy import TauPolicy
+from tandem.api.app import build_app
+from tandem.api.limits import ApiLimits
 from tandem.config_file import Settings
 from tandem.models.loader import LoadOptions, load_model
 from tandem.models.registry import ModelRegistry

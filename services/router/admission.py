@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from starlette.requests import Request
 
-from services.edge_node.errors import ApiError
+from tandem.api.errors import ApiError
 
 CLIENT_HEADER = "x-tandem-client"
 

@@ -11,7 +11,7 @@ FastAPI app:
 
 Each POST reads the body's `model` and the request's budgets (`services.router.budget`:
 body fields or headers, else the server defaults; malformed -> 400), then hands the request to
-that model id's own edge-style OpenAI app (`services.edge_node.http_api.build_app` over a
+that model id's own edge-style OpenAI app (`tandem.api.app.build_app` over a
 `RoutedEngine`), so validation, error shapes, SSE and usage are the edge node's. The routed
 engine fills in a `RouteReport`, which comes back in `usage.tandem.router` and in the
 `x-tandem-*` headers (`services.router.report`), plus `x-tandem-replica` (the replica address
@@ -34,22 +34,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from pydantic.json_schema import models_json_schema
 from starlette.types import Message, Receive, Scope, Send
 
-from services.edge_node.body_limit import BodySizeLimitMiddleware
-from services.edge_node.errors import (
-    ApiError,
-    install_error_handlers,
-    model_not_found,
-)
-from services.edge_node.http_api import ApiLimits, build_app, check_api_key
-from services.edge_node.metrics import EdgeMetrics
-from services.edge_node.protocol import (
-    ChatCompletionRequest,
-    ChatCompletionResponse,
-    CompletionRequest,
-    CompletionResponse,
-    ModelCard,
-    ModelList,
-)
 from services.router.admission import Admission, AdmissionLimits
 from services.router.budget import (
     BEST_EFFORT_FIELD,
@@ -71,6 +55,24 @@ from services.router.predictor import Predictor
 from services.router.replicas import HealthMonitor, ReplicaTable
 from services.router.report import EXPERT_HEADER
 from services.router.routed_engine import RouteContext, RoutedEngine, route_context
+from tandem.api.app import build_app
+from tandem.api.auth import check_api_key
+from tandem.api.body_limit import BodySizeLimitMiddleware
+from tandem.api.errors import (
+    ApiError,
+    install_error_handlers,
+    model_not_found,
+)
+from tandem.api.limits import ApiLimits
+from tandem.api.metrics import ApiMetrics
+from tandem.api.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+)
 from tandem.runtime.engine_api import Engine
 
 AUTO_MODEL = "auto"
@@ -164,7 +166,7 @@ class _Router:
                 engine,
                 served_model_id=model,
                 limits=limits,
-                metrics=EdgeMetrics(registry, model_name=model, namespace=_namespace(model)),
+                metrics=ApiMetrics(registry, model_name=model, namespace=_namespace(model)),
             )
             for model, engine in self.engines.items()
         }
@@ -236,7 +238,7 @@ class _Router:
 
 
 def _namespace(expert_id: str) -> str:
-    """Metric namespace of one expert (EdgeMetrics registers fixed metric names, so experts
+    """Metric namespace of one expert (ApiMetrics registers fixed metric names, so experts
     sharing a registry need distinct namespaces)."""
     return "tandem_router_" + re.sub(r"[^a-zA-Z0-9_]", "_", expert_id)
 

@@ -21,7 +21,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from services.edge_node.errors import ApiError
+from tandem.api.errors import ApiError
 
 LATENCY_FIELD, LATENCY_HEADER = "latency_ms", "x-tandem-latency-ms"
 ENERGY_FIELD, ENERGY_HEADER = "energy_j", "x-tandem-energy-j"

@@ -34,10 +34,10 @@ from typing import Any
 
 import yaml
 
-from services.edge_node.http_api import ApiLimits
 from services.router.admission import AdmissionLimits
 from services.router.budget import BudgetDefaults
 from services.router.experts import ExpertConfig, ExpertConfigError, parse_experts
+from tandem.api.limits import ApiLimits
 
 DEFAULT_CONFIG = Path("configs/router.yaml")
 _TOP = {

@@ -19,7 +19,6 @@ import contextvars
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from services.edge_node.grpc_client import EdgeClient
 from services.router.replicas import (
     EDGE_CHANNEL_OPTIONS,
     NoHealthyReplica,
@@ -27,6 +26,7 @@ from services.router.replicas import (
     ReplicaTable,
     is_retryable_elsewhere,
 )
+from tandem.clients.edge import EdgeClient
 from tandem.runtime.engine_api import (
     ChatMessage,
     EngineOverloaded,

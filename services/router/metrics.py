@@ -1,5 +1,5 @@
 """The router's own Prometheus metrics (per-expert request metrics come from each model id's
-front end, `services.edge_node.metrics.EdgeMetrics`, namespaced per model id).
+front end, `tandem.api.metrics.ApiMetrics`, namespaced per model id).
 
 - `tandem_router_routed_total{selection, expert}`: answered requests by who answered.
 - `tandem_router_expert_failures_total{expert}`: expert calls that failed and were routed around

@@ -41,8 +41,8 @@ from typing import Protocol, TypeVar
 import grpc
 import httpx
 
-from services.edge_node.grpc_client import EdgeClient, EdgeRpcError
 from services.router.experts import ExpertConfig, ExpertKind
+from tandem.clients.edge import EdgeClient, EdgeRpcError
 from tandem.transport.grpc_tls import TlsConfig
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,7 @@
-"""The edge node's OpenAI-compatible HTTP API.
+"""The OpenAI-compatible HTTP app over any `Engine` (the edge node serves its EdgeEngine with
+it; the router one app per model id over its RoutedEngine).
 
-`build_app(engine, served_model_id=..., limits=ApiLimits(), metrics=EdgeMetrics(...))`
+`build_app(engine, served_model_id=..., limits=ApiLimits(), metrics=ApiMetrics(...))`
 returns a FastAPI app with:
 
 - GET  /health                open; 200 {"status": "ok"}
@@ -21,49 +22,38 @@ stream gets one `data: {"error": {...}}` event and then `data: [DONE]`.
 
 from __future__ import annotations
 
-import hmac
-import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ValidationError
 
-from services.edge_node.body_limit import BodySizeLimitMiddleware
-from services.edge_node.errors import (
+from tandem.api.auth import check_api_key
+from tandem.api.body_limit import BodySizeLimitMiddleware
+from tandem.api.errors import (
     ApiError,
     BodyTooLarge,
     context_length_exceeded,
     install_error_handlers,
     model_not_found,
     overloaded,
-    unauthorized,
-    validation_error,
 )
-from services.edge_node.metrics import EdgeMetrics, RequestRecorder
-from services.edge_node.protocol import (
-    ChatChoice,
-    ChatChunkChoice,
-    ChatCompletionChunk,
+from tandem.api.formats import ChatFormat, CompletionFormat, Format
+from tandem.api.job import Job, with_source
+from tandem.api.limits import ApiLimits
+from tandem.api.metrics import ApiMetrics
+from tandem.api.output import Output
+from tandem.api.parse import encode_prompt, parse_body
+from tandem.api.protocol import (
     ChatCompletionRequest,
-    ChatCompletionResponse,
-    ChatMessageOut,
-    CompletionChoice,
     CompletionRequest,
-    CompletionResponse,
-    DeltaMessage,
     ModelCard,
     ModelList,
-    TandemUsage,
-    Usage,
 )
-from services.edge_node.sse import (
+from tandem.api.sse import (
     SSE_DONE,
     EventStreamResponse,
     aclose_quietly,
@@ -82,103 +72,7 @@ from tandem.runtime.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-ReqT = TypeVar("ReqT", bound=BaseModel)
-
 CLIENT_CLOSED = 499  # status recorded in metrics when the client left (nginx convention)
-
-
-@dataclass(frozen=True)
-class ApiLimits:
-    max_body_bytes: int = 1 << 20
-    max_tokens_cap: int = 2048
-    max_stop: int = 4
-
-    def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_tokens_cap", "max_stop"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
-
-
-def check_api_key(request: Request, api_key: str | None) -> None:
-    """With an API key configured, require `Authorization: Bearer <key>` (401 otherwise)."""
-    if api_key is None:
-        return
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise unauthorized(provided=bool(header))
-    if not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-        raise unauthorized(provided=True)
-
-
-# ------------------------------------------------------------------------ one request
-
-
-@dataclass
-class _Output:
-    """What has come out of the engine for one request so far."""
-
-    prompt_tokens: int
-    text: list[str] = field(default_factory=list)
-    exit_layers: list[int] = field(default_factory=list)
-    sources: list[str] = field(default_factory=list)
-    completion_tokens: int = 0
-    finish_reason: str | None = None
-    report: dict[str, Any] = field(default_factory=dict)
-
-    def add(self, chunk: GenerationChunk, recorder: RequestRecorder) -> None:
-        recorder.on_tokens(chunk.exit_layers, len(chunk.token_ids) or None, chunk.sources)
-        self.text.append(chunk.text)
-        self.exit_layers.extend(chunk.exit_layers)
-        self.sources.extend(chunk.sources)
-        self.prompt_tokens = chunk.prompt_tokens or self.prompt_tokens
-        self.completion_tokens = chunk.completion_tokens
-        if chunk.finish_reason is not None:
-            self.finish_reason = chunk.finish_reason
-        if chunk.report is not None:
-            self.report = dict(chunk.report)
-
-    def usage(self, n_layers: int) -> Usage:
-        layers = self.exit_layers
-        if layers:
-            mean: float | None = sum(layers) / len(layers)
-            early: float | None = sum(1 for x in layers if x < n_layers) / len(layers)
-        else:
-            mean = early = None
-        return Usage(
-            prompt_tokens=self.prompt_tokens,
-            completion_tokens=self.completion_tokens,
-            total_tokens=self.prompt_tokens + self.completion_tokens,
-            tandem=TandemUsage(
-                n_layers=n_layers,
-                mean_exit_layer=mean,
-                early_exit_fraction=early,
-                mode=self.mode,
-                cloud_tokens=self.sources.count("cloud"),
-                fallback_tokens=self.sources.count("fallback"),
-                **self.report,
-            ),
-        )
-
-    @property
-    def mode(self) -> str:
-        if "fallback" in self.sources:
-            return "fallback"
-        return "collaborative" if "cloud" in self.sources else "edge"
-
-
-@dataclass(frozen=True)
-class _Job:
-    """A validated request, ready for the engine."""
-
-    id: str
-    created: int
-    request: GenerationRequest
-    prompt_param: str
-    max_tokens: int
-    stream: bool
-    include_usage: bool
 
 
 class _Api:
@@ -187,7 +81,7 @@ class _Api:
         engine: Engine,
         served_model_id: str,
         limits: ApiLimits,
-        metrics: EdgeMetrics,
+        metrics: ApiMetrics,
         api_key: str | None,
     ) -> None:
         self.engine = engine
@@ -225,24 +119,24 @@ class _Api:
 
     async def completions(self, request: Request) -> Response:
         try:
-            req = await _parse(request, CompletionRequest)
+            req = await parse_body(request, CompletionRequest)
             self._check_model(req.model)
-            prompt_ids = _encode(lambda: self.engine.encode_prompt(req.prompt_text), "prompt")
+            prompt_ids = encode_prompt(lambda: self.engine.encode_prompt(req.prompt_text), "prompt")
             job = self._job("cmpl", req, prompt_ids, req.max_tokens, "max_tokens", "prompt")
-            job = _with_source(job, prompt_text=req.prompt_text)
+            job = with_source(job, prompt_text=req.prompt_text)
         except (ApiError, BodyTooLarge) as exc:
             self.metrics.record_rejected(getattr(exc, "status", 413))
             raise
         if job.stream:
-            return await self._stream(request, job, _CompletionFormat(job, self.model_id))
-        return await self._complete(request, job, _CompletionFormat(job, self.model_id))
+            return await self._stream(request, job, CompletionFormat(job, self.model_id))
+        return await self._complete(request, job, CompletionFormat(job, self.model_id))
 
     async def chat_completions(self, request: Request) -> Response:
         try:
-            req = await _parse(request, ChatCompletionRequest)
+            req = await parse_body(request, ChatCompletionRequest)
             self._check_model(req.model)
             messages = [ChatMessage(role=m.engine_role, content=m.text) for m in req.messages]
-            prompt_ids = _encode(lambda: self.engine.encode_chat(messages), "messages")
+            prompt_ids = encode_prompt(lambda: self.engine.encode_chat(messages), "messages")
             job = self._job(
                 "chatcmpl",
                 req,
@@ -251,13 +145,13 @@ class _Api:
                 req.max_tokens_param,
                 "messages",
             )
-            job = _with_source(job, chat_messages=tuple(messages))
+            job = with_source(job, chat_messages=tuple(messages))
         except (ApiError, BodyTooLarge) as exc:
             self.metrics.record_rejected(getattr(exc, "status", 413))
             raise
         if job.stream:
-            return await self._stream(request, job, _ChatFormat(job, self.model_id))
-        return await self._complete(request, job, _ChatFormat(job, self.model_id))
+            return await self._stream(request, job, ChatFormat(job, self.model_id))
+        return await self._complete(request, job, ChatFormat(job, self.model_id))
 
     # -- request preparation ---------------------------------------------------------
 
@@ -273,7 +167,7 @@ class _Api:
         requested: int | None,
         max_tokens_param: str,
         prompt_param: str,
-    ) -> _Job:
+    ) -> Job:
         limits, max_context = self.limits, self.engine.max_context
         stop = req.stop_list
         if len(stop) > limits.max_stop:
@@ -314,7 +208,7 @@ class _Api:
         except ValueError as exc:
             raise ApiError(400, f"Invalid sampling parameters: {exc}") from exc
         rid = f"{prefix}-{uuid.uuid4().hex}"
-        return _Job(
+        return Job(
             id=rid,
             created=int(time.time()),
             request=GenerationRequest(request_id=rid, prompt_ids=prompt_ids, params=params),
@@ -324,7 +218,7 @@ class _Api:
             include_usage=req.include_usage,
         )
 
-    def _engine_error(self, exc: Exception, job: _Job) -> ApiError:
+    def _engine_error(self, exc: Exception, job: Job) -> ApiError:
         if isinstance(exc, PromptTooLong):
             return context_length_exceeded(
                 self.engine.max_context,
@@ -346,9 +240,9 @@ class _Api:
 
     # -- generation ------------------------------------------------------------------
 
-    async def _complete(self, request: Request, job: _Job, fmt: _Format) -> Response:
+    async def _complete(self, request: Request, job: Job, fmt: Format) -> Response:
         recorder = self.metrics.start_request()
-        out = _Output(prompt_tokens=len(job.request.prompt_ids))
+        out = Output(prompt_tokens=len(job.request.prompt_ids))
         status, finish = 200, "abort"
         try:
 
@@ -381,9 +275,9 @@ class _Api:
                 completion_tokens=out.completion_tokens,
             )
 
-    async def _stream(self, request: Request, job: _Job, fmt: _Format) -> Response:
+    async def _stream(self, request: Request, job: Job, fmt: Format) -> Response:
         recorder = self.metrics.start_request()
-        out = _Output(prompt_tokens=len(job.request.prompt_ids))
+        out = Output(prompt_tokens=len(job.request.prompt_ids))
         state = {"finish": "abort", "status": 200}
 
         async def finish() -> None:
@@ -447,133 +341,6 @@ class _Api:
         return EventStreamResponse(events(), cleanup, headers={"x-request-id": job.id})
 
 
-# --------------------------------------------------------------------- response shapes
-
-
-class _Format:
-    """Builds the bodies and SSE events of one endpoint."""
-
-    def __init__(self, job: _Job, model: str) -> None:
-        self.job = job
-        self.model = model
-
-    def _usage_exclude(self) -> set[str] | None:
-        return None if self.job.include_usage else {"usage"}
-
-    def response(self, text: str, finish_reason: str, usage: Usage) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def start_event(self) -> bytes:
-        return b""
-
-    def text_event(self, text: str) -> bytes:
-        raise NotImplementedError
-
-    def finish_event(self, finish_reason: str) -> bytes:
-        raise NotImplementedError
-
-    def usage_event(self, usage: Usage) -> bytes:
-        raise NotImplementedError
-
-
-class _CompletionFormat(_Format):
-    def _body(self, choices: list[CompletionChoice], usage: Usage | None) -> CompletionResponse:
-        j = self.job
-        return CompletionResponse(
-            id=j.id, created=j.created, model=self.model, choices=choices, usage=usage
-        )
-
-    def response(self, text: str, finish_reason: str, usage: Usage) -> dict[str, Any]:
-        choice = CompletionChoice(text=text, finish_reason=finish_reason)
-        return self._body([choice], usage).model_dump(mode="json")
-
-    def text_event(self, text: str) -> bytes:
-        choice = CompletionChoice(text=text, finish_reason=None)
-        return sse_event(self._body([choice], None), exclude=self._usage_exclude())
-
-    def finish_event(self, finish_reason: str) -> bytes:
-        choice = CompletionChoice(text="", finish_reason=finish_reason)
-        return sse_event(self._body([choice], None), exclude=self._usage_exclude())
-
-    def usage_event(self, usage: Usage) -> bytes:
-        return sse_event(self._body([], usage))
-
-
-class _ChatFormat(_Format):
-    def _chunk(self, delta: DeltaMessage, finish_reason: str | None = None) -> bytes:
-        j = self.job
-        choice = ChatChunkChoice(delta=delta, finish_reason=finish_reason)
-        chunk = ChatCompletionChunk(id=j.id, created=j.created, model=self.model, choices=[choice])
-        return sse_event(chunk, exclude=self._usage_exclude())
-
-    def response(self, text: str, finish_reason: str, usage: Usage) -> dict[str, Any]:
-        j = self.job
-        choice = ChatChoice(message=ChatMessageOut(content=text), finish_reason=finish_reason)
-        body = ChatCompletionResponse(
-            id=j.id, created=j.created, model=self.model, choices=[choice], usage=usage
-        )
-        return body.model_dump(mode="json")
-
-    def start_event(self) -> bytes:
-        return self._chunk(DeltaMessage(role="assistant", content=""))
-
-    def text_event(self, text: str) -> bytes:
-        return self._chunk(DeltaMessage(content=text))
-
-    def finish_event(self, finish_reason: str) -> bytes:
-        return self._chunk(DeltaMessage(), finish_reason)
-
-    def usage_event(self, usage: Usage) -> bytes:
-        j = self.job
-        chunk = ChatCompletionChunk(id=j.id, created=j.created, model=self.model, choices=[])
-        chunk.usage = usage
-        return sse_event(chunk)
-
-
-def _with_source(
-    job: _Job,
-    *,
-    prompt_text: str | None = None,
-    chat_messages: tuple[ChatMessage, ...] | None = None,
-) -> _Job:
-    """Attach the original input to the engine request (for engines that forward text)."""
-    request = replace(job.request, prompt_text=prompt_text, chat_messages=chat_messages)
-    return replace(job, request=request)
-
-
-# ------------------------------------------------------------------------ parsing
-
-
-async def _parse(request: Request, model: type[ReqT]) -> ReqT:
-    raw = await request.body()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ApiError(400, "The request body is not valid UTF-8.") from None
-    try:
-        data = json.loads(text)
-    except (ValueError, RecursionError) as exc:
-        raise ApiError(400, f"The request body is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "The request body must be a JSON object.")
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise validation_error(exc.errors()) from None
-    except RecursionError:
-        raise ApiError(400, "The request body is nested too deeply.") from None
-
-
-def _encode(fn: Callable[[], Sequence[int]], param: str) -> tuple[int, ...]:
-    """Tokenize; a ValueError from the tokenizer or chat template is the client's fault."""
-    try:
-        return tuple(fn())
-    except PromptTooLong as exc:
-        raise ApiError(400, str(exc), param=param, code="context_length_exceeded") from exc
-    except ValueError as exc:
-        raise ApiError(400, f"Could not encode the {param}: {exc}", param=param) from exc
-
-
 # ------------------------------------------------------------------------ the app
 
 
@@ -582,10 +349,10 @@ def build_app(
     *,
     served_model_id: str,
     limits: ApiLimits,
-    metrics: EdgeMetrics,
+    metrics: ApiMetrics,
     api_key: str | None = None,
 ) -> FastAPI:
-    """The edge node's HTTP app. `metrics` is bound to `engine` (queue depth, n_layers)."""
+    """The OpenAI HTTP app over `engine`. `metrics` is bound to `engine` (queue depth, n_layers)."""
     api = _Api(engine, served_model_id, limits, metrics, api_key)
     metrics.bind_engine(engine.queue_depth, engine.n_layers)
 

@@ -6,7 +6,7 @@ import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from services.edge_node.errors import ApiError, BodyTooLarge, body_too_large
+from tandem.api.errors import ApiError, BodyTooLarge, body_too_large
 
 
 class BodySizeLimitMiddleware:

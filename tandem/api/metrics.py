@@ -1,4 +1,4 @@
-"""Prometheus metrics of the edge node's HTTP front end.
+"""Prometheus metrics of an OpenAI HTTP front end (the edge node's, the router's per model id).
 
 All metrics live on the `CollectorRegistry` passed in (no global registry), so tests and
 several apps in one process never clash. Every metric carries a `model` label. Names
@@ -17,12 +17,7 @@ several apps in one process never clash. Every metric carries a `model` label. N
   the edge because the cloud was unreachable or too slow)
 - `_model_layers` (gauge, n_layers of the engine), `_queue_depth` (gauge read from
   `engine.queue_depth()` at scrape time), `_requests_in_flight` (gauge)
-- collaborative mode only (`bind_cloud_link`, read from the link at scrape time):
-  `_cloud_token_requests_total`, `_cloud_token_failures_total`, `_cloud_uploads_total`,
-  `_cloud_recoveries_total`, `_cloud_bytes_up_total`, `_cloud_bytes_down_total`,
-  `_cloud_positions_sent_total` (bytes_up / positions_sent = bytes uploaded per token),
-  `_cloud_round_trip_seconds_total`, `_cloud_available` (0 while the circuit is open),
-  `_cloud_expected_ms` and `_tau_effective` (the latency-aware threshold in use)
+- the edge node adds the CloudLink's counters (`services.edge_node.metrics.EdgeMetrics`)
 """
 
 from __future__ import annotations
@@ -33,8 +28,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
 
 TTFT_BUCKETS = (
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5,
@@ -50,8 +43,8 @@ E2E_BUCKETS = (
 )  # fmt: skip
 
 
-class EdgeMetrics:
-    """The front end's metrics, registered on `registry`."""
+class ApiMetrics:
+    """An OpenAI front end's metrics, registered on `registry`."""
 
     def __init__(
         self, registry: CollectorRegistry, *, model_name: str, namespace: str = "tandem_edge"
@@ -157,10 +150,6 @@ class EdgeMetrics:
         self.queue_depth.labels(self.model_name).set_function(read)
         self.model_layers.labels(self.model_name).set(n_layers)
 
-    def bind_cloud_link(self, link: Any, tau_now: Callable[[], float]) -> None:
-        """Export a CloudLink's counters (collaborative mode) at every scrape."""
-        self.registry.register(_CloudLinkCollector(link, tau_now, self.model_name))
-
     def start_request(self) -> RequestRecorder:
         return RequestRecorder(self)
 
@@ -172,7 +161,7 @@ class EdgeMetrics:
 class RequestRecorder:
     """Timings and counts of one request; call `on_tokens` per chunk, `finish` once."""
 
-    def __init__(self, metrics: EdgeMetrics) -> None:
+    def __init__(self, metrics: ApiMetrics) -> None:
         self._m = metrics
         self._model = metrics.model_name
         self.arrival = time.perf_counter()
@@ -222,36 +211,3 @@ class RequestRecorder:
         m.prompt_tokens.labels(model).inc(max(0, prompt_tokens))
         m.generation_tokens.labels(model).inc(max(0, completion_tokens))
         m.requests.labels(model, finish_reason, str(status)).inc()
-
-
-class _CloudLinkCollector(Collector):
-    _COUNTERS = (
-        ("token_requests", "Token requests sent to the cloud."),
-        ("token_failures", "Token requests that failed or timed out (edge fell back)."),
-        ("uploads", "Incremental context uploads acknowledged by the cloud."),
-        ("recoveries", "Requests resent after the cloud lost a session or position."),
-        ("bytes_up", "Bytes sent to the cloud (uploads + token requests)."),
-        ("bytes_down", "Bytes received from the cloud."),
-        ("positions_sent", "Split-layer states sent to the cloud (resends included)."),
-        ("round_trip_s", "Time spent in answered token requests."),
-    )
-
-    def __init__(self, link: Any, tau_now: Callable[[], float], model: str) -> None:
-        self._link, self._tau_now, self._model = link, tau_now, model
-
-    def collect(self):
-        c = self._link.counters
-        for name, doc in self._COUNTERS:
-            metric = name.replace("round_trip_s", "round_trip_seconds")
-            family = CounterMetricFamily(f"tandem_edge_cloud_{metric}", doc, labels=["model"])
-            family.add_metric([self._model], float(getattr(c, name)))
-            yield family
-        expected = self._link.expected_ms()
-        for name, doc, value in (
-            ("cloud_available", "1 unless the cloud circuit is open.", self._link.available()),
-            ("cloud_expected_ms", "Predicted cloud round trip.", expected or math.nan),
-            ("tau_effective", "Latency-aware exit threshold in use.", self._tau_now()),
-        ):
-            family = GaugeMetricFamily(f"tandem_edge_{name}", doc, labels=["model"])
-            family.add_metric([self._model], float(value))
-            yield family

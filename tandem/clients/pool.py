@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
-from services.attention_pool.wire import DTYPE_NAMES, from_bytes, pack_rows, to_bytes
+from tandem.transport.attn_wire import DTYPE_NAMES, from_bytes, pack_rows, to_bytes
 from tandem.transport.grpc_auth import bearer_metadata
 from tandem.transport.grpc_tls import TlsConfig, sync_channel
 from tandem_proto.attn.v1 import attn_pb2, attn_pb2_grpc

@@ -12,9 +12,10 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
-from services.edge_node.http_api import ApiLimits, build_app
-from services.edge_node.metrics import EdgeMetrics
-from tests.services.edge_node.fakes import DEFAULT_REPLY, FakeEngine
+from tandem.api.app import build_app
+from tandem.api.limits import ApiLimits
+from tandem.api.metrics import ApiMetrics
+from tests.api.fakes import DEFAULT_REPLY, FakeEngine
 
 pytestmark = pytest.mark.anyio
 
@@ -29,9 +30,9 @@ def make_app(
     *,
     api_key: str | None = None,
     limits: ApiLimits | None = None,
-) -> tuple[Any, FakeEngine, EdgeMetrics]:
+) -> tuple[Any, FakeEngine, ApiMetrics]:
     engine = engine or FakeEngine()
-    metrics = EdgeMetrics(CollectorRegistry(), model_name=MODEL)
+    metrics = ApiMetrics(CollectorRegistry(), model_name=MODEL)
     app = build_app(
         engine,
         served_model_id=MODEL,

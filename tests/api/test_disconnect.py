@@ -13,9 +13,10 @@ import anyio
 import pytest
 from prometheus_client import CollectorRegistry
 
-from services.edge_node.http_api import ApiLimits, build_app
-from services.edge_node.metrics import EdgeMetrics
-from tests.services.edge_node.fakes import FakeEngine
+from tandem.api.app import build_app
+from tandem.api.limits import ApiLimits
+from tandem.api.metrics import ApiMetrics
+from tests.api.fakes import FakeEngine
 
 pytestmark = pytest.mark.anyio
 
@@ -44,7 +45,7 @@ def _scope(path: str, body: bytes) -> dict[str, Any]:
 
 
 async def _drive(path: str, payload: dict[str, Any], engine: FakeEngine) -> list[dict[str, Any]]:
-    metrics = EdgeMetrics(CollectorRegistry(), model_name=MODEL)
+    metrics = ApiMetrics(CollectorRegistry(), model_name=MODEL)
     app = build_app(engine, served_model_id=MODEL, limits=ApiLimits(), metrics=metrics)
     body = json.dumps(payload).encode()
     pending = [{"type": "http.request", "body": body, "more_body": False}]

@@ -1,4 +1,4 @@
-"""EdgeMetrics on explicit registries."""
+"""ApiMetrics on explicit registries."""
 
 from __future__ import annotations
 
@@ -6,14 +6,14 @@ import math
 
 from prometheus_client import CollectorRegistry
 
-from services.edge_node.metrics import EdgeMetrics
+from tandem.api.metrics import ApiMetrics
 
 M = {"model": "m"}
 
 
 def test_two_instances_on_separate_registries_do_not_clash() -> None:
-    a = EdgeMetrics(CollectorRegistry(), model_name="m")
-    b = EdgeMetrics(CollectorRegistry(), model_name="m")
+    a = ApiMetrics(CollectorRegistry(), model_name="m")
+    b = ApiMetrics(CollectorRegistry(), model_name="m")
     a.start_request().finish(finish_reason="stop", status=200, prompt_tokens=1, completion_tokens=0)
     sample = {**M, "finish_reason": "stop", "status": "200"}
     assert a.registry.get_sample_value("tandem_edge_requests_total", sample) == 1
@@ -21,7 +21,7 @@ def test_two_instances_on_separate_registries_do_not_clash() -> None:
 
 
 def test_recorder_counts_ttft_itl_and_exit_layers() -> None:
-    metrics = EdgeMetrics(CollectorRegistry(), model_name="m")
+    metrics = ApiMetrics(CollectorRegistry(), model_name="m")
     rec = metrics.start_request()
     rec.on_tokens((3,))  # first token: TTFT
     rec.on_tokens((1, 3, 3))  # three tokens in one chunk: three ITL samples
@@ -40,7 +40,7 @@ def test_recorder_counts_ttft_itl_and_exit_layers() -> None:
 
 
 def test_queue_depth_is_read_at_scrape_and_survives_engine_errors() -> None:
-    metrics = EdgeMetrics(CollectorRegistry(), model_name="m")
+    metrics = ApiMetrics(CollectorRegistry(), model_name="m")
     depth = [2]
 
     def queue_depth() -> int:

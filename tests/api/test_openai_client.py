@@ -11,10 +11,11 @@ import openai
 import pytest
 from prometheus_client import CollectorRegistry
 
-from services.edge_node.http_api import ApiLimits, build_app
-from services.edge_node.metrics import EdgeMetrics
-from tests.services.edge_node.fakes import DEFAULT_REPLY, FakeEngine
-from tests.services.edge_node.live_server import live_server
+from tandem.api.app import build_app
+from tandem.api.limits import ApiLimits
+from tandem.api.metrics import ApiMetrics
+from tests.api.fakes import DEFAULT_REPLY, FakeEngine
+from tests.api.live_server import live_server
 
 MODEL = "fake-model"
 API_KEY = "test-key"
@@ -29,7 +30,7 @@ class Server:
 @pytest.fixture(scope="module")
 def server() -> Iterator[Server]:
     engine = FakeEngine(token_delay_s=0.002)
-    metrics = EdgeMetrics(CollectorRegistry(), model_name=MODEL)
+    metrics = ApiMetrics(CollectorRegistry(), model_name=MODEL)
     app = build_app(
         engine, served_model_id=MODEL, limits=ApiLimits(), metrics=metrics, api_key=API_KEY
     )

@@ -7,7 +7,7 @@ import math
 import pytest
 from pydantic import ValidationError
 
-from services.edge_node.protocol import (
+from tandem.api.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DeltaMessage,

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI
 
-from services.edge_node.http_api import ApiLimits
 from services.router.app import build_router_app
 from services.router.budget import BudgetDefaults
 from services.router.experts import ExpertConfig
@@ -20,8 +19,9 @@ from services.router.gate import Gate
 from services.router.moe2 import Moe2Selector
 from services.router.planner import SubsetLossTable
 from services.router.replicas import ReplicaTable
-from tests.services.edge_node.fakes import FakeEngine
-from tests.services.edge_node.live_server import live_server
+from tandem.api.limits import ApiLimits
+from tests.api.fakes import FakeEngine
+from tests.api.live_server import live_server
 from tests.services.router.moe2_fixtures import ClusterFeaturizer, predictor, trained_gate
 from tests.services.router.test_gate import EXPERTS
 from tests.services.router.test_routed_engine import REPLIES

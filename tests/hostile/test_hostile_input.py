@@ -13,12 +13,13 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
-from services.edge_node.http_api import ApiLimits, build_app
-from services.edge_node.metrics import EdgeMetrics
 from services.router.budget import BudgetDefaults, parse_budget
+from tandem.api.app import build_app
+from tandem.api.limits import ApiLimits
+from tandem.api.metrics import ApiMetrics
+from tests.api.fakes import FakeEngine
+from tests.api.live_server import live_server
 from tests.hostile.router_under_test import LIMITS, live_router
-from tests.services.edge_node.fakes import FakeEngine
-from tests.services.edge_node.live_server import live_server
 
 TIMEOUT = httpx.Timeout(10.0)
 CHAT, CMPL = "/v1/chat/completions", "/v1/completions"
@@ -38,7 +39,7 @@ def edge_base() -> Iterator[str]:
         engine,
         served_model_id="edge",
         limits=LIMITS,
-        metrics=EdgeMetrics(CollectorRegistry(), model_name="edge"),
+        metrics=ApiMetrics(CollectorRegistry(), model_name="edge"),
     )
     with live_server(app) as url:
         yield url
@@ -329,7 +330,7 @@ def test_hostile_budget_headers_are_400(base: str, header: str, value: str) -> N
 
 def test_budget_parsing_never_raises_anything_but_400() -> None:
     """parse_budget directly, over awkward values of every type."""
-    from services.edge_node.errors import ApiError
+    from tandem.api.errors import ApiError
 
     values: list[object] = [
         None, True, 0, -1, 1, 4, 5, 1.5, float("nan"), float("inf"), 10**400, -(10**400),

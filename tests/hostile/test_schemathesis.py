@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.api.live_server import live_server
 from tests.hostile.router_under_test import live_router, make_router
-from tests.services.edge_node.live_server import live_server
 
 CHECKS = ",".join(
     [

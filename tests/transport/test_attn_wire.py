@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.attention_pool.wire import (
+from tandem.transport.attn_wire import (
     attend_reply,
     from_bytes,
     pack_rows,

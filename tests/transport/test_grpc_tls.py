@@ -22,7 +22,6 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from services.attention_pool.client import AttendItem, PoolClient, PoolShape, PoolUnavailable
 from services.attention_pool.kv_store import KVStore
 from services.attention_pool.metrics import AttnMetrics
 from services.attention_pool.worker import (
@@ -31,9 +30,10 @@ from services.attention_pool.worker import (
     start_attention_worker,
 )
 from services.cloud_ctx.grpc_server import start_cloud_server
-from services.edge_node.grpc_client import EdgeClient, EdgeRpcError, EdgeUnauthenticated
 from services.edge_node.grpc_server import RunningGrpcServer, start_grpc_server
 from services.router.replicas import EdgeProber, Replica
+from tandem.clients.edge import EdgeClient, EdgeRpcError, EdgeUnauthenticated
+from tandem.clients.pool import AttendItem, PoolClient, PoolShape, PoolUnavailable
 from tandem.runtime.sampling import SamplingParams
 from tandem.transport.grpc_auth import bearer_metadata
 from tandem.transport.grpc_tls import (

@@ -21,11 +21,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.attention_pool.client import PoolClient, PoolShape
 from services.cloud_ctx.context_manager import CloudContextManager
 from services.cloud_ctx.offload import OffloadRunner, split_micro_batches
 from services.cloud_ctx.session_log import SessionLog
 from services.cloud_ctx.session_store import SessionStore, StoreLimits
+from tandem.clients.pool import PoolClient, PoolShape
 from tandem.launch import ServiceProcess
 from tandem.runtime.model import DecoderModel
 from tandem.runtime.sampling import SamplingParams

@@ -17,15 +17,16 @@ from prometheus_client import CollectorRegistry
 
 from services.edge_node.cloud_link import CloudLink, CloudLinkConfig
 from services.edge_node.engine import EdgeEngine, EngineConfig
-from services.edge_node.http_api import ApiLimits, build_app
 from services.edge_node.metrics import EdgeMetrics
 from services.edge_node.tau_policy import TauPolicy
+from tandem.api.app import build_app
+from tandem.api.limits import ApiLimits
 from tandem.models.loader import LoadOptions, load_model
 from tandem.models.registry import ModelRegistry
 from tandem.runtime.generate import generate
 from tandem.runtime.sampling import SamplingParams
+from tests.api.live_server import live_server
 from tests.services.edge_node.cloud_server import cloud_manager, cloud_server
-from tests.services.edge_node.live_server import live_server
 
 pytestmark = pytest.mark.slow
 SPLIT = 15

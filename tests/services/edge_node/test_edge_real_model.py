@@ -12,13 +12,14 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from services.edge_node.engine import EdgeEngine
-from services.edge_node.grpc_client import EdgeClient
 from services.edge_node.grpc_server import start_grpc_server
-from services.edge_node.http_api import ApiLimits, build_app
 from services.edge_node.main import EdgeSettings, build_engine
 from services.edge_node.metrics import EdgeMetrics
+from tandem.api.app import build_app
+from tandem.api.limits import ApiLimits
+from tandem.clients.edge import EdgeClient
 from tandem.models.registry import ModelRegistry
-from tests.services.edge_node.live_server import live_server
+from tests.api.live_server import live_server
 
 pytestmark = pytest.mark.slow
 

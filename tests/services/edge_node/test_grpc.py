@@ -15,7 +15,8 @@ try:
 except ImportError as exc:  # generated code is built by `make proto`, never committed
     pytest.fail(f"generated gRPC code is missing ({exc}); run `make proto`", pytrace=False)
 
-from services.edge_node.grpc_client import (
+from services.edge_node.grpc_server import RunningGrpcServer, start_grpc_server
+from tandem.clients.edge import (
     EdgeClient,
     EdgeInvalidRequest,
     EdgeOverloaded,
@@ -23,7 +24,6 @@ from services.edge_node.grpc_client import (
     EdgeRpcError,
     EdgeUnauthenticated,
 )
-from services.edge_node.grpc_server import RunningGrpcServer, start_grpc_server
 from tandem.runtime.engine_api import (
     ChatMessage,
     EngineOverloaded,
@@ -427,7 +427,7 @@ def test_auth_token() -> None:
 
 def test_grpc_sampling_keeps_the_http_api_limits() -> None:
     from services.edge_node.grpc_server import sampling_from_proto
-    from services.edge_node.http_api import ApiLimits
+    from tandem.api.limits import ApiLimits
 
     cap = ApiLimits().max_tokens_cap
     with pytest.raises(ValueError, match="max_tokens is too large"):

@@ -15,8 +15,8 @@ from services.router.admission import AdmissionLimits
 from services.router.app import build_router_app
 from services.router.experts import ExpertConfig
 from services.router.replicas import ReplicaTable
-from tests.services.edge_node.fakes import FakeEngine
-from tests.services.edge_node.live_server import live_server
+from tests.api.fakes import FakeEngine
+from tests.api.live_server import live_server
 from tests.services.router.test_app import cpu_predictor
 
 EXPERT = "meh"

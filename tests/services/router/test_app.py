@@ -23,8 +23,8 @@ from services.router.profiles import CPU, ExpertSpec
 from services.router.replicas import EdgeProber, HealthMonitor, ReplicaTable
 from services.router.telemetry import LatencyTelemetry
 from tandem.launch import free_port
-from tests.services.edge_node.fakes import DEFAULT_REPLY, FakeEngine
-from tests.services.edge_node.live_server import live_server
+from tests.api.fakes import DEFAULT_REPLY, FakeEngine
+from tests.api.live_server import live_server
 
 T = TypeVar("T")
 EXPERT = "smollm2"

@@ -16,8 +16,8 @@ from services.router.app import build_router_app
 from services.router.budget import BudgetDefaults
 from services.router.experts import ExpertConfig
 from services.router.replicas import ReplicaTable
-from tests.services.edge_node.fakes import FakeEngine
-from tests.services.edge_node.live_server import live_server
+from tests.api.fakes import FakeEngine
+from tests.api.live_server import live_server
 from tests.services.router.moe2_fixtures import ClusterFeaturizer, selector
 from tests.services.router.test_gate import EXPERTS
 from tests.services.router.test_routed_engine import REPLIES

@@ -15,7 +15,6 @@ import grpc
 import httpx
 import pytest
 
-from services.edge_node.grpc_client import EdgeClient, EdgeInvalidRequest, EdgeRpcError
 from services.edge_node.grpc_server import RunningGrpcServer, start_grpc_server
 from services.router.experts import ExpertConfig, ExpertConfigError, parse_experts
 from services.router.reference import REFERENCE_TIMINGS
@@ -30,6 +29,7 @@ from services.router.replicas import (
     ReplicaTable,
     default_prober,
 )
+from tandem.clients.edge import EdgeClient, EdgeInvalidRequest, EdgeRpcError
 from tandem.runtime.engine_api import GenerationChunk
 from tandem.runtime.sampling import SamplingParams
 from tests.services.edge_node.grpc_fakes import FakeEngine

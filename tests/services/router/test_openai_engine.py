@@ -15,8 +15,6 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
-from services.edge_node.http_api import ApiLimits, build_app
-from services.edge_node.metrics import EdgeMetrics
 from services.router.expert_engine import ExpertUnavailable, served
 from services.router.experts import ExpertConfig
 from services.router.openai_engine import (
@@ -26,10 +24,13 @@ from services.router.openai_engine import (
     _StreamParser,
 )
 from services.router.replicas import HealthMonitor, OpenAIProber, ReplicaTable
+from tandem.api.app import build_app
+from tandem.api.limits import ApiLimits
+from tandem.api.metrics import ApiMetrics
 from tandem.runtime.engine_api import ChatMessage, GenerationChunk, GenerationRequest
 from tandem.runtime.sampling import SamplingParams
-from tests.services.edge_node.fakes import DEFAULT_REPLY, FakeEngine
-from tests.services.edge_node.live_server import live_server
+from tests.api.fakes import DEFAULT_REPLY, FakeEngine
+from tests.api.live_server import live_server
 
 TIMEOUT = 10.0  # seconds per test, end to end
 EXPERT = "coder"
@@ -73,7 +74,7 @@ def upstreams() -> Iterator[Upstreams]:
                 engine,
                 served_model_id=UPSTREAM_MODEL,
                 limits=ApiLimits(),
-                metrics=EdgeMetrics(CollectorRegistry(), model_name=UPSTREAM_MODEL),
+                metrics=ApiMetrics(CollectorRegistry(), model_name=UPSTREAM_MODEL),
                 api_key=KEY,
             )
             running[name] = Upstream(stack.enter_context(live_server(app)), engine)

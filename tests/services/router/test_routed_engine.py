@@ -15,7 +15,7 @@ from services.router.moe2 import BudgetInfeasible
 from services.router.routed_engine import RouteContext, RoutedEngine, route_context
 from tandem.runtime.engine_api import ChatMessage, GenerationChunk, GenerationRequest
 from tandem.runtime.sampling import SamplingParams
-from tests.services.edge_node.fakes import FakeEngine
+from tests.api.fakes import FakeEngine
 from tests.services.router.moe2_fixtures import ClusterFeaturizer, predictor, selector
 from tests.services.router.test_gate import EXPERTS
 

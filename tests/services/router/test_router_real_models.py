@@ -18,7 +18,7 @@ import pytest
 from services.router.config import parse_router_config
 from services.router.main import build
 from tandem.launch import ServiceProcess, free_port
-from tests.services.edge_node.live_server import live_server
+from tests.api.live_server import live_server
 
 pytestmark = pytest.mark.slow
 

@@ -30,7 +30,7 @@ from services.router.main import build
 from tandem.launch import ROOT, ServiceProcess, free_port
 from tandem.models.convert import ensure_converted
 from tandem.models.registry import ModelRegistry
-from tests.services.edge_node.live_server import live_server
+from tests.api.live_server import live_server
 
 pytestmark = pytest.mark.slow
 
