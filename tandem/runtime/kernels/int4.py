@@ -1,6 +1,7 @@
 """Int4 weight-only linear on Tandem's own CPU kernel (int8 activations, integer dots).
 
-The C++ kernel (int4_gemv.cpp, built on first use with torch.utils.cpp_extension) registers
+The C++ kernel (int4_gemv.cpp, built on first use with torch.utils.cpp_extension together
+with int8_gemv.cpp, see tandem.runtime.kernels.extension) registers
 `torch.ops.tandem_kernels.int4_mm(x, qweight, scales, mins, n, bias=None, isa=0)`:
 x bf16/fp32 [M, K] -> [M, N] in x's dtype. Weight format, per group of 32 input channels,
 w ~= scale * q + min with q in [0, 15] and fp16 scale/min, packed in groups of 16 output rows
@@ -10,71 +11,26 @@ VNNI. A fake implementation is registered so torch.compile treats the op as opaq
 
 from __future__ import annotations
 
-import functools
-import os
-import platform
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
+from tandem.runtime.kernels.extension import best_isa, build_dir, load
+
+__all__ = [
+    "Int4KernelLinear",
+    "PackedInt4",
+    "best_isa",
+    "build_dir",
+    "int4_mm",
+    "load",
+    "pack_int4",
+]
+
 GROUP = 32
 ROWS = 16  # output rows per packed group
 ISA_AUTO, ISA_SCALAR, ISA_AVX2, ISA_AVX512 = 0, 1, 2, 3
-
-_SOURCE = Path(__file__).with_name("int4_gemv.cpp")
-# -fopenmp: at::parallel_for is a header template that runs serially without it. The link
-# resolves to the libgomp.so.1 torch has already loaded (same soname), so one thread pool.
-_CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
-_LDFLAGS = ["-fopenmp"]
-
-
-def build_dir() -> Path:
-    """TANDEM_KERNELS_DIR, else TORCH_EXTENSIONS_DIR, else ~/.cache/tandem_kernels."""
-    root = os.environ.get("TANDEM_KERNELS_DIR") or os.environ.get("TORCH_EXTENSIONS_DIR")
-    base = Path(root) if root else Path.home() / ".cache" / "tandem_kernels"
-    path = base / f"torch{torch.__version__.split('+')[0]}"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-@functools.cache
-def load() -> None:
-    """Build (once, cached on disk) and load the extension; registers the fake kernels."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        raise RuntimeError(f"tandem int4 kernel needs x86-64, not {platform.machine()}")
-    if torch.backends.cpu.get_cpu_capability() == "DEFAULT":
-        raise RuntimeError("tandem int4 kernel needs a CPU with AVX2 + FMA + F16C")
-    from torch.utils import cpp_extension
-
-    try:
-        cpp_extension.load(
-            name="tandem_int4",
-            sources=[str(_SOURCE)],
-            extra_cflags=_CFLAGS,
-            extra_ldflags=_LDFLAGS,
-            build_directory=str(build_dir()),
-            is_python_module=False,
-            verbose=False,
-        )
-    except (OSError, RuntimeError, ImportError) as err:
-        raise RuntimeError(
-            "could not build tandem's int4 kernel (needs g++ and ninja): " + str(err)
-        ) from err
-
-    @torch.library.register_fake("tandem_kernels::int4_mm")
-    def _int4_mm_fake(x, qweight, scales, mins, n, bias=None, isa=0):  # noqa: ANN001, ANN202
-        return x.new_empty(x.shape[0], n)
-
-    @torch.library.register_fake("tandem_kernels::int4_dequant")
-    def _int4_dequant_fake(qweight, scales, mins, n):  # noqa: ANN001, ANN202
-        return qweight.new_empty(n, qweight.shape[1] * GROUP, dtype=torch.float32)
-
-
-def best_isa() -> int:
-    load()
-    return int(torch.ops.tandem_kernels.best_isa())
 
 
 @dataclass(frozen=True)
