@@ -1,6 +1,8 @@
 # Tandem developer entry points. Everything works from a fresh clone: `make test` runs setup first.
 SHELL := /bin/bash
 PY := .venv/bin/python
+# The `tandem` command (tandem/cli.py), installed into .venv by `make setup` (pip install -e .).
+TANDEM := .venv/bin/tandem
 
 .PHONY: setup run run-edge run-cloud run-collab run-router redis test proto calibrate bench-edge bench-batch bench-collab bench-router bench-router-solver bench-attn run-pool run-ray vllm-venv llamacpp-venv run-vllm gate-data gate validate-compose validate-k8s drills loadtest lint fmt
 
@@ -13,18 +15,19 @@ proto: setup
 # The whole cluster on loopback (configs/cluster.yaml): Redis, attention pool, cloud_ctx, four
 # edge nodes (one collaborative), the router; health-gated, a demo request, Ctrl-C stops all.
 run: setup proto
-	$(PY) -m tandem.cluster --config $${TANDEM_CLUSTER_CONFIG:-configs/cluster.yaml}
+	$(TANDEM) cluster --config $${TANDEM_CLUSTER_CONFIG:-configs/cluster.yaml}
 
-# One standalone edge node (smollm2 by default; TANDEM_MODEL, PORT, ... as in its --help).
+# One standalone edge node (smollm2 by default; TANDEM_MODEL, PORT, ... as in
+# `tandem serve edge --help`).
 run-edge: setup proto
-	$(PY) -m services.edge_node.main
+	$(TANDEM) serve edge
 
 # Redis on 127.0.0.1:6390 (scripts/redis.sh; data in .run/redis), used by the cloud and the tests.
 redis: setup
 	bash scripts/redis.sh start
 
 run-cloud: setup proto redis
-	TANDEM_REDIS_URL="$${TANDEM_REDIS_URL:-$$(bash scripts/redis.sh url)}" $(PY) -m services.cloud_ctx.main
+	TANDEM_REDIS_URL="$${TANDEM_REDIS_URL:-$$(bash scripts/redis.sh url)}" $(TANDEM) serve cloud
 
 # CE-CoLLM pair: cloud_ctx + a collaborative edge node (qwen15 split at layer 14 by default).
 run-collab: setup proto redis
@@ -33,7 +36,7 @@ run-collab: setup proto redis
 # Lamina attention pool: 2 worker processes holding qwen15's cloud-layer KV by head
 # (then: make run-cloud with TANDEM_ATTENTION_POOL=127.0.0.1:50071,127.0.0.1:50072).
 run-pool: setup proto
-	$(PY) -m services.attention_pool.main --model $${TANDEM_ATTN_MODEL:-qwen15} --workers $${TANDEM_ATTN_WORKERS:-2}
+	$(TANDEM) serve pool --model $${TANDEM_ATTN_MODEL:-qwen15} --workers $${TANDEM_ATTN_WORKERS:-2}
 
 # Ray Serve: the router and one expert deployment per model (fractional CPUs, autoscaling).
 run-ray: setup proto
@@ -52,7 +55,7 @@ run-vllm: setup vllm-venv
 
 # The router (OpenAI API + MoE² "auto") over the experts in configs/router.yaml.
 run-router: setup proto
-	$(PY) -m services.router.main --config $${TANDEM_ROUTER_CONFIG:-configs/router.yaml}
+	$(TANDEM) serve router --config $${TANDEM_ROUTER_CONFIG:-configs/router.yaml}
 
 test: setup proto redis
 	TANDEM_TEST_REDIS_URL="$$(bash scripts/redis.sh url)" $(PY) -m pytest -q tests

