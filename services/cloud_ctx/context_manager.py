@@ -5,6 +5,14 @@ keeps generating) and asks for a token at the newest position. On a request the 
 first catches up: every pending uploaded position and the asked one run through its
 layers in one batched forward, which fills their KV; the last row gives the token.
 
+Speculative sessions (`--collab speculative`, lossless): uploads carry the edge's drafts,
+and the manager runs its layers on every uploaded row at once instead of waiting for a
+request, judging each draft against its own next-token distribution
+(`tandem.runtime.speculative`). At the first rejected draft the session is truncated after
+the draft's position, the replacement token becomes the session's newest answer, and the
+epoch advances: the edge rolls back to the same point, and its messages of an older epoch
+are answered with that rollback and otherwise ignored.
+
 With a `SessionLog` (Redis) every upload is logged before it is held in memory and every
 answer is recorded before it is returned. A session missing from memory (restart,
 eviction, another replica served it) is rebuilt from the log: the logged rows become
@@ -28,11 +36,13 @@ from services.cloud_ctx.session_log import (
     OwnershipLost,
     SessionLog,
     SessionRecord,
+    SpeculativeState,
 )
 from services.cloud_ctx.session_store import CloudSession, LastToken, SessionStore, UnknownSession
 from tandem.clients.pool import PoolKVLost
 from tandem.runtime.model import DecoderModel
 from tandem.runtime.sampling import Sampler, SamplingParams
+from tandem.runtime.speculative import Rollback, Speculation, Verdict, judge
 from tandem.transport.hidden import HiddenPayload, decode_hidden, encode_hidden
 
 log = logging.getLogger(__name__)
@@ -56,6 +66,7 @@ class TokenAsk:
     position: int
     params: SamplingParams
     hidden: Hidden | None = None  # states of positions position-n+1 .. position
+    speculation: Speculation | None = None
 
 
 @dataclass(frozen=True)
@@ -63,6 +74,7 @@ class CloudToken:
     token: int
     prob: float
     catch_up_rows: int  # rows run in this request's forward (pending + the asked one)
+    verdict: Verdict | None = None  # speculative sessions
 
 
 class CloudContextManager:
@@ -137,6 +149,25 @@ class CloudContextManager:
                 answers[i] = token
         return answers  # type: ignore[return-value]
 
+    def speculate(
+        self, session_id: str, start_pos: int, hidden: Hidden, speculation: Speculation
+    ) -> tuple[int, Verdict]:
+        """A speculative upload: append the rows, then run them and judge their drafts.
+        Returns the positions held and the verdict."""
+
+        def run() -> tuple[int, Verdict]:
+            session = self._session(session_id, create=True)
+            if self._stale(session, speculation):
+                return session.uploaded, self._verdict(session)
+            session, _ = self._upload(session_id, start_pos, hidden)
+            self._adopt(session, speculation)
+            if session.pending:
+                self._run_drafted_rows(session)
+            self._record(session)  # drafts, RNG state and epoch survive a rebuild
+            return session.uploaded, self._verdict(session)
+
+        return self._fenced(session_id, run)
+
     def release(self, session_id: str) -> bool:
         logged = self.log.release(session_id) if self.log is not None else False
         return self.store.release(session_id) or logged
@@ -180,6 +211,12 @@ class CloudContextManager:
         """Upload the request's rows and check it; the session to run, or the answer
         itself for a retry of the last request."""
         logged = False
+        if ask.speculation is not None:
+            session = self._session(ask.session_id, create=True)
+            if self._stale(session, ask.speculation):
+                rb = session.rollback
+                assert rb is not None  # an older epoch implies a rollback
+                return CloudToken(rb.token, rb.prob, 0, self._verdict(session))
         if ask.hidden is not None:
             n = (
                 ask.hidden.n_tokens
@@ -194,7 +231,8 @@ class CloudContextManager:
         last = session.last
         if last is not None and last.position == ask.position == session.uploaded - 1:
             self._record(session)  # a retry: same answer, nothing sampled
-            return CloudToken(last.token, last.prob, 0)
+            verdict = self._verdict(session) if session.speculative else None
+            return CloudToken(last.token, last.prob, 0, verdict)
         if ask.position != session.uploaded - 1:
             raise PositionMismatch(
                 f"asked for position {ask.position}; session {ask.session_id!r} ends at "
@@ -203,6 +241,8 @@ class CloudContextManager:
             )
         if session.sampler is None:
             session.sampler = Sampler(ask.params)
+        if ask.speculation is not None:
+            self._adopt(session, ask.speculation)
         return session
 
     @torch.inference_mode()
@@ -249,17 +289,116 @@ class CloudContextManager:
     def _answer(
         self, sessions: list[CloudSession], outs: list[torch.Tensor]
     ) -> list[CloudToken | Exception]:
-        logits = self.model.logits(torch.cat([h[-1:] for h in outs]))
-        answers = []
-        for session, h, row in zip(sessions, outs, logits, strict=True):
-            session.pending.clear()
-            session.computed = session.uploaded
-            token, prob = session.sampler.sample(row)
-            session.last = LastToken(session.uploaded - 1, token, prob)
-            self.store.enforce_cap(keep=session.session_id)
-            self._record(session)
-            answers.append(CloudToken(token, prob, h.shape[0]))
-        return answers
+        answers: dict[int, CloudToken] = {}
+        plain = []
+        for i, (session, h) in enumerate(zip(sessions, outs, strict=True)):
+            if session.speculative:
+                answers[i] = self._answer_speculative(session, h)
+            else:
+                plain.append(i)
+        if plain:
+            logits = self.model.logits(torch.cat([outs[i][-1:] for i in plain]))
+            for i, row in zip(plain, logits, strict=True):
+                session = sessions[i]
+                session.pending.clear()
+                session.computed = session.uploaded
+                token, prob = session.sampler.sample(row)
+                answers[i] = self._answered(session, token, prob, outs[i].shape[0])
+        return [answers[i] for i in range(len(sessions))]
+
+    def _answered(self, session: CloudSession, token: int, prob: float, rows: int) -> CloudToken:
+        session.last = LastToken(session.uploaded - 1, token, prob)
+        self.store.enforce_cap(keep=session.session_id)
+        self._record(session)
+        verdict = self._verdict(session) if session.speculative else None
+        return CloudToken(token, prob, rows, verdict)
+
+    def _answer_speculative(self, session: CloudSession, h: torch.Tensor) -> CloudToken:
+        """All pending rows ran (`h`): judge their drafts; the answer is a rejected draft's
+        replacement, else the asked row's accepted draft or a fresh sample."""
+        first = session.computed
+        session.pending.clear()
+        session.computed = session.uploaded
+        rollback = self._judge(session, h, first)
+        if rollback is not None:
+            return rollback
+        last = session.last
+        if last is not None and last.position == session.uploaded - 1:  # its draft won
+            return self._answered(session, last.token, last.prob, h.shape[0])
+        token, prob = session.sampler.sample(self.model.logits(h[-1:])[0])
+        return self._answered(session, token, prob, h.shape[0])
+
+    def _run_drafted_rows(self, session: CloudSession) -> None:
+        """Speculative upload: run the pending rows now and judge their drafts. The newest
+        row waits when it has no draft: the edge will ask for its token (or send a draft)."""
+        rows = torch.cat(session.pending)
+        n = rows.shape[0] - (0 if session.uploaded - 1 in session.drafts else 1)
+        if n <= 0:
+            return
+        first = session.computed
+        [h] = self.runner.run([(session, rows[:n])])  # local KV: speculative (see _adopt)
+        session.pending = [rows[n:]] if n < rows.shape[0] else []
+        session.computed += n
+        self._judge(session, h, first)
+
+    def _judge(self, session: CloudSession, h: torch.Tensor, first: int) -> CloudToken | None:
+        """Judge the drafts after rows first.. (outputs `h`) in order; at the first rejection
+        roll back and return the replacement. An accepted draft after the newest uploaded
+        row becomes the session's answer for that row (`last`)."""
+        positions = sorted(p for p in session.drafts if first <= p < first + h.shape[0])
+        if not positions:
+            return None
+        logits = self.model.logits(h[torch.tensor(positions) - first])
+        for pos, row in zip(positions, logits, strict=True):
+            verdict = judge(row, session.drafts.pop(pos), session.sampler)
+            if not verdict.accepted:
+                return self._roll_back(session, pos, verdict.token, verdict.prob, h.shape[0])
+            if pos == session.uploaded - 1:
+                session.last = LastToken(pos, verdict.token, verdict.prob)
+        return None
+
+    def _roll_back(
+        self, session: CloudSession, pos: int, token: int, prob: float, rows_run: int
+    ) -> CloudToken:
+        """The draft after `pos` was rejected for `token`: keep positions [0, pos], start a
+        new epoch whose first token is `token`."""
+        session.truncate(pos + 1)
+        session.epoch += 1
+        session.rollback = session.last = LastToken(pos, token, prob)
+        if self.log is not None:
+            sid = session.session_id
+            self._durable(sid, lambda: self.log.truncate(sid, pos + 1))
+        self._record(session)
+        return CloudToken(token, prob, rows_run, self._verdict(session))
+
+    def _stale(self, session: CloudSession, speculation: Speculation) -> bool:
+        """True for a message of an older epoch (sent before the edge saw a rollback)."""
+        if speculation.epoch > session.epoch:
+            raise ValueError(
+                f"epoch {speculation.epoch} is ahead of session {session.session_id!r} "
+                f"(epoch {session.epoch})"
+            )
+        return speculation.epoch < session.epoch
+
+    def _adopt(self, session: CloudSession, speculation: Speculation) -> None:
+        """Take a message's drafts (each for a position this session holds or is about to)."""
+        if not isinstance(self.runner, LocalRunner):
+            raise ValueError("speculative sessions need the cloud's own KV (no attention pool)")
+        session.speculative = True
+        if session.sampler is None:
+            session.sampler = Sampler(speculation.params)
+        for draft in speculation.drafts:
+            if draft.position < session.computed:
+                continue  # a resend: judged with its row, which every message carries with it
+            if not session.sampler.params.greedy and not draft.q_ids:
+                raise ValueError("a sampled draft must carry its draft distribution")
+            session.drafts[draft.position] = draft
+
+    @staticmethod
+    def _verdict(session: CloudSession) -> Verdict:
+        rb = session.rollback
+        rollback = None if rb is None else Rollback(rb.position, rb.token, rb.prob)
+        return Verdict(session.epoch, session.computed, rollback)
 
     def _check_current(self, session: CloudSession) -> None:
         """Refresh the log's TTL; OwnershipLost unless this replica owns the session and
@@ -272,14 +411,20 @@ class CloudContextManager:
     def _record(self, session: CloudSession) -> None:
         """Log the newest answer before it goes out. The answer itself is right even if
         the session moved on: then only this replica's memory copy is dropped."""
-        if self.log is None or session.last is None or session.sampler is None:
+        if self.log is None or session.sampler is None:
+            return
+        if session.last is None and not session.speculative:
             return
         params = session.sampler.params
         state = None
         if params.seed is not None and not params.greedy:
             state = session.sampler.generator.get_state().numpy().tobytes()
+        spec = None
+        if session.speculative:
+            drafts = tuple(session.drafts[p] for p in sorted(session.drafts))
+            spec = SpeculativeState(session.epoch, drafts, session.rollback)
         try:
-            self.log.record_token(session.session_id, session.last, params, state)
+            self.log.record_token(session.session_id, session.last, params, state, spec)
         except (OwnershipLost, LogLost) as exc:
             log.warning("dropping session %r from memory: %s", session.session_id, exc)
             self.store.release(session.session_id, "stale")
@@ -316,6 +461,11 @@ class CloudContextManager:
                 state = torch.frombuffer(bytearray(record.sampler_state), dtype=torch.uint8)
                 session.sampler.generator.set_state(state)
         session.last = record.last
+        if record.speculation is not None:
+            session.speculative = True
+            session.epoch = record.speculation.epoch
+            session.rollback = record.speculation.rollback
+            session.drafts = {d.position: d for d in record.speculation.drafts}
         self.rebuilds += 1
         log.info(
             "rebuilt session %r from the log: %d positions (was owned by %s)",
@@ -355,11 +505,4 @@ def _skip_rows(hidden: Hidden, k: int) -> Hidden | None:
         return hidden
     if isinstance(hidden, torch.Tensor):
         return hidden[k:]
-    row = hidden.hidden_size * (2 if hidden.encoding == "fp16" else 1)
-    return HiddenPayload(
-        hidden.encoding,
-        n - k,
-        hidden.hidden_size,
-        hidden.data[k * row :],
-        hidden.scales[4 * k :],
-    )
+    return hidden.rows(k, n)

@@ -31,8 +31,13 @@ from services.cloud_ctx.metrics import CloudMetrics
 from services.cloud_ctx.session_log import LogUnavailable
 from services.cloud_ctx.session_store import SessionTooLarge, UnknownSession
 from tandem.clients.pool import PoolUnavailable
-from tandem.runtime.sampling import SamplingParams
-from tandem.transport.cloud_wire import EXPECTED_POSITION_KEY, hidden_from_proto
+from tandem.transport.cloud_wire import (
+    EXPECTED_POSITION_KEY,
+    hidden_from_proto,
+    sampling_from_proto,
+    speculation_from_proto,
+    verdict_to_proto,
+)
 from tandem.transport.grpc_auth import BearerAuth
 from tandem.transport.grpc_tls import TlsConfig, add_port
 from tandem.transport.hidden import HiddenPayload
@@ -41,14 +46,6 @@ from tandem_proto.cloud.v1 import cloud_pb2, cloud_pb2_grpc
 log = logging.getLogger(__name__)
 MAX_CONCURRENT_RPCS = 1024
 T = TypeVar("T")
-
-
-def sampling_from_proto(msg: cloud_pb2.Sampling) -> SamplingParams:
-    return SamplingParams(
-        temperature=msg.temperature if msg.HasField("temperature") else 0.0,
-        top_p=msg.top_p if msg.HasField("top_p") else 1.0,
-        seed=msg.seed if msg.HasField("seed") else None,
-    )
 
 
 @dataclass
@@ -125,16 +122,29 @@ class CloudServicer(cloud_pb2_grpc.CloudContextServicer):
         return payload
 
     async def Upload(self, request_iterator, context):
-        positions = 0
+        reply = cloud_pb2.UploadReply()
         async for req in request_iterator:
-            positions = await self._run(
+            if req.HasField("speculation"):
+                held, verdict = await self._run(context, "Upload", lambda r=req: self._speculate(r))
+                reply.positions = held
+                reply.verdict.CopyFrom(verdict_to_proto(verdict))
+                continue
+            reply.positions = await self._run(
                 context,
                 "Upload",
                 lambda r=req: self.manager.upload(
                     r.session_id, r.start_pos, self._hidden(r.hidden, "upload")
                 ),
             )
-        return cloud_pb2.UploadReply(positions=positions)
+        return reply
+
+    def _speculate(self, req: cloud_pb2.UploadRequest):
+        return self.manager.speculate(
+            req.session_id,
+            req.start_pos,
+            self._hidden(req.hidden, "upload"),
+            speculation_from_proto(req.speculation),
+        )
 
     async def NextToken(self, request, context):
         queued = time.perf_counter()
@@ -151,7 +161,7 @@ class CloudServicer(cloud_pb2_grpc.CloudContextServicer):
         self._count("NextToken", "OK")
         if self.metrics is not None:
             self.metrics.record_token(result.catch_up_rows)
-        return cloud_pb2.TokenReply(
+        reply = cloud_pb2.TokenReply(
             token_id=result.token,
             prob=result.prob,
             catch_up_rows=result.catch_up_rows,
@@ -159,6 +169,9 @@ class CloudServicer(cloud_pb2_grpc.CloudContextServicer):
             queue_ms=(waiter.started - queued) * 1e3,
             load=len(self._queue) + 1,
         )
+        if result.verdict is not None:
+            reply.verdict.CopyFrom(verdict_to_proto(result.verdict))
+        return reply
 
     async def _answer_batches(self) -> None:
         """Take every queued token request (one per session) and answer them with one
@@ -193,7 +206,10 @@ class CloudServicer(cloud_pb2_grpc.CloudContextServicer):
             try:
                 hidden = self._hidden(req.hidden, "token") if req.HasField("hidden") else None
                 params = sampling_from_proto(req.sampling)
-                asks.append(TokenAsk(req.session_id, req.position, params, hidden))
+                spec = (
+                    speculation_from_proto(req.speculation) if req.HasField("speculation") else None
+                )
+                asks.append(TokenAsk(req.session_id, req.position, params, hidden, spec))
             except ValueError as exc:
                 asks.append(exc)
         valid = [a for a in asks if isinstance(a, TokenAsk)]

@@ -6,8 +6,10 @@ Per session two keys (`{sid}` is a Redis Cluster hash tag, so both live in one s
   `encoding` + `hidden_size` (of the newest upload), `created` / `updated` (unix time),
   `sampling` (JSON of the session's sampling parameters), `sampler_state` (RNG state of a
   seeded sampler), `last_position` / `last_token` / `last_prob` (the newest answer);
+  `speculation` (JSON: epoch, unjudged drafts, newest rollback; speculative sessions);
 - `<prefix>log:{sid}`, a stream: one entry per upload with the wire payload as received
-  (`start`, `n`, `encoding`, `hidden_size`, `data`, `scales`).
+  (`start`, `n`, `encoding`, `hidden_size`, `data`, `scales`), and one `truncate` entry per
+  rollback of a speculative session (the positions kept).
 
 Both keys expire after the store's idle TTL; every write refreshes it. Writes are Lua
 scripts, each atomic and fenced by ownership: a replica appends only while the registry
@@ -30,6 +32,7 @@ import redis
 
 from services.cloud_ctx.session_store import LastToken
 from tandem.runtime.sampling import SamplingParams
+from tandem.runtime.speculative import Draft
 from tandem.transport.hidden import HiddenPayload
 
 
@@ -61,6 +64,17 @@ class SessionRecord:
     sampling: SamplingParams | None
     sampler_state: bytes | None
     last: LastToken | None
+    speculation: SpeculativeState | None = None
+
+
+@dataclass(frozen=True)
+class SpeculativeState:
+    """What a speculative session must not lose: its epoch, the drafts not yet judged and
+    the newest rollback (repeated to the edge's messages of older epochs)."""
+
+    epoch: int
+    drafts: tuple[Draft, ...]
+    rollback: LastToken | None
 
 
 _STATUS = """
@@ -126,6 +140,23 @@ return {'ok', ''}
 """
 )
 
+# ARGV: owner, keep, now, ttl
+_TRUNCATE = (
+    _STATUS
+    + """
+local owner = status(KEYS[1])
+if not owner then return {'missing', ''} end
+if owner ~= ARGV[1] then return {'owner', owner} end
+local held = tonumber(redis.call('HGET', KEYS[1], 'uploaded') or '0')
+local keep = tonumber(ARGV[2])
+if keep > held then return {'position', tostring(held)} end
+redis.call('XADD', KEYS[2], '*', 'truncate', ARGV[2])
+redis.call('HSET', KEYS[1], 'uploaded', keep, 'updated', ARGV[3])
+refresh(ARGV[4])
+return {'ok', tostring(keep)}
+"""
+)
+
 # ARGV: owner, now, ttl
 _CLAIM = (
     _STATUS
@@ -163,6 +194,7 @@ class SessionLog:
         self._touch = client.register_script(_TOUCH)
         self._record = client.register_script(_RECORD)
         self._claim = client.register_script(_CLAIM)
+        self._truncate = client.register_script(_TRUNCATE)
 
     def keys(self, session_id: str) -> tuple[str, str]:
         return (
@@ -194,26 +226,31 @@ class SessionLog:
     def record_token(
         self,
         session_id: str,
-        last: LastToken,
+        last: LastToken | None,
         sampling: SamplingParams | None = None,
         sampler_state: bytes | None = None,
+        speculation: SpeculativeState | None = None,
     ) -> None:
-        """Keep the newest answer (and, when given, the sampling parameters and the
-        sampler's RNG state after it), so a rebuilt session answers the same."""
-        fields: list[str | bytes | int | float] = [
-            "last_position",
-            last.position,
-            "last_token",
-            last.token,
-            "last_prob",
-            repr(last.prob),
-        ]
+        """Keep the newest answer (and, when given, the sampling parameters, the
+        sampler's RNG state after it and a speculative session's state), so a rebuilt
+        session answers the same."""
+        fields: list[str | bytes | int | float] = []
+        if last is not None:
+            fields += ["last_position", last.position, "last_token", last.token]
+            fields += ["last_prob", repr(last.prob)]
+        if speculation is not None:
+            fields += ["speculation", _spec_json(speculation)]
         if sampling is not None:
             fields += ["sampling", _sampling_json(sampling)]
         if sampler_state is not None:
             fields += ["sampler_state", sampler_state]
         status, value = self._call(self._record, session_id, self._clock(), self.ttl, *fields)
         self._checked(session_id, status, value)
+
+    def truncate(self, session_id: str, keep: int) -> int:
+        """A speculative rollback: only positions [0, keep) stay logged."""
+        status, value = self._call(self._truncate, session_id, keep, self._clock(), self.ttl)
+        return self._checked(session_id, status, value)
 
     def claim(self, session_id: str) -> SessionRecord | None:
         """Take ownership and read everything logged; None when nothing is logged."""
@@ -266,10 +303,46 @@ def _sampling_json(p: SamplingParams) -> str:
     return json.dumps({"temperature": p.temperature, "top_p": p.top_p, "seed": p.seed})
 
 
+def _spec_json(state: SpeculativeState) -> str:
+    rb = state.rollback
+    return json.dumps(
+        {
+            "epoch": state.epoch,
+            "drafts": [[d.position, d.token, d.q_ids, d.q_probs] for d in state.drafts],
+            "rollback": None if rb is None else [rb.position, rb.token, rb.prob],
+        }
+    )
+
+
+def _spec_from_json(raw: bytes) -> SpeculativeState:
+    d = json.loads(raw)
+    rb = d["rollback"]
+    return SpeculativeState(
+        epoch=int(d["epoch"]),
+        drafts=tuple(Draft(int(p), int(t), tuple(q), tuple(w)) for p, t, q, w in d["drafts"]),
+        rollback=None if rb is None else LastToken(int(rb[0]), int(rb[1]), float(rb[2])),
+    )
+
+
+def _truncated(payloads: list[tuple[int, HiddenPayload]], keep: int) -> int:
+    """Cut logged payloads (in place) to positions [0, keep); returns the new end."""
+    while payloads and payloads[-1][0] >= keep:
+        payloads.pop()
+    if payloads:
+        start, p = payloads[-1]
+        if start + p.n_tokens > keep:
+            payloads[-1] = (start, p.rows(0, keep - start))
+        return start + payloads[-1][1].n_tokens
+    return 0
+
+
 def _record(session_id: str, owner: str, h: dict[str, bytes], entries) -> SessionRecord:
     payloads, expected = [], 0
     for _, flat in entries:
         e = _pairs(flat)
+        if "truncate" in e:
+            expected = _truncated(payloads, int(e["truncate"]))
+            continue
         start = int(e["start"])
         if start != expected:
             raise LogLost(f"session {session_id!r}: log entry at {start}, expected {expected}")
@@ -302,4 +375,5 @@ def _record(session_id: str, owner: str, h: dict[str, bytes], entries) -> Sessio
         sampling=sampling,
         sampler_state=h.get("sampler_state"),
         last=last,
+        speculation=_spec_from_json(h["speculation"]) if "speculation" in h else None,
     )

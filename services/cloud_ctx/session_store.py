@@ -17,6 +17,7 @@ import torch
 
 from tandem.runtime.kv_cache import SequenceKV
 from tandem.runtime.sampling import Sampler
+from tandem.runtime.speculative import Draft
 
 
 class UnknownSession(KeyError):
@@ -47,6 +48,25 @@ class CloudSession:
     last_used: float = 0.0
     sampler: Sampler | None = None
     last: LastToken | None = None
+    # Speculative sessions (`--collab speculative`): the edge's drafts not yet checked,
+    # by the position they follow; the epoch counts rollbacks; `rollback` is the newest
+    # (the token that replaced a rejected draft), repeated to messages of older epochs.
+    speculative: bool = False
+    drafts: dict[int, Draft] = field(default_factory=dict)
+    epoch: int = 0
+    rollback: LastToken | None = None
+
+    def truncate(self, n: int) -> None:
+        """Keep positions [0, n): computed KV beyond is dropped, as are pending rows and
+        the drafts of the dropped positions."""
+        if n < self.computed:
+            self.kv.truncate(n)
+            self.computed = n
+        keep = n - self.computed
+        rows = torch.cat(self.pending)[:keep] if self.pending and keep > 0 else None
+        self.pending = [rows] if rows is not None and rows.shape[0] else []
+        self.uploaded = min(self.uploaded, n)
+        self.drafts = {p: d for p, d in self.drafts.items() if p < n - 1}
 
     def pending_rows(self) -> int:
         return self.uploaded - self.computed

@@ -17,6 +17,12 @@ loop thread:
 - Failure: a timeout or an unreachable cloud raises `CloudUnavailable` (the engine falls
   back to the edge's own token) and opens a circuit: no cloud calls for `backoff_s`,
   doubling up to `max_backoff_s`, then one probe.
+- Speculative sessions (`speculate`): the engine registers each draft (`draft`) before
+  the state of the position it follows; every upload and token request carries the drafts
+  of its rows and the session's epoch, and every reply a verdict (`verdict`). A rollback
+  in a verdict truncates this side's copy of the states, drops later drafts and moves to
+  the new epoch; `append`/`draft` calls of an older epoch (the engine had not seen the
+  rollback yet) are dropped.
 - `context="full"` is the naive baseline of the CE-CoLLM paper: no uploads, every token
   request sends the full context to a fresh cloud session.
 - An optional `EmulatedLink` delays every message by the link's bandwidth and RTT.
@@ -37,7 +43,14 @@ import torch
 
 from tandem.runtime.decoder import Reached
 from tandem.runtime.sampling import SamplingParams
-from tandem.transport.cloud_wire import EXPECTED_POSITION_KEY, hidden_to_proto
+from tandem.runtime.speculative import Draft, Speculation, Verdict
+from tandem.transport.cloud_wire import (
+    EXPECTED_POSITION_KEY,
+    hidden_to_proto,
+    sampling_to_proto,
+    speculation_to_proto,
+    verdict_from_proto,
+)
 from tandem.transport.grpc_auth import bearer_metadata
 from tandem.transport.grpc_tls import TlsConfig, aio_channel
 from tandem.transport.hidden import Encoding
@@ -78,6 +91,7 @@ class CloudAnswer:
     rows_sent: int  # split-layer states this request carried
     catch_up_rows: int  # rows the cloud ran for this answer (its pending + this request's)
     bytes_up: int
+    verdict: Verdict | None = None  # speculative sessions
 
 
 class CloudUnavailable(Exception):
@@ -100,6 +114,8 @@ class LinkCounters:
     round_trip_s: float = 0.0  # summed over answered token requests
     cloud_s: float = 0.0  # of which the cloud's model + queue time
     catch_up_rows: int = 0  # rows the cloud ran through its layers for our answers
+    drafts_sent: int = 0  # speculative: drafts sent for checking
+    rollbacks: int = 0  # speculative: rejected drafts (each rolled a session back)
 
 
 @dataclass
@@ -111,6 +127,27 @@ class _Session:
     uploading: bool = False
     requests: int = 0
     closed: bool = False
+    # speculative sessions: sampling parameters, epoch, drafts not yet sent, newest verdict
+    speculation: SamplingParams | None = None
+    epoch: int = 0
+    drafts: dict[int, Draft] = field(default_factory=dict)
+    verdict: Verdict | None = None
+
+    def truncate(self, n: int) -> None:
+        """Keep the states of positions [0, n)."""
+        while self.chunks and self.length - self.chunks[-1].shape[0] >= n:
+            self.length -= self.chunks.pop().shape[0]
+        if self.length > n:
+            self.chunks[-1] = self.chunks[-1][: n - self.length]
+            self.length = n
+        self.acked = min(self.acked, n)
+
+    def speculation_for(self, start: int, end: int) -> Speculation | None:
+        """The epoch and the unsent drafts after positions [start, end)."""
+        if self.speculation is None:
+            return None
+        drafts = tuple(self.drafts[p] for p in sorted(self.drafts) if start <= p < end)
+        return Speculation(self.epoch, self.speculation, drafts)
 
     def rows(self, start: int, end: int) -> torch.Tensor:
         """States of positions [start, end)."""
@@ -182,17 +219,35 @@ class CloudLink:
             return None
         return self._network_ms + self._compute_ms * max(1, self._load)
 
-    def append(self, session_id: str, reached: Reached, upload: bool) -> None:
+    def append(
+        self, session_id: str, reached: Reached, upload: bool, epoch: int | None = None
+    ) -> None:
         """Keep the states of positions that reached the split; upload them now unless
-        a token request for them follows (`upload=False`), which carries them."""
-        self._loop.call_soon_threadsafe(self._append, session_id, reached, upload)
+        a token request for them follows (`upload=False`), which carries them. With
+        `epoch` (speculative sessions) the call is dropped if a rollback came since."""
+        self._loop.call_soon_threadsafe(self._append, session_id, reached, upload, epoch)
+
+    def speculate(self, session_id: str, params: SamplingParams) -> None:
+        """Make `session_id` speculative (before its first append)."""
+        self._loop.call_soon_threadsafe(self._speculate, session_id, params)
+
+    def draft(self, session_id: str, epoch: int, draft: Draft) -> None:
+        """A draft for the token after `draft.position`, sent with that position's state."""
+        self._loop.call_soon_threadsafe(self._draft, session_id, epoch, draft)
+
+    def verdict(self, session_id: str) -> Verdict | None:
+        """The newest verdict on a speculative session's drafts (any thread)."""
+        s = self._sessions.get(session_id)
+        return None if s is None else s.verdict
 
     def ask(
-        self, session_id: str, position: int, params: SamplingParams
+        self, session_id: str, position: int, params: SamplingParams, epoch: int | None = None
     ) -> concurrent.futures.Future[CloudAnswer]:
-        """The cloud's token after `position` (whose state was appended)."""
+        """The cloud's token after `position` (whose state was appended). With `epoch`
+        (speculative sessions) an ask from before a rollback the link already took is
+        answered at once with that rollback's verdict."""
         return asyncio.run_coroutine_threadsafe(
-            self._ask_in_time(session_id, position, params), self._loop
+            self._ask_in_time(session_id, position, params, epoch), self._loop
         )
 
     def release(self, session_id: str) -> None:
@@ -206,8 +261,18 @@ class CloudLink:
             s = self._sessions[session_id] = _Session(f"{self.config.client_id}:{session_id}")
         return s
 
-    def _append(self, session_id: str, reached: Reached, upload: bool) -> None:
+    def _speculate(self, session_id: str, params: SamplingParams) -> None:
+        self._session(session_id).speculation = params
+
+    def _draft(self, session_id: str, epoch: int, draft: Draft) -> None:
         s = self._session(session_id)
+        if epoch == s.epoch:
+            s.drafts[draft.position] = draft
+
+    def _append(self, session_id: str, reached: Reached, upload: bool, epoch: int | None) -> None:
+        s = self._session(session_id)
+        if epoch is not None and epoch != s.epoch:
+            return  # a branch the cloud already rolled back
         if reached.start_pos != s.length:
             log.error(
                 "session %s: states at %d, expected %d", session_id, reached.start_pos, s.length
@@ -255,6 +320,9 @@ class CloudLink:
                 req = cloud_pb2.UploadRequest(
                     session_id=s.cloud_id, start_pos=start, hidden=self._hidden(s, start, end)
                 )
+                spec = s.speculation_for(start, end)
+                if spec is not None:
+                    req.speculation.CopyFrom(speculation_to_proto(spec))
                 await self._cross(req.ByteSize(), "up")
                 try:
                     reply = await self._stub.Upload(
@@ -272,13 +340,22 @@ class CloudLink:
                 await self._cross(reply.ByteSize(), "down")
                 self.counters.uploads += 1
                 self.counters.positions_sent += end - start
-                s.acked = max(s.acked, reply.positions)
+                if spec is not None:
+                    self._sent_drafts(s, spec)
+                verdict = verdict_from_proto(reply.verdict) if spec is not None else None
+                if self._judged(s, verdict):
+                    s.acked = max(s.acked, reply.positions)
         finally:
             s.uploading = False
 
     async def _ask_in_time(
-        self, session_id: str, position: int, params: SamplingParams
+        self, session_id: str, position: int, params: SamplingParams, epoch: int | None
     ) -> CloudAnswer:
+        s = self._session(session_id)
+        if epoch is not None and epoch != s.epoch and s.verdict is not None:
+            rb = s.verdict.rollback
+            assert rb is not None  # a newer epoch began with a rollback
+            return CloudAnswer(rb.token, rb.prob, 0.0, 0.0, 0, 0, 0, s.verdict)
         if not self.available():
             self.counters.skipped_circuit_open += 1
             raise CloudUnavailable("cloud circuit open after a recent failure")
@@ -296,9 +373,7 @@ class CloudLink:
 
     async def _ask(self, s: _Session, position: int, params: SamplingParams) -> CloudAnswer:
         t0 = time.perf_counter()
-        sampling = cloud_pb2.Sampling(temperature=params.temperature, top_p=params.top_p)
-        if params.seed is not None:
-            sampling.seed = params.seed
+        sampling = sampling_to_proto(params)
         full = self.config.context == "full"
         for attempt in range(3):
             start = 0 if full else min(s.acked, position)
@@ -310,6 +385,9 @@ class CloudLink:
                 hidden=self._hidden(s, start, position + 1),
                 sampling=sampling,
             )
+            spec = s.speculation_for(start, position + 1)
+            if spec is not None:
+                req.speculation.CopyFrom(speculation_to_proto(spec))
             await self._cross(req.ByteSize(), "up")
             self.counters.positions_sent += position + 1 - start
             try:
@@ -325,9 +403,13 @@ class CloudLink:
                 self.counters.recoveries += 1
                 continue
             await self._cross(reply.ByteSize(), "down")
+            verdict = None
+            if spec is not None:
+                self._sent_drafts(s, spec)
+                verdict = verdict_from_proto(reply.verdict)
             if full:
                 self._loop.create_task(self._release(_Session(cloud_id)))
-            else:
+            elif self._judged(s, verdict):
                 s.acked = max(s.acked, position + 1)
             elapsed = time.perf_counter() - t0
             self.counters.round_trip_s += elapsed
@@ -342,8 +424,34 @@ class CloudLink:
                 rows_sent=position + 1 - start,
                 catch_up_rows=reply.catch_up_rows,
                 bytes_up=req.ByteSize(),
+                verdict=verdict,
             )
         raise AssertionError("unreachable")
+
+    def _sent_drafts(self, s: _Session, spec: Speculation) -> None:
+        self.counters.drafts_sent += len(spec.drafts)
+        for d in spec.drafts:
+            if s.drafts.get(d.position) is d:
+                del s.drafts[d.position]
+
+    def _judged(self, s: _Session, verdict: Verdict | None) -> bool:
+        """Take a reply's verdict (speculative sessions); False if the reply belongs to an
+        epoch that has ended (its positions say nothing about the current branch)."""
+        if verdict is None:
+            return s.speculation is None
+        if verdict.epoch > s.epoch:  # the cloud rejected a draft: roll back to match
+            assert verdict.rollback is not None
+            keep = verdict.rollback.position + 1
+            s.truncate(keep)
+            s.drafts = {p: d for p, d in s.drafts.items() if p < keep - 1}
+            s.epoch = verdict.epoch
+            self.counters.rollbacks += 1
+        elif verdict.epoch < s.epoch:
+            return False
+        old = s.verdict
+        if old is None or (verdict.epoch, verdict.checked) > (old.epoch, old.checked):
+            s.verdict = verdict
+        return True
 
     def _observe(self, round_trip_ms: float, reply: cloud_pb2.TokenReply) -> None:
         cloud_ms = reply.compute_ms + reply.queue_ms

@@ -12,6 +12,16 @@ token that no edge exit is confident about (latency-aware tau, see `tau_policy`)
 of the cloud, all such tokens of one step in parallel. When the cloud is unreachable or
 slower than its timeout, the edge's own token from the split head is used instead
 (`source == "fallback"`).
+
+Speculative collaboration (`EngineConfig.collab == "speculative"`, lossless): a confident
+token is a draft. The engine keeps decoding on it and holds it back from the client; the
+draft rides to the cloud with its position's state, and the cloud judges it as it runs
+its layers on the upload. Verdicts arrive asynchronously (`CloudLink.verdict`): accepted
+drafts are emitted; a rejected one rolls the sequence back to its position (exactly:
+`SequenceState.truncate`) and the cloud's token replaces it. The engine blocks only on an
+unconfident token, and to flush its drafts at the end of a sequence or when
+`max_drafts` are outstanding. Greedy output equals cloud-only greedy at every tau;
+sampled output has the cloud's distribution (speculative-sampling acceptance).
 """
 
 from __future__ import annotations
@@ -25,7 +35,9 @@ import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
+
+import torch
 
 from services.edge_node.cloud_link import CloudLink, CloudUnavailable
 from services.edge_node.tau_policy import TauPolicy
@@ -42,6 +54,7 @@ from tandem.runtime.engine_api import (
 )
 from tandem.runtime.generate import pick
 from tandem.runtime.sampling import Sampler
+from tandem.runtime.speculative import Verdict, make_draft
 from tandem.runtime.stop import StopMatcher
 
 log = logging.getLogger(__name__)
@@ -68,6 +81,10 @@ class EngineConfig:
     # Emulated slower device (benchmarks): every model step takes `slowdown` times its
     # measured time (the engine sleeps the difference). 1.0 = the real speed.
     slowdown: float = 1.0
+    # Collaborative mode: "final" (CE-CoLLM: a confident edge token is final) or
+    # "speculative" (it is a draft the cloud checks; output equals cloud-only).
+    collab: Literal["final", "speculative"] = "final"
+    max_drafts: int = 16  # speculative: drafts outstanding before the engine waits
 
 
 @dataclass
@@ -89,8 +106,15 @@ class _Active:
     detok: IncrementalDetokenizer  # the output's text, a few tokens of decode per token
     seq: SequenceState | None = None
     prefilled: int = 0  # prompt tokens already in the KV cache
-    ids: list[int] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)  # generated: emitted, then drafts
+    meta: list[tuple[int, TokenSource]] = field(default_factory=list)  # exit layer, source
+    emitted: int = 0  # ids sent to the client; the rest are unverified drafts
+    epoch: int = 0  # speculative: rollbacks seen
     done: bool = False
+    # Forced stepping (`open_forced`): the top-k of each next-token distribution goes to the
+    # client, which sends back the token to append; None: the engine samples.
+    top_k: int | None = None
+    awaiting: bool = False  # forced: waiting for the client's token
 
     @property
     def decoding(self) -> bool:
@@ -100,6 +124,62 @@ class _Active:
 class _Abort:
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
+
+
+class _Force:
+    def __init__(self, request_id: str, token: int) -> None:
+        self.request_id = request_id
+        self.token = token
+
+
+@dataclass(frozen=True)
+class TopLogprobs:
+    """A forced sequence's next-token distribution: the top-k ids, most likely first, and
+    their log-probabilities under the full softmax."""
+
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...]
+    position: int  # completion tokens before this one
+    prompt_tokens: int
+
+
+def top_logprobs(step: StepResult, k: int, position: int, prompt_tokens: int) -> TopLogprobs:
+    logp = torch.log_softmax(step.logits.float().reshape(-1), dim=-1)
+    k = logp.numel() if k <= 0 else min(k, logp.numel())
+    values, idx = logp.topk(k)
+    if step.shortlist is not None:
+        idx = step.shortlist[idx]
+    return TopLogprobs(tuple(idx.tolist()), tuple(values.tolist()), position, prompt_tokens)
+
+
+class ForcedSession:
+    """One request stepped by its caller (`EdgeEngine.open_forced`): `next()` gives the next
+    item, a `TopLogprobs` (choose a token with `choose`) or the `GenerationChunk` of the token
+    chosen last (its `finish_reason` ends the session); `close()` aborts it if unfinished."""
+
+    def __init__(self, engine: EdgeEngine, active: _Active) -> None:
+        self._engine = engine
+        self._active = active
+        self.finished = False
+
+    async def next(self) -> TopLogprobs | GenerationChunk:
+        item = await self._active.out.get()
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        if isinstance(item, GenerationChunk) and item.finish_reason is not None:
+            self.finished = True
+        return item
+
+    def choose(self, token: int) -> None:
+        if token < 0 or token >= self._engine.vocab_size:
+            raise ValueError(f"token {token} is outside the vocabulary")
+        self._engine._inbox.put(_Force(self._active.request.request_id, token))
+
+    def close(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self._engine._inbox.put(_Abort(self._active.request.request_id))
 
 
 class EdgeEngine:
@@ -116,6 +196,11 @@ class EdgeEngine:
     ) -> None:
         if decoder.split and cloud is None:
             log.warning("split decoder without a cloud link: edge-standalone mode")
+        self.speculative = config.collab == "speculative" and cloud is not None
+        if self.speculative and (not decoder.split or decoder.heads):
+            raise ValueError(
+                "speculative collaboration needs a split decoder without exits before the split"
+            )
         self.model_id = model_id
         self.decoder = decoder
         self.codec = codec
@@ -203,6 +288,42 @@ class EdgeEngine:
             if not finished:
                 self._inbox.put(_Abort(request.request_id))
 
+    @property
+    def vocab_size(self) -> int:
+        return int(self.decoder.model.lm_head.weight.shape[0])
+
+    def open_forced(self, request: GenerationRequest, top_k: int) -> ForcedSession:
+        """Start `request` in forced mode (token-level mixing): the engine prefills it and
+        then, at every position, hands the caller the top-k log-probabilities (full depth)
+        and waits for the token to append. Same admission and limits as `generate`."""
+        if self.decoder.split:
+            raise NotImplementedError("forced stepping needs a full-depth (non-split) decoder")
+        n_prompt = len(request.prompt_ids)
+        if n_prompt == 0:
+            raise ValueError("prompt is empty")
+        if n_prompt + request.params.max_tokens > self.max_context:
+            raise PromptTooLong(
+                f"prompt ({n_prompt} tokens) + max_tokens ({request.params.max_tokens}) "
+                f"exceeds the context of {self.max_context} tokens"
+            )
+        if self._thread is None:
+            raise RuntimeError("engine not started")
+        with self._lock:
+            if self._submitted >= self.config.max_waiting:
+                raise EngineOverloaded(f"{self._submitted} requests are waiting")
+            self._submitted += 1
+        active = _Active(
+            request=request,
+            loop=asyncio.get_running_loop(),
+            out=asyncio.Queue(),
+            sampler=Sampler(request.params),
+            stop=StopMatcher(request.params.stop),
+            detok=IncrementalDetokenizer(self.codec.decode),
+            top_k=max(0, top_k),
+        )
+        self._inbox.put(active)
+        return ForcedSession(self, active)
+
     # -- worker thread ---------------------------------------------------------------
 
     def _loop(self) -> None:
@@ -234,8 +355,20 @@ class EdgeEngine:
                 return False
             if isinstance(item, _Abort):
                 self._abort(item.request_id)
+            elif isinstance(item, _Force):
+                self._force(item)
             else:
                 self._waiting.append(item)
+
+    def _force(self, item: _Force) -> None:
+        """Append a forced sequence's chosen token (the next decode step runs on it)."""
+        for a in self._running:
+            if a.request.request_id == item.request_id and a.awaiting:
+                a.awaiting = False
+                self._emit(a, item.token, self.n_layers, "edge")
+                if a.done:
+                    self._running.remove(a)
+                return
 
     def _abort(self, request_id: str) -> None:
         for group in (self._waiting, self._running):
@@ -259,6 +392,8 @@ class EdgeEngine:
             self._submitted -= n
         for a in admitted:
             a.seq = self.decoder.new_sequence()
+            if self.speculative:
+                self.cloud.speculate(a.request.request_id, a.request.params)
         self._running.extend(admitted)
 
     def _prefill(self) -> None:
@@ -277,7 +412,7 @@ class EdgeEngine:
             chunks.append(chunk)
         if not batch:
             return
-        tau = self._tau()
+        tau = 1.0 if any(a.top_k is not None for a in batch) else self._tau()
         with self._timed():
             steps = self.decoder.prefill([a.seq for a in batch], chunks, tau)
         for a, chunk in zip(batch, chunks, strict=True):
@@ -285,10 +420,16 @@ class EdgeEngine:
         self._finish_steps(batch, steps, sample=[a.decoding for a in batch])
 
     def _step(self) -> None:
-        ready = [a for a in self._running if a.decoding and a.ids]
+        if self.speculative:
+            for a in self._running:
+                verdict = self.cloud.verdict(a.request.request_id)
+                if verdict is not None and a.decoding and a.ids:
+                    self._take_verdict(a, verdict)
+            self._running = [a for a in self._running if not a.done]
+        ready = [a for a in self._running if a.decoding and a.ids and not a.awaiting]
         if not ready:
             return
-        tau = self._tau()
+        tau = 1.0 if any(a.top_k is not None for a in ready) else self._tau()
         with self._timed():
             steps = self.decoder.decode([a.seq for a in ready], [a.ids[-1] for a in ready], tau)
         self._finish_steps(ready, steps, sample=[True] * len(ready))
@@ -315,6 +456,21 @@ class EdgeEngine:
     ) -> None:
         """Hand split-layer states to the cloud, ask it for the tokens the edge is not
         confident about (in parallel, bounded by the link's timeout), emit the rest."""
+        for a, step, want in zip(batch, steps, sample, strict=True):
+            if want and a.top_k is not None:  # forced: the client picks the token
+                a.awaiting = True
+                self._send(a, top_logprobs(step, a.top_k, len(a.ids), len(a.request.prompt_ids)))
+        if any(a.top_k is not None for a in batch):
+            keep = [a.top_k is None for a in batch]
+            batch = [a for a, k in zip(batch, keep, strict=True) if k]
+            steps = [s for s, k in zip(steps, keep, strict=True) if k]
+            sample = [w for w, k in zip(sample, keep, strict=True) if k]
+        if self.speculative:
+            if self.cloud.available():
+                self._finish_speculative(batch, steps, sample)
+                return
+            for a in batch:  # no cloud to check them: drafts go out as the edge's own
+                a.meta[a.emitted :] = [(layer, "fallback") for layer, _ in a.meta[a.emitted :]]
         cloud = self.cloud
         asks: dict[int, concurrent.futures.Future] = {}
         for i, (a, step, want) in enumerate(zip(batch, steps, sample, strict=True)):
@@ -341,10 +497,91 @@ class EdgeEngine:
                 except Exception:  # not answered in time, or a bug: never fail the request
                     asks[i].cancel()
                     log.exception("request %s: cloud answer failed", a.request.request_id)
-            fallback = step.reached is not None and not step.confident and cloud is not None
+            unverified = not step.confident or self.speculative  # no cloud checked it
+            fallback = step.reached is not None and unverified and cloud is not None
             token, _ = pick(a.sampler, step)
             self._emit(a, token, step.exit_layer, "fallback" if fallback else "edge")
         self._running = [a for a in self._running if not a.done]
+
+    def _finish_speculative(
+        self, batch: list[_Active], steps: list[StepResult], sample: list[bool]
+    ) -> None:
+        """Speculative mode: drafts for confident tokens, cloud tokens for the others;
+        wait only for those, and for flushes of drafts that may not grow any further."""
+        cloud = self.cloud
+        asks: dict[int, tuple[concurrent.futures.Future, bool]] = {}
+        for i, (a, step, want) in enumerate(zip(batch, steps, sample, strict=True)):
+            sid, reached = a.request.request_id, step.reached
+            assert reached is not None  # no exits before the split in this mode
+            position = reached.start_pos + reached.hidden.shape[0] - 1
+            if not want:  # a prompt chunk before the last
+                cloud.append(sid, reached, upload=True, epoch=a.epoch)
+                continue
+            flush = False
+            if step.confident:
+                draft = make_draft(position, step, a.sampler)
+                cloud.draft(sid, a.epoch, draft)
+                a.ids.append(draft.token)
+                a.meta.append((step.exit_layer, "edge"))
+                flush = self._drafts_full(a)
+            ask = flush or not step.confident
+            cloud.append(sid, reached, upload=not ask, epoch=a.epoch)
+            if ask:
+                asks[i] = (cloud.ask(sid, position, a.request.params, a.epoch), flush)
+        if asks:
+            t0 = time.perf_counter()
+            futures = [f for f, _ in asks.values()]
+            concurrent.futures.wait(futures, timeout=cloud.config.timeout_s + 5)
+            self.stats.cloud_wait_s += time.perf_counter() - t0
+        for i, (future, flush) in asks.items():
+            a, step = batch[i], steps[i]
+            try:
+                answer = future.result(timeout=0)
+            except Exception as exc:  # unanswered: the edge's own tokens, as in "final"
+                if not isinstance(exc, CloudUnavailable):
+                    future.cancel()
+                    log.exception("request %s: cloud answer failed", a.request.request_id)
+                if not flush:
+                    token, _ = pick(a.sampler, step)
+                    a.ids.append(token)
+                    a.meta.append((step.exit_layer, "fallback"))
+                a.meta = [(layer, "fallback") for layer, _ in a.meta]
+                self._emit_upto(a, len(a.ids))
+                continue
+            if self._take_verdict(a, answer.verdict):  # rolled back; the verdict says it all
+                continue
+            if not flush:
+                a.ids.append(answer.token)
+                a.meta.append((self.n_layers, "cloud"))
+            self._emit_upto(a, len(a.ids))  # all checked: the answer covers every draft
+        self._running = [a for a in self._running if not a.done]
+
+    def _drafts_full(self, a: _Active) -> bool:
+        """True when `a` may not draft further before its drafts are checked."""
+        params = a.request.params
+        return (
+            len(a.ids) >= params.max_tokens
+            or (a.ids[-1] in self.codec.eos_ids and not params.ignore_eos)
+            or len(a.request.prompt_ids) + len(a.ids) >= self.max_context
+            or len(a.ids) - a.emitted >= self.config.max_drafts
+        )
+
+    def _take_verdict(self, a: _Active, verdict: Verdict | None) -> bool:
+        """Apply the cloud's verdict on `a`'s drafts: emit what it accepted; on a rejected
+        draft roll back to its position and continue from the cloud's token. Returns
+        whether it rolled back."""
+        if verdict is None or verdict.epoch < a.epoch:
+            return False
+        rolled = verdict.epoch > a.epoch
+        if rolled:
+            rb = verdict.rollback
+            keep = rb.position + 1 - len(a.request.prompt_ids)  # generated tokens kept
+            a.ids[keep:] = [rb.token]
+            a.meta[keep:] = [(self.n_layers, "cloud")]
+            a.seq.truncate(rb.position + 1)
+            a.epoch = verdict.epoch
+        self._emit_upto(a, verdict.checked - len(a.request.prompt_ids) + 1)
+        return rolled
 
     def _release_cloud(self, a: _Active) -> None:
         if self.cloud is not None:
@@ -352,6 +589,16 @@ class EdgeEngine:
 
     def _emit(self, a: _Active, token: int, exit_layer: int, source: TokenSource) -> None:
         a.ids.append(token)
+        a.meta.append((exit_layer, source))
+        self._emit_upto(a, len(a.ids))
+
+    def _emit_upto(self, a: _Active, n: int) -> None:
+        """Send generated tokens up to the n-th to the client (those not sent yet)."""
+        while a.emitted < min(n, len(a.ids)) and not a.done:
+            self._send_token(a, a.ids[a.emitted], *a.meta[a.emitted])
+
+    def _send_token(self, a: _Active, token: int, exit_layer: int, source: TokenSource) -> None:
+        a.emitted += 1
         params = a.request.params
         finish: FinishReason | None = None
         is_eos = token in self.codec.eos_ids and not params.ignore_eos
@@ -359,8 +606,8 @@ class EdgeEngine:
             a.detok.add(token)
         last = (
             is_eos
-            or len(a.ids) >= params.max_tokens
-            or len(a.request.prompt_ids) + len(a.ids) >= self.max_context
+            or a.emitted >= params.max_tokens
+            or len(a.request.prompt_ids) + a.emitted >= self.max_context
         )
         if last:
             a.detok.flush()  # an incomplete character shows as a full decode shows it
@@ -382,13 +629,13 @@ class EdgeEngine:
                 exit_layers=(exit_layer,),
                 sources=(source,),
                 prompt_tokens=len(a.request.prompt_ids),
-                completion_tokens=len(a.ids),
+                completion_tokens=a.emitted,
                 finish_reason=finish,
             ),
         )
 
     @staticmethod
-    def _send(a: _Active, item: GenerationChunk | BaseException) -> None:
+    def _send(a: _Active, item: GenerationChunk | TopLogprobs | BaseException) -> None:
         try:
             a.loop.call_soon_threadsafe(a.out.put_nowait, item)
         except RuntimeError:  # the client's event loop is gone

@@ -41,6 +41,35 @@ class Draft:
 
 
 @dataclass(frozen=True)
+class Speculation:
+    """What a speculative message carries besides hidden states: the sender's epoch (the
+    number of rollbacks it has seen), its sampling parameters and its new drafts."""
+
+    epoch: int
+    params: SamplingParams
+    drafts: tuple[Draft, ...] = ()
+
+
+@dataclass(frozen=True)
+class Rollback:
+    """The draft after `position` was rejected; `token` replaced it."""
+
+    position: int
+    token: int
+    prob: float
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The verifier's state after a call: rows run so far (`checked`: every draft after a
+    row before it was accepted), its epoch, and the rollback that started that epoch."""
+
+    epoch: int
+    checked: int
+    rollback: Rollback | None = None
+
+
+@dataclass(frozen=True)
 class Judgement:
     token: int  # the token after the draft's position: the draft itself, or its replacement
     prob: float  # p(token)
@@ -80,6 +109,7 @@ def make_draft(
 
 def judge(logits: torch.Tensor, draft: Draft, sampler: Sampler) -> Judgement:
     """Accept or replace `draft` given the target's logits for its position."""
+    logits = logits.detach()
     if sampler.params.greedy:
         top = logits.float().max(-1)
         token = int(top.indices)

@@ -26,6 +26,15 @@ class HiddenPayload:
     def nbytes(self) -> int:
         return len(self.data) + len(self.scales)
 
+    def rows(self, start: int, end: int) -> HiddenPayload:
+        """The payload of rows [start, end), without decoding."""
+        start, end = max(0, start), min(end, self.n_tokens)
+        row = self.hidden_size * (2 if self.encoding == "fp16" else 1)
+        scales = self.scales[4 * start : 4 * end] if self.scales else b""
+        return HiddenPayload(
+            self.encoding, end - start, self.hidden_size, self.data[start * row : end * row], scales
+        )
+
     def __post_init__(self) -> None:
         per_value = 2 if self.encoding == "fp16" else 1
         if len(self.data) != self.n_tokens * self.hidden_size * per_value:
