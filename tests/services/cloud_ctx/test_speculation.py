@@ -46,7 +46,8 @@ def test_rejection_truncates_memory_and_log_and_a_rebuild_carries_on(
     rows = edge.hidden([*PROMPT, wrong])
     spec = Speculation(0, GREEDY, (Draft(p - 1, wrong), Draft(p, 3)))
     held, verdict = a.speculate("s", 0, rows, spec)
-    assert verdict.epoch == 1 and verdict.rollback == Rollback(p - 1, want[0], verdict.rollback.prob)
+    assert verdict.epoch == 1
+    assert verdict.rollback == Rollback(p - 1, want[0], verdict.rollback.prob)
     assert held == verdict.checked == p  # the row fed on the wrong draft is gone
     assert a.log.touch("s") == p  # ... from the log too
 
