@@ -67,6 +67,7 @@ class EdgeSettings:
     cloud_timeout_s: float = 2.0
     tau_min: float = 0.5
     cloud_budget_ms: float = 200.0
+    collab: str = "final"  # "speculative": confident tokens are drafts the cloud checks
     compiled: bool = True  # TANDEM_COMPILE=0 / --no-compile: the eager reference path
     tls: TlsConfig | None = None  # TANDEM_TLS_*: TLS on its gRPC server and to the cloud
 
@@ -97,6 +98,13 @@ def parse_settings(registry: ModelRegistry, argv: list[str] | None = None) -> Ed
         help="collaborative mode: edge layers [0, split); 'auto' = the middle exit layer",
     )
     p.add_argument("--cloud", default=fenv("TANDEM_CLOUD", "cloud"), help="cloud_ctx host:port")
+    p.add_argument(
+        "--collab",
+        choices=["final", "speculative"],
+        default=fenv("TANDEM_COLLAB", "collab", "final"),
+        help="collaborative mode: 'final' (CE-CoLLM: a confident edge token is final) or "
+        "'speculative' (lossless: it is a draft the cloud checks; output equals cloud-only)",
+    )
     p.add_argument(
         "--cloud-encoding",
         choices=["fp16", "int8"],
@@ -154,6 +162,7 @@ def parse_settings(registry: ModelRegistry, argv: list[str] | None = None) -> Ed
         cloud_timeout_s=a.cloud_timeout,
         tau_min=a.tau_min,
         cloud_budget_ms=a.cloud_budget_ms,
+        collab=a.collab,
         compiled=a.compile,
     )
 
@@ -172,7 +181,10 @@ def build_engine(settings: EdgeSettings, registry: ModelRegistry) -> EdgeEngine:
         ),
     )
     config = EngineConfig(
-        max_batch=settings.max_batch, max_context=settings.max_context, tau=settings.tau
+        max_batch=settings.max_batch,
+        max_context=settings.max_context,
+        tau=settings.tau,
+        collab=settings.collab,
     )
     if settings.split is not None:  # the cloud runs the rest
         loaded.model.drop_layers(range(settings.split, loaded.model.cfg.n_layers))
@@ -189,7 +201,9 @@ def build_engine(settings: EdgeSettings, registry: ModelRegistry) -> EdgeEngine:
             )
         )
         cloud.start()
-    decoder = loaded.decoder(config.max_deferred, depth=settings.split)
+    speculative = settings.collab == "speculative" and cloud is not None
+    # speculative: drafts come from the split head only (every row reaches the split)
+    decoder = loaded.decoder(config.max_deferred, depth=settings.split, split_only=speculative)
     if settings.compiled:
         ranges = decoder.ranges(use_exits=settings.tau < 1.0 or settings.split is not None)
         try:
