@@ -39,14 +39,22 @@ class LoadedModel:
     codec: TextCodec
     quant: QuantMode
 
-    def decoder(self, max_deferred: int = 32, depth: int | None = None) -> ExitDecoder:
-        """`depth` < n_layers: the edge half of a split model (collaborative mode)."""
-        return ExitDecoder(self.model, self.heads, max_deferred, depth=depth)
+    def decoder(
+        self, max_deferred: int = 32, depth: int | None = None, split_only: bool = False
+    ) -> ExitDecoder:
+        """`depth` < n_layers: the edge half of a split model (collaborative mode);
+        `split_only`: without the exits before the split (speculative collaboration)."""
+        heads = [h for h in self.heads if h.cfg.layer == depth] if split_only else self.heads
+        return ExitDecoder(self.model, heads, max_deferred, depth=depth)
 
 
 def load_model(spec: ModelSpec, opts: LoadOptions) -> LoadedModel:
     path = ensure_converted(spec, opts.cache_dir)
     model = DecoderModel.load(path, torch.bfloat16, opts.max_context)
+    device = torch.device(opts.device)
+    on_gpu = device.type != "cpu"
+    if on_gpu:
+        model.to_device(device)
     heads: list[ExitHead] = []
     head_file = opts.exits_dir / f"{spec.id}.pt"
     if opts.exits:
