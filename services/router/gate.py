@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from services.router.gate_data import DEFAULT_PATH, GateData, load
+from services.router.safe_top1 import SafeTop1
 
 ARTIFACT = Path("artifacts/gate/gate.pt")
 SUBSET_LOSSES = Path("artifacts/gate/subset_loss.json")
@@ -73,6 +74,9 @@ class Gate(nn.Module):
             if hidden == 0
             else nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, n))
         )
+        # The served top-1 pick (safe_top1.SafeTop1), fitted beside the mixture gate; None:
+        # top-1 is the softmax's argmax.
+        self.safe: SafeTop1 | None = None
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         z = (features.float() - self.mean) / self.std
@@ -107,12 +111,21 @@ class Gate(nn.Module):
             raise ValueError("empty expert subset")
         return torch.tensor([e in names for e in self.experts])
 
+    def top1(self, features: np.ndarray, subset: Sequence[str]) -> str:
+        """The expert top-1 routing serves for one prompt ([D] features) within S: the safe
+        router's pick where one is fitted for S, else the softmax's argmax in S."""
+        key = tuple(e for e in self.experts if e in set(subset))
+        if self.safe is not None and key in self.safe.priors:
+            return self.safe.choose(np.atleast_2d(features), key)[0]
+        w = self.weights(np.atleast_2d(features), key)[0]
+        return self.experts[int(w.argmax())]
+
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(
-            {"experts": list(self.experts), "hidden": self.hidden, "state": self.state_dict()},
-            path,
-        )
+        blob = {"experts": list(self.experts), "hidden": self.hidden, "state": self.state_dict()}
+        if self.safe is not None:
+            blob["safe"] = json.dumps(self.safe.to_state())
+        torch.save(blob, path)
 
     @staticmethod
     def load(path: Path) -> Gate:
@@ -123,6 +136,8 @@ class Gate(nn.Module):
             blob["experts"], state["mean"].numpy(), state["std"].numpy(), blob["hidden"], proj
         )
         gate.load_state_dict(state)
+        if "safe" in blob:
+            gate.safe = SafeTop1.from_state(json.loads(blob["safe"]))
         return gate.eval()
 
 

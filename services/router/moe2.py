@@ -136,12 +136,21 @@ class Moe2Selector:
         return Coarse((self._least_over(experts, shape, budget),), False, math.nan)
 
     def rank(self, features: np.ndarray, subset: Sequence[str]) -> tuple[tuple[str, float], ...]:
-        """The gate's weights inside S, largest first (sum 1)."""
+        """The gate's weights inside S, largest first (sum 1). The first expert is the served
+        top-1 pick (`Gate.top1`: the safe router's where the gate has one): when it is not
+        the softmax's argmax it swaps places and weights with it, so the order and the
+        weights stay consistent."""
         if len(subset) == 1:
             return ((subset[0], 1.0),)
         logits = self.gate.scores(features)
         scores = {e: float(z) for e, z in zip(self.gate.experts, logits, strict=True)}
-        return top_k(scores, subset, len(subset))
+        ranked = list(top_k(scores, subset, len(subset)))
+        first = self.gate.top1(features, subset)
+        i = next(j for j, (e, _) in enumerate(ranked) if e == first)
+        if i:
+            (a, wa), (b, wb) = ranked[0], ranked[i]
+            ranked[0], ranked[i] = (b, wa), (a, wb)
+        return tuple(ranked)
 
     # -- internals ---------------------------------------------------------------------
 

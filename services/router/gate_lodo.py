@@ -1,0 +1,251 @@
+"""Leave-one-domain-out evaluation of what the router serves.
+
+For an expert subset S and each domain D of the gate data: train on every other domain, test
+on D; the test rows of all folds together are the pooled held-out set (each row routed by a
+model that never saw its domain). Per row it records the NLL of
+
+- ``prior``: the best single expert of S on the training domains (what a router without a
+  gate would serve: the baseline every difference is taken against);
+- ``safe top-1``: `safe_top1.SafeTop1` (abstains to the prior unless its calibrated margin,
+  fitted by inner leave-one-domain-out, says otherwise);
+- ``softmax top-1``: the argmax of the softmax gate (`gate.train_gate`, today's recipe,
+  retrained on S); also what k > 1 serves today: the plurality vote (`aggregate`) returns
+  the top-weight expert's answer whenever the k answers differ, as free-form answers do;
+- ``sequence mixture``: the softmax gate's sequence-level mixture over S (all of S runs;
+  not served by the router);
+- references: the uniform mixture, the best single expert of S *in hindsight* on D, and
+  the per-prompt oracle.
+
+Differences against the prior come with paired bootstrap 95% intervals (prompts resampled
+within each domain).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from services.router.gate import GateConfig, masked_log_weights, mixture_nll, train_gate
+from services.router.gate_data import GateData
+from services.router.safe_top1 import SafeTop1, SafeTop1Config
+
+LN2 = math.log(2)
+METHODS = (
+    "prior",
+    "safe top-1",
+    "softmax top-1",
+    "sequence mixture",
+    "uniform mixture",
+    "hindsight single",
+    "oracle",
+)
+
+
+def pooled(splits: dict[str, GateData]) -> GateData:
+    """All splits as one set of rows (the domains, not the corpus splits, are held out)."""
+    parts = list(splits.values())
+    return GateData(
+        parts[0].experts,
+        np.concatenate([p.features for p in parts]),
+        np.concatenate([p.nll for p in parts]),
+        np.concatenate([p.chars for p in parts]),
+        tuple(c for p in parts for c in p.categories),
+        tuple(t for p in parts for t in p.prompts) if all(p.prompts for p in parts) else (),
+    )
+
+
+def restrict(data: GateData, experts: Sequence[str], rows: np.ndarray | None = None) -> GateData:
+    """The columns of ``experts`` (in data's order) and the given rows (default: every row
+    where all of them were scored)."""
+    cols = [i for i, e in enumerate(data.experts) if e in set(experts)]
+    if rows is None:
+        rows = np.flatnonzero(np.isfinite(data.nll[:, cols]).all(1))
+    return GateData(
+        tuple(data.experts[i] for i in cols),
+        data.features[rows],
+        data.nll[rows][:, cols],
+        data.chars[rows],
+        tuple(data.categories[i] for i in rows),
+        tuple(data.prompts[i] for i in rows) if data.prompts else (),
+    )
+
+
+@dataclass
+class Fold:
+    domain: str
+    prior: str
+    tau: float
+    rows: int
+
+
+@dataclass
+class SubsetResult:
+    subset: tuple[str, ...]
+    domains: tuple[str, ...]  # per row
+    chars: np.ndarray
+    nll: dict[str, np.ndarray]  # method -> [P] nats
+    choice: dict[str, list[str]]  # top-1 methods -> expert per row
+    folds: list[Fold] = field(default_factory=list)
+
+    def bpc(self, method: str, mask: np.ndarray | None = None) -> float:
+        m = np.ones(len(self.chars), bool) if mask is None else mask
+        return float(self.nll[method][m].sum() / self.chars[m].sum() / LN2)
+
+    def mask(self, domain: str) -> np.ndarray:
+        return np.array([d == domain for d in self.domains])
+
+
+def evaluate_subset(
+    data: GateData,
+    subset: Sequence[str],
+    gate_config: GateConfig | None = None,
+    safe_config: SafeTop1Config | None = None,
+) -> SubsetResult:
+    gate_config = gate_config or GateConfig()
+    safe_config = safe_config or SafeTop1Config()
+    d = restrict(data, subset)
+    doms = np.array(d.categories)
+    names = tuple(sorted(set(d.categories)))
+    out = {m: np.zeros(len(d)) for m in METHODS}
+    choice: dict[str, list[str]] = {"safe top-1": [""] * len(d), "softmax top-1": [""] * len(d)}
+    folds = []
+    for dom in names:
+        test = np.flatnonzero(doms == dom)
+        train = np.flatnonzero(doms != dom)
+        tr = restrict(d, d.experts, train)
+        prior = int((tr.nll.sum(0) / tr.chars.sum()).argmin())
+        safe = SafeTop1.fit(
+            d.experts, tr.features, tr.nll, tr.chars, tr.categories, [d.experts], safe_config
+        )
+        picks = safe.choose(d.features[test], d.experts)
+        gate = train_gate(tr, None, gate_config.seed, gate_config)
+        with torch.no_grad():
+            logits = gate(torch.as_tensor(d.features[test])).double()
+        nll_t = torch.as_tensor(d.nll[test], dtype=torch.float64)
+        mix = mixture_nll(masked_log_weights(logits, torch.ones(len(d.experts), dtype=bool)), nll_t)
+        uni = -torch.logsumexp(-nll_t - math.log(len(d.experts)), dim=-1)
+        soft = logits.argmax(1).numpy()
+        rows = d.nll[test]
+        ar = np.arange(len(test))
+        hind = int(rows.sum(0).argmin())
+        out["prior"][test] = rows[:, prior]
+        out["safe top-1"][test] = rows[ar, [d.experts.index(p) for p in picks]]
+        out["softmax top-1"][test] = rows[ar, soft]
+        out["sequence mixture"][test] = mix.numpy()
+        out["uniform mixture"][test] = uni.numpy()
+        out["hindsight single"][test] = rows[:, hind]
+        out["oracle"][test] = rows.min(1)
+        for i, t in enumerate(test):
+            choice["safe top-1"][t] = picks[i]
+            choice["softmax top-1"][t] = d.experts[soft[i]]
+        folds.append(Fold(dom, d.experts[prior], safe.taus[d.experts], len(test)))
+    return SubsetResult(d.experts, tuple(d.categories), d.chars, out, choice, folds)
+
+
+def bootstrap_delta(
+    res: SubsetResult,
+    method: str,
+    mask: np.ndarray | None = None,
+    draws: int = 2000,
+    seed: int = 0,
+    base: str = "prior",
+) -> tuple[float, float, float]:
+    """bits/char(method) - bits/char(base) on the masked rows, with a paired bootstrap 95%
+    interval (rows resampled within each domain)."""
+    m = np.ones(len(res.chars), bool) if mask is None else mask
+    idx = np.flatnonzero(m)
+    a, b, c = res.nll[method][idx], res.nll[base][idx], res.chars[idx].astype(float)
+    point = float((a.sum() - b.sum()) / c.sum() / LN2)
+    rng = np.random.default_rng(seed)
+    doms = np.array(res.domains)[idx]
+    counts = np.zeros((draws, len(idx)))
+    for dom in set(doms):
+        where = np.flatnonzero(doms == dom)
+        pick = rng.integers(0, len(where), size=(draws, len(where)))
+        for j in range(draws):
+            counts[j] += np.bincount(where[pick[j]], minlength=len(idx))
+    deltas = (counts @ (a - b)) / (counts @ c) / LN2
+    lo, hi = np.quantile(deltas, [0.025, 0.975])
+    return point, float(lo), float(hi)
+
+
+def _ci(x: tuple[float, float, float], scale: float = 1.0) -> str:
+    p, lo, hi = (v * scale for v in x)
+    return f"{p:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+
+
+def render(results: Sequence[SubsetResult], draws: int = 2000) -> tuple[list[str], dict]:
+    """Markdown lines and a JSON-able summary."""
+    lines = [
+        "| S | prompts | prior (best single of S on training domains) | safe top-1 "
+        "| Δ safe − prior [95% CI] | softmax top-1 (= k>1 plurality vote) "
+        "| Δ softmax − prior [95% CI] | sequence mixture | Δ mixture − prior [95% CI] "
+        "| oracle | headroom | captured |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    summary: dict = {}
+    for r in results:
+        prior = r.bpc("prior")
+        ds = bootstrap_delta(r, "safe top-1", draws=draws)
+        dt = bootstrap_delta(r, "softmax top-1", draws=draws)
+        dm = bootstrap_delta(r, "sequence mixture", draws=draws)
+        oracle = r.bpc("oracle")
+        headroom = (prior - oracle) / prior
+        captured = (prior - r.bpc("safe top-1")) / prior
+        lines.append(
+            f"| {', '.join(r.subset)} | {len(r.chars)} | {prior:.3f} | "
+            f"{r.bpc('safe top-1'):.3f} | {_ci(ds)} | {r.bpc('softmax top-1'):.3f} | "
+            f"{_ci(dt)} | {r.bpc('sequence mixture'):.3f} | {_ci(dm)} | {oracle:.3f} | "
+            f"{headroom:.1%} | {captured:+.1%} |"
+        )
+        per_domain = {}
+        for dom in sorted(set(r.domains)):
+            m = r.mask(dom)
+            per_domain[dom] = {
+                "prompts": int(m.sum()),
+                **{meth: r.bpc(meth, m) for meth in METHODS},
+                "safe_delta": bootstrap_delta(r, "safe top-1", m, draws),
+                "softmax_delta": bootstrap_delta(r, "softmax top-1", m, draws),
+            }
+        summary[", ".join(r.subset)] = {
+            "prompts": len(r.chars),
+            **{meth: r.bpc(meth) for meth in METHODS},
+            "safe_delta": ds,
+            "softmax_delta": dt,
+            "mixture_delta": dm,
+            "headroom": headroom,
+            "captured": captured,
+            "safe_share": {e: r.choice["safe top-1"].count(e) / len(r.chars) for e in r.subset},
+            "softmax_share": {
+                e: r.choice["softmax top-1"].count(e) / len(r.chars) for e in r.subset
+            },
+            "folds": [vars(f) for f in r.folds],
+            "per_domain": per_domain,
+        }
+    return lines, summary
+
+
+def domain_table(r: SubsetResult, summary: dict) -> list[str]:
+    """Per left-out domain: prior, safe and softmax top-1 with intervals, oracle."""
+    s = summary[", ".join(r.subset)]
+    lines = [
+        "| left-out domain | prompts | prior | τ (bits/char) | safe top-1 "
+        "| Δ safe − prior [95% CI] | softmax top-1 | Δ softmax − prior [95% CI] "
+        "| sequence mixture | oracle |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    folds = {f.domain: f for f in r.folds}
+    for dom, v in s["per_domain"].items():
+        f = folds[dom]
+        tau = "∞ (always prior)" if math.isinf(f.tau) else f"{f.tau:.3f}"
+        flag = " ✗" if v["safe_delta"][1] > 0 else ""
+        lines.append(
+            f"| {dom} | {v['prompts']} | {v['prior']:.3f} ({f.prior}) | {tau} | "
+            f"{v['safe top-1']:.3f} | {_ci(v['safe_delta'])}{flag} | {v['softmax top-1']:.3f} | "
+            f"{_ci(v['softmax_delta'])} | {v['sequence mixture']:.3f} | {v['oracle']:.3f} |"
+        )
+    return lines
