@@ -258,6 +258,65 @@ class EdgeServicer(edge_pb2_grpc.EdgeNodeServicer):
         if error is not None:
             await self._abort(context, error)
 
+    async def Mix(
+        self,
+        request_iterator: AsyncIterator[edge_pb2.MixRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        """Forced-token stepping (see edge.proto): the engine's `open_forced` session, one
+        `next` per position, the caller's token back, its chunk out."""
+        open_forced = getattr(self._engine, "open_forced", None)
+        error: BaseException | None = None
+        session = None
+        first = None
+        try:
+            first = await anext(aiter(request_iterator), None)
+            if first is None or first.WhichOneof("step") != "start":
+                raise ValueError("the first Mix message must be `start`")
+            engine_request = self._to_engine_request(first.start.request)
+            if open_forced is None:
+                raise NotImplementedError(f"{type(self._engine).__name__} cannot step")
+            session = open_forced(engine_request, first.start.top_k)
+            while True:
+                item = await session.next()
+                if isinstance(item, GenerationChunk):
+                    await context.write(edge_pb2.MixReply(chunk=chunk_to_proto(item)))
+                    if item.finish_reason is not None:
+                        break
+                    continue
+                await context.write(
+                    edge_pb2.MixReply(
+                        next=edge_pb2.NextTokenLogprobs(
+                            token_ids=item.token_ids,
+                            logprobs=item.logprobs,
+                            position=item.position,
+                            prompt_tokens=item.prompt_tokens,
+                        )
+                    )
+                )
+                msg = await anext(aiter(request_iterator), None)
+                if msg is None:  # the caller is done: abort
+                    break
+                if msg.WhichOneof("step") != "token":
+                    raise ValueError("after `start`, every Mix message must be a `token`")
+                session.choose(msg.token)
+        except NotImplementedError as exc:
+            await context.abort(
+                grpc.StatusCode.UNIMPLEMENTED,
+                str(exc),
+                trailing_metadata=((ERROR_KEY, "internal"),),
+            )
+        except (ValueError, EngineOverloaded) as exc:
+            error = exc
+        except Exception as exc:
+            log.exception("mix %s failed", first.start.request.request_id if first else "?")
+            error = exc
+        finally:
+            if session is not None:
+                session.close()
+        if error is not None:
+            await self._abort(context, error)
+
     async def Health(
         self, request: edge_pb2.HealthRequest, context: grpc.aio.ServicerContext
     ) -> edge_pb2.HealthReply:
