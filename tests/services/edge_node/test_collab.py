@@ -46,8 +46,14 @@ def collab_engine(model, target: str, tau: float = 1.0, decoder=None, **link):
 
 
 def _run(engine, prompts: list[str], params: SamplingParams = GREEDY):
+    return _run_ids(engine, [ByteCodec().encode(p) for p in prompts], params)
+
+
+def _run_ids(engine, prompts: list[list[int]], params: SamplingParams = GREEDY):
+    """Generate for every prompt at once; (token ids, sources) of each."""
+
     async def one(i, prompt):
-        req = GenerationRequest(f"r{i}", tuple(ByteCodec().encode(prompt)), params)
+        req = GenerationRequest(f"r{i}", tuple(prompt), params)
         ids, sources = [], []
         async for c in engine.generate(req):
             ids.extend(c.token_ids)
