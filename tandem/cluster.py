@@ -1,15 +1,21 @@
-"""`make run`: the whole Tandem cluster on this machine, from one YAML file.
+"""`tandem cluster` (`make run`): the whole Tandem cluster on this machine, from one YAML file.
 
-    python -m tandem.cluster --config configs/cluster.yaml
+    tandem cluster --config configs/cluster.yaml      # or: python -m tandem.cluster ...
 
-Starts, in dependency order and each gated on its health: Redis (`scripts/redis.sh`), the
-attention pool, cloud_ctx, the edge nodes (all of `edges:`), then the router; sends one demo
-request through the router; then waits. Every service gets `--config <file> --name <name>`
-and reads its own section (environment variables still override it). Logs go to
-`.run/logs/<service>.log`. Ctrl-C (or SIGTERM) stops everything in reverse order (SIGTERM,
-then SIGKILL after a grace period) and stops the Redis it started; a service that dies takes
-the cluster down with it (exit 1, the tail of its log printed). Sections that are absent are
-not started, so a smaller file runs a smaller cluster.
+Starts, in dependency order and each gated on its health: Redis (a redis-server child, data in
+`.run/redis/<port>`), the attention pool, cloud_ctx, the edge nodes (all of `edges:`), then the
+router; sends one demo request through the router; then waits. Every service gets
+`--config <file> --name <name>` and reads its own section (environment variables still override
+it). Logs go to `.run/logs/<service>.log`. Ctrl-C (or SIGTERM) stops everything in reverse
+order (SIGTERM, then SIGKILL after a grace period), Redis last; a service that dies takes the
+cluster down with it (exit 1, the tail of its log printed). Sections that are absent are not
+started, so a smaller file runs a smaller cluster.
+
+No orphans, however the launcher ends: every child (Redis included) gets SIGTERM from the
+kernel when the launcher dies (`tandem.launch.parent_death_signal`), even by SIGKILL, and
+the pool's workers follow their pool. All children share one process group, which the
+launcher owns and sweeps with SIGKILL after stopping them; its id is printed at start
+(`kill -- -<pgid>` reaches the whole cluster).
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import argparse
 import json
 import os
 import signal
-import subprocess
+import socket
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -73,8 +79,8 @@ class Cluster:
         self.raw = load_yaml(self.config)
         self.log_dir = log_dir
         self.say = say
-        self.running: list[tuple[ServiceSpec, ServiceProcess]] = []
-        self.redis_port: int | None = None
+        self.running: list[ServiceProcess] = []
+        self.pgid: int | None = None  # the children's process group (the first child's pid)
 
     # -- start / stop ------------------------------------------------------------------
 
@@ -82,23 +88,19 @@ class Cluster:
         redis = self.raw.get("redis")
         if redis is not None:
             port = int(redis.get("port", 6390))
-            ping = subprocess.run(
-                ["redis-cli", "-p", str(port), "ping"], capture_output=True, text=True
-            )
-            if ping.stdout.strip() == "PONG":  # someone else's: use it, leave it running
+            if redis_answers(port):  # someone else's: use it, leave it running
                 self.say(f"  redis           127.0.0.1:{port} (already running, left as is)")
             else:
-                self.redis_port = port  # ours: stopped with the cluster
-                self._redis("start")
-                self.say(f"  redis           127.0.0.1:{port}")
+                proc = self._spawn("redis", redis_argv(port))
+                wait_redis(proc, port, timeout=30)
+                self.say(f"  redis           127.0.0.1:{port} (pid {proc.proc.pid})")
         for spec in plan(self.raw):
             args = [spec.module, "--config", str(self.config), "--name", spec.name]
             # The user's environment passes through (it overrides the file, as documented);
             # one torch thread per service unless said otherwise: they share the cores.
             env = {"TANDEM_THREADS": os.environ.get("TANDEM_THREADS", "1")}
             env.update({k: "" for k in ("TANDEM_CONFIG", "TANDEM_SERVICE")})
-            proc = ServiceProcess.start(spec.name, args, self.log_dir, env, inherit_tandem_env=True)
-            self.running.append((spec, proc))
+            proc = self._start(spec.name, args, env)
             t0 = time.monotonic()
             for target in spec.grpc_targets:
                 proc.wait_grpc(target, timeout=READY_TIMEOUT_S)
@@ -110,33 +112,43 @@ class Cluster:
                 f"(pid {proc.proc.pid}, log {proc.log_path})"
             )
 
+    def _spawn(self, name: str, argv: list[str]) -> ServiceProcess:
+        proc = ServiceProcess.spawn(name, argv, self.log_dir, process_group=self.pgid or 0)
+        return self._adopt(proc)
+
+    def _start(self, name: str, args: list[str], env: dict[str, str]) -> ServiceProcess:
+        proc = ServiceProcess.start(
+            name, args, self.log_dir, env, inherit_tandem_env=True, process_group=self.pgid or 0
+        )
+        return self._adopt(proc)
+
+    def _adopt(self, proc: ServiceProcess) -> ServiceProcess:
+        if self.pgid is None:
+            self.pgid = proc.proc.pid  # the first child leads the group (process_group=0)
+        self.running.append(proc)
+        return proc
+
     def stop(self, grace_s: float = 20.0) -> None:
-        for _, proc in reversed(self.running):
+        for proc in reversed(self.running):
             proc.stop(grace_s)
         self.running.clear()
-        if self.redis_port is not None:
-            self._redis("stop")
-            self.redis_port = None
-
-    def _redis(self, action: str) -> None:
-        env = {"REDIS_PORT": str(self.redis_port)}
-        subprocess.run(
-            ["bash", str(ROOT / "scripts" / "redis.sh"), action],
-            check=True,
-            env={**os.environ, **env},
-            stdout=subprocess.DEVNULL,
-        )
+        if self.pgid is not None:  # whatever is left in the group (nothing, normally)
+            try:
+                os.killpg(self.pgid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            self.pgid = None
 
     # -- while running -----------------------------------------------------------------
 
     def failed(self) -> ServiceProcess | None:
-        for _, proc in self.running:
+        for proc in self.running:
             if proc.proc.poll() is not None:
                 return proc
         return None
 
     def pids(self) -> list[int]:
-        return [proc.proc.pid for _, proc in self.running]
+        return [proc.proc.pid for proc in self.running]
 
     def demo(self) -> None:
         router = self.raw.get("router")
@@ -169,6 +181,37 @@ class Cluster:
             f"{route.get('latency_predicted_ms', 0):.0f} ms predicted, "
             f"~{route.get('energy_j', 0):.3g} J modelled"
         )
+
+
+def redis_argv(port: int) -> list[str]:
+    """A foreground redis-server on loopback (so it is our child, and dies with us): append-only,
+    no snapshots, its data in .run/redis/<port> (one directory per port)."""
+    data = ROOT / ".run" / "redis" / str(port)
+    data.mkdir(parents=True, exist_ok=True)
+    return [
+        "redis-server",
+        *("--bind", "127.0.0.1", "--port", str(port), "--dir", str(data)),
+        *("--appendonly", "yes", "--save", ""),
+    ]
+
+
+def redis_answers(port: int, timeout: float = 0.5) -> bool:
+    """True when a Redis on 127.0.0.1:`port` answers PING."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def wait_redis(proc: ServiceProcess, port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not redis_answers(port):
+        proc.check()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"redis: no answer on port {port} after {timeout:.0f} s")
+        time.sleep(0.05)
 
 
 class _Interrupt:
@@ -204,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     code = 0
     try:
         cluster.start()
-        print(f"cluster ready: pids {' '.join(map(str, cluster.pids()))}", flush=True)
+        pids = " ".join(map(str, cluster.pids()))
+        print(f"cluster ready: pids {pids} (process group {cluster.pgid})", flush=True)
         if not args.no_demo:
             cluster.demo()
         print("Ctrl-C stops the cluster.", flush=True)

@@ -2,7 +2,8 @@
 real smollm2 edge node, an attention pool with two workers, the router without a gate):
 health-gated startup, each service reading its own section, a request through the router,
 Ctrl-C stopping every process it started. The full cluster (configs/cluster.yaml) runs the
-same code with more sections."""
+same code with more sections. And however the launcher is killed (SIGTERM then SIGKILL, or
+SIGKILL at once), none of its children survives it."""
 
 from __future__ import annotations
 
@@ -21,8 +22,6 @@ import yaml
 from tandem.cluster import plan
 from tandem.config_file import ConfigFileError, Settings, load_yaml
 from tandem.launch import ROOT, free_port
-
-pytestmark = pytest.mark.slow
 
 
 def alive(pid: int) -> bool:
@@ -83,6 +82,7 @@ def test_sections_and_precedence(tmp_path: Path) -> None:
         parse_settings(ModelRegistry(), ["--config", str(bad), "--name", "x"])
 
 
+@pytest.mark.slow
 def test_cluster_starts_serves_and_stops_everything(tmp_path: Path) -> None:
     path, raw = small_cluster(tmp_path)
     proc = subprocess.Popen(
@@ -141,3 +141,92 @@ def test_cluster_starts_serves_and_stops_everything(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait(30)
+
+
+# -- no orphans ------------------------------------------------------------------------------
+
+
+def redis_and_pool(tmp_path: Path) -> tuple[Path, int]:
+    """The cheapest real cluster: Redis and a one-worker attention pool with a tiny explicit
+    shape (no model is read)."""
+    redis_port = free_port()
+    raw = {
+        "redis": {"port": redis_port},
+        "attention_pool": {
+            **{"n_heads": 4, "n_kv_heads": 2, "head_dim": 16, "n_layers": 6, "first_layer": 3},
+            **{"workers": 1, "port": free_port(), "metrics_port": 0, "capacity_mb": 16},
+        },
+    }
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path, redis_port
+
+
+def wait_gone(pids: list[int], timeout_s: float) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    while (left := [p for p in pids if alive(p)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
+@pytest.mark.parametrize("term_first", [True, False], ids=["sigterm-then-sigkill", "sigkill"])
+def test_a_killed_launcher_leaves_no_orphans(tmp_path: Path, term_first: bool) -> None:
+    path, redis_port = redis_and_pool(tmp_path)
+    logs = tmp_path / "logs"
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "tandem.cli", "cluster", "--config", str(path), "--no-demo"]
+        + ["--log-dir", str(logs)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={k: v for k, v in os.environ.items() if not k.startswith("TANDEM_")},
+        start_new_session=True,
+    )
+    lines: list[str] = []
+    children: list[int] = []
+    group = None
+    try:
+        deadline = time.monotonic() + 45
+        for line in launcher.stdout:
+            lines.append(line)
+            if m := re.match(r"cluster ready: pids ([\d ]+) \(process group (\d+)\)", line):
+                children, group = [int(p) for p in m.group(1).split()], int(m.group(2))
+                break
+            assert time.monotonic() < deadline, "cluster did not start:\n" + "".join(lines)
+        assert children, "cluster exited early:\n" + "".join(lines)
+        assert group == children[0]  # Redis leads the children's process group
+        assert all(os.getpgid(p) == group for p in children)
+        pool_log = (logs / "attention_pool.log").read_text()
+        workers = [int(p) for p in re.findall(r"pid (\d+)", pool_log)]
+        assert len(workers) == 1
+        everything = children + workers
+        assert all(alive(p) for p in everything)
+        assert (
+            subprocess.run(
+                ["redis-cli", "-p", str(redis_port), "ping"], capture_output=True, text=True
+            ).stdout.strip()
+            == "PONG"
+        )
+
+        if term_first:
+            launcher.send_signal(signal.SIGTERM)
+            time.sleep(2)
+        launcher.kill()
+        launcher.wait(10)
+
+        left = wait_gone(everything, timeout_s=20)
+        assert not left, f"orphans: {left}\n" + "".join(lines)
+        down = subprocess.run(
+            ["redis-cli", "-p", str(redis_port), "ping"], capture_output=True, text=True
+        )
+        assert down.stdout.strip() != "PONG"
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait(10)
+        for pid in children + [p for p in (group,) if p]:
+            try:  # a failed run must not leave them behind either
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
