@@ -27,6 +27,9 @@ class LoadOptions:
     # layer range). Off here, the eager reference; services turn it on (TANDEM_COMPILE).
     compiled: bool = False
     kv_slots: int = 16  # sequences with a static slot (compiled); more get dynamic caches
+    # Where weights, KV and exit heads live: "cpu" or "cuda[:N]" (tandem.runtime.device
+    # resolves auto / TANDEM_DEVICE). On CUDA the compiled step is a CUDA graph.
+    device: str = "cpu"
     cache_dir: Path = Path("model_cache")
     exits_dir: Path = EXITS_DIR
 
@@ -70,14 +73,17 @@ def load_model(spec: ModelSpec, opts: LoadOptions) -> LoadedModel:
             model.cfg.norm_unit_offset,
             torch.bfloat16,
         )
+        if on_gpu:
+            heads = [head.to(device) for head in heads]
     head_quant = (
         spec.default_head_quant if opts.quant == spec.default_quant else None
     ) or opts.quant
-    quantize_model(model, opts.quant, skip=("embed_tokens", "lm_head"))  # bf16: unchanged
+    gpu = device if on_gpu else None
+    quantize_model(model, opts.quant, skip=("embed_tokens", "lm_head"), device=gpu)
     if head_quant != "bf16":
-        model.lm_head = make_quantizer(head_quant)(model.lm_head)
+        model.lm_head = make_quantizer(head_quant, device=gpu)(model.lm_head)
     for head in heads:
-        quantize_model(head, opts.quant, skip=("other", "down", "up"))
+        quantize_model(head, opts.quant, skip=("other", "down", "up"), device=gpu)
     if opts.compiled:
         model.compile_decode(opts.kv_slots)
     codec = TextCodec(path, model.cfg.eos_ids)

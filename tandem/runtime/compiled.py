@@ -66,7 +66,7 @@ def slot_attention(
     vals = v_pool[:, :, :length][slot]
     qg = (q.float() * scale).view(t, kv_heads, group, 1, hd)
     scores = (qg * keys[:, :, None].float()).sum(-1)  # [T, KVH, G, L]
-    kpos = torch.arange(length)[None, :]
+    kpos = torch.arange(length, device=pos.device)[None, :]
     visible = kpos <= pos[:, None]
     if window is not None:
         visible = visible & (pos[:, None] - kpos < window)
@@ -179,3 +179,101 @@ def warm_up(model: DecoderModel, ranges: list[tuple[int, int]]) -> float:
             if isinstance(kv, SlotKV):
                 kv.release()
     return time.perf_counter() - t
+
+
+def _bucket(n: int, floor: int, ceiling: int) -> int:
+    """The smallest power of two >= n (at least `floor`), capped at `ceiling`."""
+    b = floor
+    while b < n:
+        b *= 2
+    return min(b, ceiling)
+
+
+class _Captured:
+    """One CUDA graph of a layer range at a fixed row count and attended length: its
+    static inputs (h, slot, pos) are refilled before each replay; `out` is its output."""
+
+    def __init__(self, graph, h, slot, pos, out) -> None:
+        self.graph, self.h, self.slot, self.pos, self.out = graph, h, slot, pos, out
+
+
+class CudaGraphDecode(CompiledDecode):
+    """The decode step on CUDA: `_DecodeGraph` (eager kernels) captured as CUDA graphs.
+
+    A graph is fixed in shape, so a step's rows are padded up to a power of two (1 .. 32)
+    and its attention reads the slots' first `length` positions rounded up to a power of
+    two (64 .. capacity); each (layer range, rows, length) is captured on first use and
+    replayed after (a capture costs about two eager steps; all graphs share one memory
+    pool). Padding rows write their K/V to a scratch slot no sequence owns, at position 0.
+    The slots are zero-initialised on the GPU, so positions a row does not see are finite.
+    Prefill and other large batches run the eager layers over the same slots, as on CPU.
+    """
+
+    def __init__(self, model: DecoderModel, slots: int = 16, max_rows: int = 32) -> None:
+        cfg = model.cfg
+        self.model = model
+        self.max_rows = max_rows
+        self.pool = SlotPool(
+            cfg.n_layers,
+            cfg.n_kv_heads,
+            cfg.head_dim,
+            model.dtype,
+            slots + 1,
+            model.max_context,
+            device=model.device,
+        )
+        self._scratch = self.pool.acquire(0, cfg.n_layers)  # padding rows write here
+        self._graphs: dict[tuple[int, int], nn.Module] = {}
+        self._captured: dict[tuple[int, int, int, int], _Captured] = {}
+        self._mempool = None  # one pool for every graph, made at the first capture
+
+    def _module(self, start: int, end: int) -> nn.Module:
+        module = self._graphs.get((start, end))
+        if module is None:
+            module = self._graphs[start, end] = _DecodeGraph(self.model, self.pool, start, end)
+        return module
+
+    def _static_inputs(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """h, slot and pos buffers for `rows` rows (all padding: the scratch slot, pos 0)."""
+        dev = self.model.device
+        h = torch.zeros(rows, self.model.cfg.hidden_size, dtype=self.model.dtype, device=dev)
+        slot = torch.full((rows,), self._scratch.slot, dtype=torch.long, device=dev)
+        return h, slot, torch.zeros(rows, dtype=torch.long, device=dev)
+
+    def _capture(self, start: int, end: int, rows: int, length: int) -> _Captured:
+        module = self._module(start, end)
+        dev = self.model.device
+        h, slot, pos = self._static_inputs(rows)
+        if self._mempool is None:
+            self._mempool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):  # warm-up before capture (lazy inits, workspaces)
+            module(h, slot, pos, length)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._mempool):
+            out = module(h, slot, pos, length)
+        return _Captured(graph, h, slot, pos, out)
+
+    def run(self, start: int, end: int, h: torch.Tensor, segments: list[Segment]) -> torch.Tensor:
+        t = h.shape[0]
+        rows = _bucket(t, 1, self.max_rows)
+        length = _bucket(max(s.start_pos + s.count for s in segments), 64, self.pool.capacity)
+        key = (start, end, rows, length)
+        cap = self._captured.get(key)
+        if cap is None:
+            cap = self._captured[key] = self._capture(start, end, rows, length)
+        slot = [s.kv.slot for s in segments for _ in range(s.count)]
+        pos = [p for s in segments for p in range(s.start_pos, s.start_pos + s.count)]
+        pad = rows - t
+        cap.slot.copy_(torch.tensor(slot + [self._scratch.slot] * pad), non_blocking=True)
+        cap.pos.copy_(torch.tensor(pos + [0] * pad), non_blocking=True)
+        cap.h[:t].copy_(h)
+        cap.graph.replay()
+        out = cap.out[:t].clone()
+        for s in segments:
+            first = start - s.kv.first_layer
+            for i in range(first, first + end - start):
+                s.kv.lengths[i] += s.count
+        return out

@@ -61,6 +61,10 @@ class Rope:
             sin = freqs.sin()
             self._tables[theta] = (torch.cat((freqs, freqs), -1).cos(), torch.cat((-sin, sin), -1))
 
+    def to(self, device: torch.device) -> None:
+        """Move the tables (they are indexed by positions on the model's device)."""
+        self._tables = {t: (c.to(device), s.to(device)) for t, (c, s) in self._tables.items()}
+
     def tables(self, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and signed sin for every position, float32 [max_pos, head_dim]."""
         return self._tables[theta]
@@ -175,8 +179,8 @@ def attention(
     n, length = q.shape[0], k.shape[1]
     mask = None
     if n > 1 or (window is not None and length > window):
-        qpos = torch.arange(length - n, length)[:, None]
-        kpos = torch.arange(length)[None, :]
+        qpos = torch.arange(length - n, length, device=q.device)[:, None]
+        kpos = torch.arange(length, device=q.device)[None, :]
         mask = kpos <= qpos
         if window is not None:
             mask &= qpos - kpos < window
@@ -199,11 +203,28 @@ class DecoderModel(nn.Module):
         self.max_context = min(max_context or cfg.max_position, cfg.max_position)
         self.rope = Rope(cfg.head_dim, cfg.rope_theta, self.max_context)
         self.compiled: CompiledDecode | None = None  # see compile_decode()
+        self.device = torch.device("cpu")  # see to_device()
+
+    def to_device(self, device: torch.device) -> DecoderModel:
+        """Move weights and rope tables to `device` (before compile_decode: the KV slots
+        and caches made afterwards live there too)."""
+        if self.compiled is not None:
+            raise RuntimeError("to_device after compile_decode: move the model first")
+        self.to(device)
+        self.rope.to(device)
+        self.device = torch.device(device)
+        return self
 
     def compile_decode(self, slots: int = 16) -> None:
         """From now on, new caches are static slots (up to `slots` sequences; more get
         dynamic caches) and decode steps over them run as compiled graphs
-        (tandem.runtime.compiled). The eager path stays the reference."""
+        (tandem.runtime.compiled). The eager path stays the reference. On CUDA the
+        step is replayed as CUDA graphs over the same static slots."""
+        if self.device.type == "cuda":
+            from tandem.runtime.compiled import CudaGraphDecode
+
+            self.compiled = CudaGraphDecode(self, slots)
+            return
         self.compiled = CompiledDecode(self, slots)
 
     @property
@@ -217,7 +238,12 @@ class DecoderModel(nn.Module):
             if slot is not None:
                 return slot  # type: ignore[return-value]  # the same interface
         return SequenceKV(
-            last - first_layer, self.cfg.n_kv_heads, self.cfg.head_dim, self.dtype, first_layer
+            last - first_layer,
+            self.cfg.n_kv_heads,
+            self.cfg.head_dim,
+            self.dtype,
+            first_layer,
+            device=self.device,
         )
 
     def drop_layers(self, layers: range) -> None:
@@ -261,7 +287,7 @@ class DecoderModel(nn.Module):
         for kv, start_pos, h in rows:
             n = h.shape[0]
             segments.append(Segment(kv, off, n, start_pos))
-            positions.append(torch.arange(start_pos, start_pos + n))
+            positions.append(torch.arange(start_pos, start_pos + n, device=h.device))
             off += n
         out = self.run_layers(
             torch.cat([h for _, _, h in rows]), torch.cat(positions), segments, start, end
@@ -288,7 +314,7 @@ class DecoderModel(nn.Module):
         """Full-depth forward of new tokens for several sequences; returns the logits of
         each sequence's last new token, [B, vocab]."""
         rows = [
-            (kv, p0, self.embed(torch.tensor(ids)))
+            (kv, p0, self.embed(torch.tensor(ids, device=self.device)))
             for ids, kv, p0 in zip(token_ids, kvs, start_positions, strict=True)
         ]
         outs = self.run_rows(rows, 0, self.cfg.n_layers)

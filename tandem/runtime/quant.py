@@ -97,10 +97,17 @@ def int4_kernel_available() -> bool:
     return True
 
 
-def make_quantizer(mode: QuantMode, group_size: int = 32) -> Callable[[nn.Linear], nn.Module]:
+def make_quantizer(
+    mode: QuantMode, group_size: int = 32, device: torch.device | None = None
+) -> Callable[[nn.Linear], nn.Module]:
     """int4 at group 32 is Tandem's own kernel (int8 activations, integer dot products,
     1.4-1.7x aten's at batch 1, ~2.8x at 8 rows) where it builds (x86-64 with AVX2 and g++);
-    elsewhere, or with TANDEM_INT4_KERNEL=aten, aten's int4pack kernel (bf16 activations)."""
+    elsewhere, or with TANDEM_INT4_KERNEL=aten, aten's int4pack kernel (bf16 activations).
+    On a CUDA `device`: tandem.runtime.cuda_quant (torch's CUDA int4 kernel, int8 dequant)."""
+    if device is not None and torch.device(device).type == "cuda":
+        from tandem.runtime.cuda_quant import make_cuda_quantizer
+
+        return make_cuda_quantizer(mode, group_size)
     if mode == "int8":
         return Int8Linear
     if mode == "int4":
@@ -116,11 +123,17 @@ def make_quantizer(mode: QuantMode, group_size: int = 32) -> Callable[[nn.Linear
     raise ValueError(f"no quantizer for {mode!r}")
 
 
-def quantize_model(model: nn.Module, mode: QuantMode, skip: tuple[str, ...] = ()) -> nn.Module:
-    """Replace every nn.Linear (except names containing any of `skip`) in place."""
+def quantize_model(
+    model: nn.Module,
+    mode: QuantMode,
+    skip: tuple[str, ...] = (),
+    device: torch.device | None = None,
+) -> nn.Module:
+    """Replace every nn.Linear (except names containing any of `skip`) in place (with the
+    CUDA layers when `device` is a GPU: the model's weights are already there)."""
     if mode == "bf16":
         return model
-    quant = make_quantizer(mode)
+    quant = make_quantizer(mode, device=device)
     targets = [
         (name, mod)
         for name, mod in model.named_modules()
