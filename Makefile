@@ -4,7 +4,7 @@ PY := .venv/bin/python
 # The `tandem` command (tandem/cli.py), installed into .venv by `make setup` (pip install -e .).
 TANDEM := .venv/bin/tandem
 
-.PHONY: setup run run-edge run-cloud run-collab run-router redis test proto calibrate bench-edge bench-batch bench-collab bench-router bench-router-solver bench-attn run-pool run-ray vllm-venv llamacpp-venv run-vllm gate-data gate validate-compose validate-k8s drills loadtest lint fmt
+.PHONY: setup run run-edge run-cloud run-collab run-router redis test proto calibrate bench-edge bench-batch bench-collab bench-router bench-router-solver bench-attn run-pool run-ray vllm-venv llamacpp-venv run-vllm gate-data gate validate-compose validate-k8s drills loadtest lint fmt gpu-check
 
 setup:
 	bash scripts/bootstrap.sh
@@ -131,6 +131,15 @@ loadtest: setup proto
 # Failure drills (real processes, real kills) -> docs/bench/drills.md; each is also a test.
 drills: setup proto redis
 	TANDEM_TEST_REDIS_URL="$$(bash scripts/redis.sh url)" $(PY) -m loadtest.drill_report
+
+# The runtime on a GPU: tests/gpu (skipped without CUDA) and the decode benchmark
+# (bench/gpu.py: qwen15/qwen05 shapes, random weights, batches 1/8/32 -> docs/bench/gpu.md).
+# Runs on a bare CUDA machine: no setup, no venv, python3 from PATH with torch (CUDA),
+# transformers and pytest (GPU_PY=... to pick another); < 8 minutes.
+GPU_PY ?= python3
+gpu-check:
+	$(GPU_PY) -m pytest -q -p no:cacheprovider --confcutdir=tests/gpu tests/gpu
+	timeout 360 $(GPU_PY) -m bench.gpu --device cuda --out docs/bench/gpu.md
 
 # Offline checks of the deployment files (no Docker engine or cluster needed).
 validate-compose: setup
