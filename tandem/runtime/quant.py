@@ -1,6 +1,8 @@
 """Weight-only quantized linear layers on torch's CPU kernels.
 
-- int8: symmetric, one scale per output channel, `aten._weight_int8pack_mm`.
+- int8: symmetric, one scale per output channel, `aten._weight_int8pack_mm`. Served int8
+  layers use Tandem's own kernel instead where it builds (`make_quantizer`,
+  tandem.runtime.kernels.int8: the same weights, int8 activations per block of 128).
 - int4: asymmetric min/max per group of input channels, packed for
   `aten._weight_int4pack_mm_for_cpu`, which computes (q - 8) * scale + zero. Served int4
   layers use Tandem's own kernel instead where it builds (`make_quantizer`,
@@ -97,6 +99,29 @@ def int4_kernel_available() -> bool:
     return True
 
 
+@functools.cache
+def int8_kernel_available() -> bool:
+    """Whether Tandem's int8 kernel (tandem.runtime.kernels.int8, the same extension as the
+    int4 kernel) builds and loads here (asked once per process)."""
+    from tandem.runtime.kernels import int8
+
+    try:
+        int8.load()
+    except RuntimeError as exc:
+        log.warning("int8 kernel unavailable, using aten's int8pack kernel: %s", exc)
+        return False
+    return True
+
+
+def _int8_kernel_or_aten(linear: nn.Linear) -> nn.Module:
+    """Tandem's int8 kernel where the layer's shape fits it (in_features % 32 == 0)."""
+    from tandem.runtime.kernels.int8 import K_MULTIPLE, Int8KernelLinear
+
+    if linear.in_features % K_MULTIPLE:
+        return Int8Linear(linear)
+    return Int8KernelLinear(linear)
+
+
 def make_quantizer(
     mode: QuantMode, group_size: int = 32, device: torch.device | None = None
 ) -> Callable[[nn.Linear], nn.Module]:
@@ -108,7 +133,9 @@ def make_quantizer(
         from tandem.runtime.cuda_quant import make_cuda_quantizer
 
         return make_cuda_quantizer(mode, group_size)
-    if mode == "int8":
+    if mode == "int8":  # Tandem's int8 kernel unless TANDEM_INT8_KERNEL=aten or it won't build
+        if os.environ.get("TANDEM_INT8_KERNEL", "tandem") != "aten" and int8_kernel_available():
+            return _int8_kernel_or_aten
         return Int8Linear
     if mode == "int4":
         if (

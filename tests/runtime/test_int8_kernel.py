@@ -1,11 +1,14 @@
 """Tandem's int8 kernel against an fp32 reference written from the scheme, not the kernel.
 
 Scheme: per output row, s = max|w| / 127, q = round(w / s) in [-127, 127], w_hat = s * q.
-The kernel quantizes each activation row to int8 (d = max|x| / 127), so each x is off by at
-most d / 2 = max|x| / 254; summed over K with random signs that is a few 1e-3 of the
-output's scale, plus bf16 output rounding (2^-9). The tolerance is 1.5e-2 of max|y_ref|;
-a wrong weight layout, a missing +128 correction or skipped scales are off by far more
-(test_tolerance_catches_wrong_weights, test_tolerance_catches_missing_offset).
+The kernel quantizes activations to int8 per block of `xblock` channels of a row
+(d = max|x| / 127 of the block), so each x is off by at most d / 2 = max|x| / 254; summed over
+K with random signs that is a few 1e-3 of the output's scale, plus bf16 output rounding
+(2^-9). test_emulated_exactly checks the activation quantization itself against an
+emulation of the scheme (fp32 output, integer sums: agreement to float rounding).
+The tolerance is 1.5e-2 of max|y_ref|; a wrong weight layout, a missing +128 correction or
+skipped scales are off by far more (test_tolerance_catches_wrong_weights,
+test_tolerance_catches_missing_offset).
 """
 
 from __future__ import annotations
@@ -15,7 +18,13 @@ import torch
 from torch import nn
 
 from tandem.runtime.kernels import int8
-from tandem.runtime.kernels.int8 import Int8KernelLinear, PackedInt8, int8_mm, pack_int8
+from tandem.runtime.kernels.int8 import (
+    Int8KernelLinear,
+    PackedInt8,
+    activation_block,
+    int8_mm,
+    pack_int8,
+)
 
 TOL = 1.5e-2  # of max|y_ref|, see module docstring
 
@@ -57,10 +66,52 @@ def test_matches_float_reference(k: int, n: int, m: int) -> None:
     x = torch.randn(m, k).bfloat16()
     ref = x.float() @ _ref_weight(lin.weight).t()
     for isa in _isas():
-        y = int8_mm(x, layer.packed(), n, None, isa)
-        assert y.dtype == torch.bfloat16 and y.shape == (m, n)
-        assert _rel_err(y, ref) < TOL, (isa, _rel_err(y, ref))
+        for xblock in (0, 32, activation_block(k)):
+            y = int8_mm(x, layer.packed(), n, None, isa, xblock)
+            assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+            assert _rel_err(y, ref) < TOL, (isa, xblock, _rel_err(y, ref))
     assert _rel_err(layer(x), ref) < TOL
+
+
+def _emulate(x: torch.Tensor, w: torch.Tensor, xblock: int) -> torch.Tensor:
+    """The kernel's arithmetic in fp64: per-block int8 activations, integer dots."""
+    m, k = x.shape
+    g = x.float().reshape(m, k // xblock, xblock)
+    mx = g.abs().amax(-1, keepdim=True)
+    inv = torch.where(mx > 0, 127.0 / mx, torch.zeros_like(mx))
+    xq = torch.round(g * inv)  # fp32 multiply, round half to even: as the kernel
+    d = (mx / 127.0).double()
+    s = w.detach().float().abs().amax(1).clamp(min=1e-8) / 127
+    q = torch.round(w.detach().float() / s[:, None]).clamp(-127, 127)
+    dots = torch.einsum("mbj,nbj->mnb", xq.double(), q.reshape(-1, k // xblock, xblock).double())
+    return (dots * d.reshape(m, 1, -1)).sum(-1) * s.double()
+
+
+@pytest.mark.parametrize("xblock", [0, 32, 64, 128])
+def test_emulated_exactly(xblock: int) -> None:
+    k, n = 512, 80
+    lin = _linear(k, n, bias=False, seed=3)
+    packed = pack_int8(lin.weight)
+    x = torch.randn(5, k)
+    x[:, 7] *= 40  # an outlier channel: per-row and per-block scales differ a lot
+    ref = _emulate(x, lin.weight, xblock or k)
+    for isa in _isas():
+        y = int8_mm(x, packed, n, None, isa, xblock)
+        torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+def test_blocks_beat_one_scale_per_row_on_outliers() -> None:
+    """With an outlier channel, one scale per row coarsens every other activation; blocks
+    keep the coarse step to the outlier's block (what Int8KernelLinear uses): 1 of 8 blocks,
+    so about sqrt(8) less error."""
+    lin = _linear(1024, 64, bias=False, seed=4)
+    packed = pack_int8(lin.weight)
+    x = torch.randn(4, 1024)
+    x[:, 5] = 300.0
+    ref = x @ _ref_weight(lin.weight).t()
+    per_row = _rel_err(int8_mm(x, packed, 64, None, 0, 0), ref)
+    per_block = _rel_err(int8_mm(x, packed, 64, None, 0, 128), ref)
+    assert per_block < per_row / 2, (per_block, per_row)
 
 
 def test_paths_compute_the_same_integers() -> None:
@@ -167,6 +218,8 @@ def test_rejects_bad_shapes() -> None:
         layer(torch.randn(1, 96).bfloat16())
     with pytest.raises(RuntimeError):
         int8_mm(torch.randn(1, 64), layer.packed(), 40)  # n does not match the row groups
+    with pytest.raises(RuntimeError):
+        int8_mm(torch.randn(1, 64), layer.packed(), 16, None, 0, 48)  # 48 is no block size
 
 
 def test_torch_compile_treats_the_op_as_opaque() -> None:

@@ -19,6 +19,7 @@ from tandem.runtime.quant import (
     Int4Linear,
     Int8Linear,
     int4_kernel_available,
+    int8_kernel_available,
     make_quantizer,
     quantize_model,
 )
@@ -204,9 +205,15 @@ def _served_int4() -> type[nn.Module]:
     return Int4KernelLinear if int4_kernel_available() else Int4Linear
 
 
+def _served_int8() -> type[nn.Module]:
+    from tandem.runtime.kernels.int8 import Int8KernelLinear
+
+    return Int8KernelLinear if int8_kernel_available() else Int8Linear
+
+
 @pytest.mark.parametrize("mode,tol", [("int8", 0.03), ("int4", 0.25)])
 def test_quantize_model_replaces_linears_except_skipped(mode, tol):
-    cls = Int8Linear if mode == "int8" else _served_int4()
+    cls = _served_int8() if mode == "int8" else _served_int4()
     model = _Tiny().to(torch.bfloat16)
     ids = torch.arange(12).reshape(2, 6)
     with torch.no_grad():
@@ -239,7 +246,7 @@ def test_quantize_model_bf16_is_identity():
 def test_quantize_model_top_level_linear_and_skip_substring():
     model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
     quantize_model(model, "int8", skip=("1",))
-    assert isinstance(model[0], Int8Linear)
+    assert isinstance(model[0], _served_int8())
     assert type(model[1]) is nn.Linear
 
 
@@ -259,3 +266,14 @@ def test_int4_serves_tandems_kernel_unless_told_aten(monkeypatch):
     assert type(make_quantizer("int4")(lin)) is Int4KernelLinear
     monkeypatch.setenv("TANDEM_INT4_KERNEL", "aten")
     assert type(make_quantizer("int4")(lin)) is Int4Linear
+
+
+def test_int8_serves_tandems_kernel_unless_told_aten(monkeypatch):
+    """On x86-64 with AVX2 and g++, int8 is Tandem's kernel where in_features % 32 == 0
+    (aten's otherwise); TANDEM_INT8_KERNEL=aten selects aten's."""
+    from tandem.runtime.kernels.int8 import Int8KernelLinear
+
+    assert type(make_quantizer("int8")(_linear(64, 32, bias=False))) is Int8KernelLinear
+    assert type(make_quantizer("int8")(_linear(48, 32, bias=False))) is Int8Linear
+    monkeypatch.setenv("TANDEM_INT8_KERNEL", "aten")
+    assert type(make_quantizer("int8")(_linear(64, 32, bias=False))) is Int8Linear

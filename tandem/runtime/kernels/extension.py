@@ -64,7 +64,7 @@ def load() -> None:
         return qweight.new_empty(n, qweight.shape[1] * INT4_GROUP, dtype=torch.float32)
 
     @torch.library.register_fake("tandem_kernels::int8_mm")
-    def _int8_mm_fake(x, qweight, scales, n, bias=None, isa=0):  # noqa: ANN001, ANN202
+    def _int8_mm_fake(x, qweight, scales, n, bias=None, isa=0, xblock=0):  # noqa: ANN001, ANN202
         return x.new_empty(x.shape[0], n)
 
     @torch.library.register_fake("tandem_kernels::int8_dequant")
