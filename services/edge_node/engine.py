@@ -41,6 +41,7 @@ import torch
 
 from services.edge_node.cloud_link import CloudLink, CloudUnavailable
 from services.edge_node.tau_policy import TauPolicy
+from tandem.energy.meter import EnergyMeter
 from tandem.runtime.decoder import ExitDecoder, SequenceState, StepResult
 from tandem.runtime.detokenizer import IncrementalDetokenizer
 from tandem.runtime.engine_api import (
@@ -94,6 +95,7 @@ class EngineStats:
     model_s: float = 0.0  # edge model time, emulated slowdown included
     cloud_wait_s: float = 0.0  # time the engine waited for cloud answers
     steps: int = 0
+    energy_j: float = 0.0  # energy of the model steps (EdgeEngine.meter), shared out to requests
 
 
 @dataclass
@@ -115,6 +117,7 @@ class _Active:
     # client, which sends back the token to append; None: the engine samples.
     top_k: int | None = None
     awaiting: bool = False  # forced: waiting for the client's token
+    energy_j: float = 0.0  # this request's share of its steps' energy (EdgeEngine.meter)
 
     @property
     def decoding(self) -> bool:
@@ -193,6 +196,7 @@ class EdgeEngine:
         config: EngineConfig,
         cloud: CloudLink | None = None,
         tau_policy: TauPolicy | None = None,
+        meter: EnergyMeter | None = None,
     ) -> None:
         if decoder.split and cloud is None:
             log.warning("split decoder without a cloud link: edge-standalone mode")
@@ -209,6 +213,10 @@ class EdgeEngine:
         self.tau_policy = tau_policy or TauPolicy(config.tau, min(config.tau, 0.5))
         self.tau_now = config.tau  # the latency-aware threshold of the last step
         self.stats = EngineStats()
+        # Each model step's energy (tandem.energy: measured where the hardware reports it,
+        # else modelled) is split equally among the step's requests; the last chunk reports
+        # a request's total in usage (energy_joules, energy_source).
+        self.meter = meter
         self.max_context = min(config.max_context, decoder.model.max_context)
         self.n_layers = decoder.n_layers
         self._inbox: queue.SimpleQueue[_Active | _Abort | None] = queue.SimpleQueue()
@@ -413,7 +421,7 @@ class EdgeEngine:
         if not batch:
             return
         tau = 1.0 if any(a.top_k is not None for a in batch) else self._tau()
-        with self._timed():
+        with self._timed(batch):
             steps = self.decoder.prefill([a.seq for a in batch], chunks, tau)
         for a, chunk in zip(batch, chunks, strict=True):
             a.prefilled += len(chunk)
@@ -430,14 +438,20 @@ class EdgeEngine:
         if not ready:
             return
         tau = 1.0 if any(a.top_k is not None for a in ready) else self._tau()
-        with self._timed():
+        with self._timed(ready):
             steps = self.decoder.decode([a.seq for a in ready], [a.ids[-1] for a in ready], tau)
         self._finish_steps(ready, steps, sample=[True] * len(ready))
 
     @contextmanager
-    def _timed(self) -> Iterator[None]:
+    def _timed(self, batch: list[_Active]) -> Iterator[None]:
         t0 = time.perf_counter()
+        j0 = self.meter.read_joules() if self.meter is not None else 0.0
         yield
+        if self.meter is not None:
+            joules = max(0.0, self.meter.read_joules() - j0)
+            self.stats.energy_j += joules
+            for a in batch:
+                a.energy_j += joules / len(batch)
         spent = time.perf_counter() - t0
         if self.config.slowdown > 1.0:
             time.sleep(spent * (self.config.slowdown - 1.0))
@@ -631,8 +645,19 @@ class EdgeEngine:
                 prompt_tokens=len(a.request.prompt_ids),
                 completion_tokens=a.emitted,
                 finish_reason=finish,
+                report=self._energy_report(a) if finish is not None else None,
             ),
         )
+
+    @property
+    def energy_source(self) -> str | None:
+        return None if self.meter is None else self.meter.source
+
+    def _energy_report(self, a: _Active) -> dict | None:
+        """usage.tandem fields: this request's joules and where they come from."""
+        if self.meter is None:
+            return None
+        return {"energy_joules": round(a.energy_j, 6), "energy_source": self.meter.source}
 
     @staticmethod
     def _send(a: _Active, item: GenerationChunk | TopLogprobs | BaseException) -> None:

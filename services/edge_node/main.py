@@ -10,7 +10,7 @@ Collaborative mode (CE-CoLLM): run layers [0, split) here and ask a cloud contex
 Every flag has an environment variable (TANDEM_MODEL, TANDEM_QUANT, TANDEM_TAU, HOST, PORT,
 GRPC_PORT, TANDEM_API_KEY, TANDEM_GRPC_TOKEN, TANDEM_MAX_BATCH, TANDEM_MAX_CONTEXT,
 TANDEM_SPLIT, TANDEM_CLOUD, TANDEM_CLOUD_ENCODING, TANDEM_CLOUD_TIMEOUT, TANDEM_TAU_MIN,
-TANDEM_CLOUD_BUDGET_MS, TANDEM_COMPILE).
+TANDEM_CLOUD_BUDGET_MS, TANDEM_COMPILE, TANDEM_DEVICE: auto | cpu | cuda[:N]).
 """
 
 from __future__ import annotations
@@ -34,9 +34,11 @@ from services.edge_node.tau_policy import TauPolicy
 from tandem.api.app import build_app
 from tandem.api.limits import ApiLimits
 from tandem.config_file import Settings
+from tandem.energy.detect import describe, detect_meter
 from tandem.models.loader import LoadOptions, load_model
 from tandem.models.registry import ModelRegistry
 from tandem.runtime.compiled import warm_up
+from tandem.runtime.device import DeviceUnavailable, resolve_device
 from tandem.runtime.quant import QuantMode
 from tandem.transport.grpc_tls import TlsConfig, tls_from_env_or
 
@@ -70,6 +72,7 @@ class EdgeSettings:
     collab: str = "final"  # "speculative": confident tokens are drafts the cloud checks
     compiled: bool = True  # TANDEM_COMPILE=0 / --no-compile: the eager reference path
     tls: TlsConfig | None = None  # TANDEM_TLS_*: TLS on its gRPC server and to the cloud
+    device: str = "cpu"  # TANDEM_DEVICE / --device, resolved: cpu or cuda:N
 
 
 def parse_settings(registry: ModelRegistry, argv: list[str] | None = None) -> EdgeSettings:
@@ -127,10 +130,15 @@ def parse_settings(registry: ModelRegistry, argv: list[str] | None = None) -> Ed
         type=float,
         default=float(fenv("TANDEM_CLOUD_BUDGET_MS", "cloud_budget_ms", "200")),
     )
+    p.add_argument("--device", default=fenv("TANDEM_DEVICE", "device", "auto"))
     a = p.parse_args(argv)
     unknown = file_cfg.unknown([act.dest for act in p._actions])
     if unknown:
         p.error(f"unknown key(s) in this service's config section: {', '.join(unknown)}")
+    try:
+        device = str(resolve_device(a.device).torch_device)
+    except (DeviceUnavailable, ValueError) as exc:
+        p.error(str(exc))
     try:
         spec = registry.get(a.model)  # per-model defaults for quant and tau
     except KeyError as exc:
@@ -164,6 +172,7 @@ def parse_settings(registry: ModelRegistry, argv: list[str] | None = None) -> Ed
         cloud_budget_ms=a.cloud_budget_ms,
         collab=a.collab,
         compiled=a.compile,
+        device=device,
     )
 
 
@@ -178,6 +187,7 @@ def build_engine(settings: EdgeSettings, registry: ModelRegistry) -> EdgeEngine:
             cache_dir=settings.cache_dir,
             compiled=settings.compiled,
             kv_slots=max(16, 2 * settings.max_batch),
+            device=settings.device,
         ),
     )
     config = EngineConfig(
@@ -212,6 +222,9 @@ def build_engine(settings: EdgeSettings, registry: ModelRegistry) -> EdgeEngine:
         except Exception as exc:  # e.g. no C++ compiler in the image: serve, but say so
             log.error("compiling the decode step failed, serving the eager path: %s", exc)
             loaded.model.compiled = None
+    device = torch.device(settings.device)
+    meter = detect_meter(gpu_index=(device.index or 0) if device.type == "cuda" else None)
+    log.info("device %s; energy per request: %s", settings.device, describe(meter))
     return EdgeEngine(
         spec.id,
         decoder,
@@ -221,6 +234,7 @@ def build_engine(settings: EdgeSettings, registry: ModelRegistry) -> EdgeEngine:
         tau_policy=TauPolicy(
             settings.tau, min(settings.tau_min, settings.tau), settings.cloud_budget_ms
         ),
+        meter=meter,
     )
 
 
@@ -230,6 +244,7 @@ async def serve(settings: EdgeSettings, registry: ModelRegistry) -> None:
     metrics = EdgeMetrics(CollectorRegistry(), model_name=engine.model_id)
     if engine.cloud is not None:
         metrics.bind_cloud_link(engine.cloud, lambda: engine.tau_now)
+    metrics.bind_energy(engine.stats, engine.energy_source)
     app = build_app(
         engine,
         served_model_id=engine.model_id,

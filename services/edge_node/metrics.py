@@ -5,6 +5,8 @@
 `_cloud_positions_sent_total` (bytes_up / positions_sent = bytes uploaded per token),
 `_cloud_round_trip_seconds_total`, `_cloud_available` (0 while the circuit is open),
 `_cloud_expected_ms` and `_tau_effective` (the latency-aware threshold in use).
+With `bind_energy`: `tandem_edge_energy_joules_total{source}`, the energy of the model steps
+(source "measured:nvml|jetson|rapl" or "modelled"); per request it is in usage.tandem.
 """
 
 from __future__ import annotations
@@ -25,6 +27,25 @@ class EdgeMetrics(ApiMetrics):
     def bind_cloud_link(self, link: Any, tau_now: Callable[[], float]) -> None:
         """Export a CloudLink's counters (collaborative mode) at every scrape."""
         self.registry.register(_CloudLinkCollector(link, tau_now, self.model_name))
+
+    def bind_energy(self, stats: Any, source: str | None) -> None:
+        """Export the engine's step energy (`EngineStats.energy_j`) at every scrape."""
+        if source is not None:
+            self.registry.register(_EnergyCollector(stats, source, self.model_name))
+
+
+class _EnergyCollector(Collector):
+    def __init__(self, stats: Any, source: str, model: str) -> None:
+        self._stats, self._source, self._model = stats, source, model
+
+    def collect(self):
+        family = CounterMetricFamily(
+            "tandem_edge_energy_joules",
+            "Energy of the model steps (measured:<meter> or modelled).",
+            labels=["model", "source"],
+        )
+        family.add_metric([self._model, self._source], float(self._stats.energy_j))
+        yield family
 
 
 class _CloudLinkCollector(Collector):
