@@ -202,7 +202,7 @@ class CloudContextManager:
                 session_id, lambda: self.log.append(session_id, session.uploaded, payload)
             )
         rows = decode_hidden(fresh, self.model.dtype) if isinstance(fresh, HiddenPayload) else fresh
-        session.pending.append(rows.to(self.model.dtype))
+        session.pending.append(rows.to(self.model.device, self.model.dtype))
         session.uploaded += rows.shape[0]
         self.store.enforce_cap(keep=session_id)
         return session, True
@@ -453,7 +453,9 @@ class CloudContextManager:
                 self.log.release(sid)
                 raise UnknownSession(f"{sid} (its log holds hidden_size {p.hidden_size})")
         session = self.store.get_or_create(sid)
-        session.pending = [decode_hidden(p, self.model.dtype) for _, p in record.payloads]
+        session.pending = [
+            decode_hidden(p, self.model.dtype).to(self.model.device) for _, p in record.payloads
+        ]
         session.uploaded = record.uploaded
         if record.sampling is not None:
             session.sampler = Sampler(record.sampling)

@@ -31,6 +31,7 @@ from services.cloud_ctx.metrics import CloudMetrics
 from services.cloud_ctx.session_log import LogUnavailable
 from services.cloud_ctx.session_store import SessionTooLarge, UnknownSession
 from tandem.clients.pool import PoolUnavailable
+from tandem.energy.meter import EnergyMeter
 from tandem.transport.cloud_wire import (
     EXPECTED_POSITION_KEY,
     hidden_from_proto,
@@ -58,9 +59,15 @@ class _Waiter:
 
 
 class CloudServicer(cloud_pb2_grpc.CloudContextServicer):
-    def __init__(self, manager: CloudContextManager, metrics: CloudMetrics | None = None) -> None:
+    def __init__(
+        self,
+        manager: CloudContextManager,
+        metrics: CloudMetrics | None = None,
+        meter: EnergyMeter | None = None,
+    ) -> None:
         self.manager = manager
         self.metrics = metrics
+        self.meter = meter  # energy of the model thread's work, per request (metrics)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cloud-model")
         self._queue: list[_Waiter] = []  # token requests not yet in a batch (event loop)
         self._batcher: asyncio.Task | None = None
@@ -74,7 +81,11 @@ class CloudServicer(cloud_pb2_grpc.CloudContextServicer):
         def timed() -> T:
             nonlocal started
             started = time.perf_counter()
-            return fn()
+            j0 = self._joules()
+            try:
+                return fn()
+            finally:
+                self._energy(rpc, j0, 1)
 
         try:
             result = await asyncio.get_running_loop().run_in_executor(self._worker, timed)
@@ -114,6 +125,16 @@ class CloudServicer(cloud_pb2_grpc.CloudContextServicer):
             self.metrics.record_timing(
                 rpc, started - queued, max(0.0, time.perf_counter() - started)
             )
+
+    def _joules(self) -> float:
+        return self.meter.read_joules() if self.meter is not None else 0.0
+
+    def _energy(self, rpc: str, j0: float, requests: int) -> None:
+        """The model thread's energy since j0, shared by `requests` (it runs one at a time,
+        so spans do not overlap)."""
+        if self.meter is not None and self.metrics is not None and requests:
+            joules = max(0.0, self.meter.read_joules() - j0)
+            self.metrics.record_energy(rpc, joules, requests, self.meter.source)
 
     def _hidden(self, msg: cloud_pb2.HiddenStates, via: str) -> HiddenPayload:
         payload = hidden_from_proto(msg)
@@ -199,6 +220,7 @@ class CloudServicer(cloud_pb2_grpc.CloudContextServicer):
 
     def _answer(self, batch: list[_Waiter]) -> list[CloudToken | Exception]:
         started = time.perf_counter()
+        j0 = self._joules()
         asks: list[TokenAsk | Exception] = []
         for w in batch:
             w.started = started
@@ -218,6 +240,7 @@ class CloudServicer(cloud_pb2_grpc.CloudContextServicer):
         finished = time.perf_counter()
         for w in batch:
             w.finished = finished
+        self._energy("NextToken", j0, len(batch))
         return out
 
     async def Release(self, request, context):
@@ -243,6 +266,7 @@ async def start_cloud_server(
     metrics: CloudMetrics | None = None,
     token: str | None = None,
     tls: TlsConfig | None = None,
+    meter: EnergyMeter | None = None,
 ) -> RunningCloudServer:
     """With `token`, every call needs `authorization: Bearer <token>` (UNAUTHENTICATED).
     With `tls`, the port serves TLS only (tandem.transport.grpc_tls)."""
@@ -255,7 +279,9 @@ async def start_cloud_server(
             ("grpc.max_send_message_length", 64 << 20),
         ],
     )
-    cloud_pb2_grpc.add_CloudContextServicer_to_server(CloudServicer(manager, metrics), server)
+    cloud_pb2_grpc.add_CloudContextServicer_to_server(
+        CloudServicer(manager, metrics, meter), server
+    )
     bound = add_port(server, f"{host}:{port}", tls)
     if bound == 0:
         raise OSError(f"cannot bind {host}:{port}")

@@ -11,7 +11,8 @@ int8 | int4), --host (HOST), --grpc-port (CLOUD_GRPC_PORT, 50061), --metrics-por
 (TANDEM_REDIS_PREFIX, default tandem:cloud:<model>:<split>:), --replica-id
 (TANDEM_REPLICA_ID, default <hostname>-<pid>), --max-memory-mib (TANDEM_CLOUD_MAX_MEMORY_MIB),
 --ttl (TANDEM_CLOUD_TTL seconds), --max-sessions (TANDEM_CLOUD_MAX_SESSIONS),
---max-context (TANDEM_MAX_CONTEXT), --cache-dir (TANDEM_CACHE). Port 0 picks a free port.
+--max-context (TANDEM_MAX_CONTEXT), --cache-dir (TANDEM_CACHE), --device (TANDEM_DEVICE: auto |
+cpu | cuda[:N]; cuda without a GPU is a startup error). Port 0 picks a free port.
 Offload mode (Lamina): --attention-pool host:port,host:port (TANDEM_ATTENTION_POOL) sends
 every attention of the cloud layers to those pool workers (services.attention_pool) and keeps
 no KV here; --micro-batches (TANDEM_MICRO_BATCHES, default 2) ping-pongs the batch.
@@ -46,8 +47,11 @@ from services.cloud_ctx.session_store import SessionStore, StoreLimits
 from services.cloud_ctx.weights import UpperHalf, load_upper_half
 from tandem.clients.pool import WIRE_DTYPES, PoolClient, PoolShape, PoolUnavailable
 from tandem.config_file import Settings
+from tandem.energy.detect import describe, detect_meter
+from tandem.energy.meter import EnergyMeter
 from tandem.models.registry import ModelRegistry
 from tandem.monitor import start_monitor
+from tandem.runtime.device import DeviceUnavailable, resolve_device
 from tandem.runtime.model import DecoderModel
 from tandem.runtime.quant import QuantMode
 from tandem.transport.grpc_tls import TlsConfig, tls_from_env_or
@@ -74,6 +78,7 @@ class CloudSettings:
     tls: TlsConfig | None = None  # TANDEM_TLS_*: TLS on its gRPC server and to the pool
     attention_pool: tuple[str, ...] = ()  # offload mode: the pool workers' addresses
     micro_batches: int = 2
+    device: str = "cpu"  # --device / TANDEM_DEVICE, resolved: cpu or cuda:N
 
 
 def parse_settings(registry: ModelRegistry, argv: list[str] | None = None) -> CloudSettings:
@@ -136,10 +141,15 @@ def parse_settings(registry: ModelRegistry, argv: list[str] | None = None) -> Cl
     p.add_argument(
         "--micro-batches", type=int, default=int(fenv("TANDEM_MICRO_BATCHES", "micro_batches", "2"))
     )
+    p.add_argument("--device", default=fenv("TANDEM_DEVICE", "device", "auto"))
     a = p.parse_args(argv)
     unknown = file_cfg.unknown([act.dest for act in p._actions])
     if unknown:
         p.error(f"unknown key(s) in this service's config section: {', '.join(unknown)}")
+    try:
+        device = str(resolve_device(a.device).torch_device)
+    except (DeviceUnavailable, ValueError) as exc:
+        p.error(str(exc))
     try:
         registry.get(a.model)
     except KeyError as exc:
@@ -163,7 +173,15 @@ def parse_settings(registry: ModelRegistry, argv: list[str] | None = None) -> Cl
         tls=tls_from_env_or(p.error),
         attention_pool=tuple(x.strip() for x in a.attention_pool.split(",") if x.strip()),
         micro_batches=a.micro_batches,
+        device=device,
     )
+
+
+def cloud_meter(device: str) -> EnergyMeter:
+    dev = torch.device(device)
+    meter = detect_meter(gpu_index=(dev.index or 0) if dev.type == "cuda" else None)
+    log.info("device %s; energy per request: %s", device, describe(meter))
+    return meter
 
 
 def offload_runner(settings: CloudSettings, model: DecoderModel, split: int) -> OffloadRunner:
@@ -269,6 +287,7 @@ async def serve(
             metrics,
             token=settings.grpc_token,
             tls=settings.tls,
+            meter=cloud_meter(settings.device),
         )
     except BaseException:
         monitor.stop()
@@ -305,6 +324,7 @@ def main(argv: list[str] | None = None) -> None:
             settings.quant,
             settings.max_context,
             settings.cache_dir,
+            settings.device,
         )
     except ValueError as exc:
         raise SystemExit(f"cloud_ctx: {exc}") from None

@@ -15,6 +15,9 @@ Names (namespace `tandem_cloud`, every metric has a `model` label):
 - read from the manager at scrape time: `_sessions`, `_session_bytes` (gauges),
   `_evictions_total{reason}` (ttl, lru, release, stale), `_rebuilds_total` (sessions
   rebuilt from the Redis log)
+- `_energy_joules_total{source}`, `_request_energy_joules{rpc,source}` (histogram): energy of
+  the model thread's work (a batched forward shared equally by its requests); source is
+  "measured:nvml|jetson|rapl" where the hardware reports it, else "modelled"
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ CATCH_UP_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 COMPUTE_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
+ENERGY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0)
 
 
 class CloudMetrics:
@@ -88,6 +92,16 @@ class CloudMetrics:
             buckets=COMPUTE_BUCKETS,
         )
 
+        self.energy = counter("energy_joules", "Energy of the model thread's work.", [*m, "source"])
+        self.request_energy = Histogram(
+            "request_energy_joules",
+            "Energy per request (its share of its batch's forward).",
+            [*m, "rpc", "source"],
+            namespace=ns,
+            registry=registry,
+            buckets=ENERGY_BUCKETS,
+        )
+
     def bind_manager(self, manager: CloudContextManager) -> None:
         """Sessions, memory, evictions and rebuilds are read from `manager` at scrape time."""
         self.registry.register(_ManagerCollector(manager, self.namespace, self.model_name))
@@ -103,6 +117,11 @@ class CloudMetrics:
     def record_timing(self, rpc: str, queue_s: float, compute_s: float) -> None:
         self.queue.labels(self.model_name, rpc).observe(queue_s)
         self.compute.labels(self.model_name, rpc).observe(compute_s)
+
+    def record_energy(self, rpc: str, joules: float, requests: int, source: str) -> None:
+        self.energy.labels(self.model_name, source).inc(joules)
+        for _ in range(requests):
+            self.request_energy.labels(self.model_name, rpc, source).observe(joules / requests)
 
     def record_batch(self, size: int) -> None:
         self.batch_size.labels(self.model_name).observe(size)

@@ -55,13 +55,18 @@ def load_upper_half(
     quant: QuantMode = "bf16",
     max_context: int = 4096,
     cache_dir: Path = Path("model_cache"),
+    device: str = "cpu",
 ) -> UpperHalf:
-    """Load `spec` (converted weights from the cache), keep [split, L) (default: L // 2)."""
+    """Load `spec` (converted weights from the cache), keep [split, L) (default: L // 2),
+    on `device` (cpu or cuda[:N]: the upper layers move there after the drop)."""
     model = DecoderModel.load(ensure_converted(spec, cache_dir), torch.bfloat16, max_context)
     full = tensor_bytes(model)
     split = model.cfg.n_layers // 2 if split is None else split
     drop_lower_layers(model, split)
-    quantize_model(model, quant)
+    gpu = torch.device(device) if torch.device(device).type == "cuda" else None
+    if gpu is not None:
+        model.to_device(gpu)
+    quantize_model(model, quant, device=gpu)
     held = tensor_bytes(model)
     log.info(
         "%s: holding layers [%d, %d) + norm + lm_head (%s): %.0f MiB of %.0f MiB",

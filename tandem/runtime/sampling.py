@@ -52,6 +52,7 @@ class Sampler:
         if self.params.greedy:  # max(-1) is ~4x faster than argmax over a large vocabulary
             top = logits.max(-1)
             return int(top.indices), float(torch.exp(top.values - torch.logsumexp(logits, -1)))
+        logits = logits.cpu()  # the seeded CPU generator draws (the same stream on any device)
         # shift first: a tiny temperature would overflow logits / T to inf (NaN probs)
         probs = torch.softmax((logits - logits.max()) / self.params.temperature, dim=-1)
         if self.params.top_p < 1.0:

@@ -50,7 +50,7 @@ class HiddenPayload:
 def encode_hidden(h: torch.Tensor, encoding: Encoding) -> HiddenPayload:
     """h: [n_tokens, hidden_size] in any float dtype."""
     n, d = h.shape
-    hf = h.detach().float()
+    hf = h.detach().float().cpu()  # (a no-op on the CPU; from a GPU, the bytes come here)
     if encoding == "fp16":
         return HiddenPayload("fp16", n, d, hf.half().numpy().tobytes())
     if encoding == "int8":

@@ -79,3 +79,18 @@ def test_no_meter_no_report():
     finally:
         eng.stop()
     assert last.report is None and eng.energy_source is None
+
+
+def test_edge_device_flag(capsys, monkeypatch):
+    import pytest
+    import torch
+
+    from services.edge_node.main import parse_settings
+    from tandem.models.registry import ModelRegistry
+
+    monkeypatch.setenv("TANDEM_DEVICE", "cpu")
+    assert parse_settings(ModelRegistry(), []).device == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            parse_settings(ModelRegistry(), ["--device", "cuda:0"])
+        assert "asks for a GPU" in capsys.readouterr().err
