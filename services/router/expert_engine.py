@@ -19,6 +19,8 @@ import contextvars
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+import grpc
+
 from services.router.replicas import (
     EDGE_CHANNEL_OPTIONS,
     NoHealthyReplica,
@@ -26,6 +28,7 @@ from services.router.replicas import (
     ReplicaTable,
     is_retryable_elsewhere,
 )
+from services.router.token_mixture import GrpcMixStream
 from tandem.clients.edge import EdgeClient
 from tandem.runtime.engine_api import (
     ChatMessage,
@@ -33,7 +36,8 @@ from tandem.runtime.engine_api import (
     GenerationChunk,
     GenerationRequest,
 )
-from tandem.transport.grpc_tls import TlsConfig
+from tandem.transport.grpc_tls import TlsConfig, aio_channel
+from tandem_proto.edge.v1 import edge_pb2_grpc
 
 # Per-message allowance (in tokens) for chat template markup, and for the generation prompt.
 CHAT_TOKENS_PER_MESSAGE = 16
@@ -146,6 +150,7 @@ class ExpertEngine(RemoteExpert):
         super().__init__(expert_id, table, **kwargs)
         self.tls = tls  # TLS to the edge replicas (None: plaintext)
         self._clients: dict[str, EdgeClient] = {}
+        self._mix_channels: dict[str, grpc.aio.Channel] = {}
 
     # -- internals -----------------------------------------------------------------------
 
@@ -171,7 +176,29 @@ class ExpertEngine(RemoteExpert):
             whole_answer=whole_answer.get(),
         )
 
+    def open_mix(self, request: GenerationRequest, top_k: int) -> GrpcMixStream:
+        """A forced-token stream (services.router.token_mixture) on the least-loaded
+        healthy replica."""
+        replica = self.table.pick(self.expert_id)
+        channel = self._mix_channels.get(replica.address)
+        if channel is None:
+            channel = aio_channel(replica.address, self.tls, EDGE_CHANNEL_OPTIONS)
+            self._mix_channels[replica.address] = channel
+        return GrpcMixStream(
+            edge_pb2_grpc.EdgeNodeStub(channel),
+            prompt=request.prompt_text,
+            messages=request.chat_messages,
+            params=request.params,
+            top_k=top_k,
+            request_id=request.request_id,
+            metadata=(("authorization", f"Bearer {replica.token}"),) if replica.token else (),
+            timeout=self.timeout_s,
+        )
+
     async def close(self) -> None:
         clients, self._clients = self._clients, {}
         for client in clients.values():
             await client.close()
+        channels, self._mix_channels = self._mix_channels, {}
+        for channel in channels.values():
+            await channel.close()

@@ -40,6 +40,8 @@ from services.router.metrics import RouterMetrics
 from services.router.moe2 import BudgetInfeasible, Moe2Selector
 from services.router.predictor import Predictor, Shape
 from services.router.report import RouteReport
+from services.router.token_mixture import AGGREGATION as TOKEN_MIXTURE
+from services.router.token_mixture import TokenMixer, mix_generate
 from tandem.runtime.engine_api import ChatMessage, Engine, GenerationChunk, GenerationRequest
 
 
@@ -69,6 +71,7 @@ class RoutedEngine:
         featurizer: Featurizer | None = None,
         defaults: BudgetDefaults | None = None,
         metrics: RouterMetrics | None = None,
+        mixer: TokenMixer | None = None,
     ) -> None:
         if selector is None and model_id not in experts:
             raise ValueError(f"no expert {model_id!r} to route to")
@@ -78,6 +81,7 @@ class RoutedEngine:
         self.experts = dict(experts)
         self.predictor = predictor
         self.selector = selector
+        self.mixer = mixer  # token-level mixing of the top k where their tokenizers match
         self.featurizer = featurizer
         self.defaults = defaults or BudgetDefaults()
         self.metrics = metrics
@@ -147,6 +151,8 @@ class RoutedEngine:
             budget_met=met,
             aggregation=RULE if k > 1 and not ctx.stream else "single",
         )
+        if k > 1 and self.mixer is not None and self.mixer.mixable(chosen, self.experts):
+            report.aggregation = TOKEN_MIXTURE
         ctx.report = report
         return report, [e for e, _ in ranked] + list(fallbacks)
 
@@ -175,7 +181,9 @@ class RoutedEngine:
             if self.metrics is not None:
                 self.metrics.infeasible.labels(param=exc.param or "").inc()
             raise
-        if ctx.stream:
+        if report.aggregation == TOKEN_MIXTURE:
+            stream = self._mixed(request, order, report, start, ctx.stream)
+        elif ctx.stream:
             stream = self._stream(request, order, report, start)
         else:
             stream = self._vote(request, order, report, start)
@@ -206,13 +214,62 @@ class RoutedEngine:
                 while chunk is not None:
                     if chunk.finish_reason is not None:  # one expert ran: its energy, its time
                         actual = Shape(chunk.prompt_tokens, chunk.completion_tokens)
-                        report.energy_j = self.predictor.energy_j(expert, actual)
+                        energy = self.predictor.energy_of(expert, actual, chunk.report)
+                        report.set_energy({expert: energy})
                         self.predictor.observe(expert, actual, time.perf_counter() - t0)
                         self._finish(report, expert, start)
                         chunk = replace(chunk, report=report.usage())
                     yield chunk
                     chunk = await anext(it, None)
             return
+
+    async def _mixed(
+        self,
+        request: GenerationRequest,
+        order: list[str],
+        report: RouteReport,
+        start: float,
+        stream: bool,
+    ) -> AsyncIterator[GenerationChunk]:
+        """The top k mixed token by token (`token_mixture`); an expert that dies is dropped
+        and the rest carry on. If no stream opens (e.g. edges without the Mix RPC), the
+        request is served as without mixing."""
+        assert self.mixer is not None
+        chosen = list(report.experts)
+        weights = {e: report.weights[e] for e in chosen}
+        streams = {e: self.mixer.open(self.experts[e], request) for e in chosen}
+        t0 = time.perf_counter()
+        chunks: list[GenerationChunk] = []
+        it = mix_generate(streams, weights, request.params, report=report)
+        try:
+            async with contextlib.aclosing(it):
+                async for chunk in it:
+                    if chunk.finish_reason is not None:
+                        actual = Shape(chunk.prompt_tokens, chunk.completion_tokens)
+                        # Every expert that ran processed the sequence (or part of it).
+                        report.energy_j = sum(self.predictor.energy_j(e, actual) for e in chosen)
+                        for e in chosen:
+                            if e not in report.failed:
+                                self.predictor.observe(e, actual, time.perf_counter() - t0)
+                        self._finish(report, report.answered_by or chosen[0], start)
+                        chunk = replace(chunk, report=report.usage())
+                    if stream:
+                        yield chunk
+                    else:
+                        chunks.append(chunk)
+        except ConnectionError:
+            if chunks or report.answered_by is not None:
+                raise
+            # Nothing reached the client: serve it the ordinary way.
+            report.failed.clear()
+            report.aggregation = RULE if report.top_k > 1 and not stream else "single"
+            fallback = self._stream if stream else self._vote
+            async with contextlib.aclosing(fallback(request, order, report, start)) as again:
+                async for chunk in again:
+                    yield chunk
+            return
+        if not stream and chunks:
+            yield replace(_merge(chunks), report=chunks[-1].report)
 
     async def _vote(
         self, request: GenerationRequest, order: list[str], report: RouteReport, start: float
@@ -269,10 +326,14 @@ class RoutedEngine:
             if e in results
         ]
         winner = weighted_vote(answers).expert_id
-        # Modelled energy of every expert that answered, for its actual tokens (an expert
-        # that failed half-way is not charged: its work is unknown).
-        report.energy_j = sum(
-            self.predictor.energy_j(e, _shape_of(cs)) for e, cs in results.items()
+        # Energy of every expert that answered, for its actual tokens: measured where its
+        # usage reports measured joules, else modelled (an expert that failed half-way is
+        # not charged: its work is unknown).
+        report.set_energy(
+            {
+                e: self.predictor.energy_of(e, _shape_of(cs), cs[-1].report)
+                for e, cs in results.items()
+            }
         )
         self._finish(report, winner, start)
         yield replace(_merge(results[winner]), report=report.usage())

@@ -284,6 +284,41 @@ async def mix_generate(
         await asyncio.gather(*(s.close() for s in streams.values()), return_exceptions=True)
 
 
+@dataclass
+class TokenMixer:
+    """Which experts the router may mix token by token: those whose tokenizer (the
+    registry's ``ModelSpec.tokenizer``) is the same, and whose engine can open a forced
+    stream (``open_mix(request, top_k)``, e.g. `expert_engine.ExpertEngine`)."""
+
+    groups: Mapping[str, str]  # expert id -> tokenizer identity
+    top_k: int = 64  # ids per expert and position on the wire (0: the whole vocabulary)
+
+    def mixable(self, experts: Sequence[str], engines: Mapping[str, object]) -> bool:
+        names = {self.groups.get(e) for e in experts}
+        return (
+            len(experts) > 1
+            and None not in names
+            and len(names) == 1
+            and all(hasattr(engines[e], "open_mix") for e in experts)
+        )
+
+    def open(self, engine, request) -> MixStream:
+        return engine.open_mix(request, self.top_k)
+
+    @staticmethod
+    def from_registry(experts: Sequence[str], top_k: int = 64) -> TokenMixer:
+        from tandem.models.registry import ModelRegistry
+
+        registry = ModelRegistry()
+        groups = {}
+        for e in experts:
+            try:
+                groups[e] = registry.get(e).tokenizer
+            except KeyError:
+                continue
+        return TokenMixer(groups, top_k)
+
+
 def energy_of(experts: Sequence[str], energy: Mapping[str, float]) -> float:
     """Modelled energy of a token mixture: every expert that ran processed the sequence."""
     return float(sum(energy[e] for e in experts))

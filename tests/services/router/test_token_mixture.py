@@ -185,3 +185,69 @@ def test_mix_truncated_union_renormalises() -> None:
     p = dict(zip(ids, log_mix.exp().tolist(), strict=True))
     z = 0.3 + 0.1 + 0.25 + 0.25
     assert p == pytest.approx({1: 0.3 / z, 2: 0.35 / z, 3: 0.25 / z})
+
+
+# -- the router serving it: RoutedEngine with k = 2 over experts that share a tokenizer ----
+
+
+def test_routed_engine_serves_the_token_mixture_and_reports_energy(models) -> None:
+    from services.router.budget import RequestBudget
+    from services.router.routed_engine import RouteContext, RoutedEngine, route_context
+    from services.router.token_mixture import EngineMixStream, TokenMixer
+    from tests.api.fakes import FakeEngine
+    from tests.services.router.moe2_fixtures import ClusterFeaturizer, selector
+    from tests.services.router.test_gate import EXPERTS
+    from tests.services.router.test_routed_engine import request
+
+    three = {**models, "c": tiny_model("qwen2", seed=2)}
+    engines = {
+        e: EdgeEngine(e, ExitDecoder(m), ByteCodec(), EngineConfig(max_context=128))
+        for e, m in zip(EXPERTS, three.values(), strict=True)
+    }
+    opened: list[str] = []
+
+    class Mixable(FakeEngine):
+        def open_mix(self, req, top_k):
+            opened.append(self.model_id)
+            return EngineMixStream(engines[self.model_id], req, top_k)
+
+    async def body(stream: bool):
+        for e in engines.values():
+            e.start()
+        try:
+            sel = selector()
+            experts = {e: Mixable(reply="unused ", model_id=e) for e in EXPERTS}
+            routed = RoutedEngine(
+                "auto",
+                experts,
+                sel.predictor,
+                selector=sel,
+                featurizer=ClusterFeaturizer(),
+                mixer=TokenMixer({e: "byte" for e in EXPERTS}, top_k=0),
+            )
+            ctx = RouteContext(RequestBudget(None, None, False, 2), stream=stream)
+            token = route_context.set(ctx)
+            try:
+                chunks = [c async for c in routed.generate(request("tell me a story", 6))]
+            finally:
+                route_context.reset(token)
+            return chunks, ctx.report, sel.predictor
+        finally:
+            for e in engines.values():
+                e.stop()
+
+    for stream in (True, False):
+        opened.clear()
+        chunks, report, predictor = run(body(stream))
+        assert report.aggregation == AGGREGATION and len(report.experts) == 2
+        assert sorted(opened) == sorted(report.experts)
+        ids = [t for c in chunks for t in c.token_ids]
+        assert len(ids) == 6 and "unused" not in "".join(c.text for c in chunks)
+        assert len(chunks) == (6 if stream else 1)
+        from services.router.predictor import Shape
+
+        shape = Shape(chunks[-1].prompt_tokens, 6)
+        assert report.energy_j == pytest.approx(
+            sum(predictor.energy_j(e, shape) for e in report.experts)
+        )
+        assert chunks[-1].report == report.usage()
