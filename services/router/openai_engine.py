@@ -346,6 +346,7 @@ class _StreamParser:
         self.deltas = 0
         self.finish: Any = None
         self.done = False
+        self.energy: dict[str, Any] | None = None
 
     @property
     def completion_tokens(self) -> int:
@@ -363,6 +364,9 @@ class _StreamParser:
         completion = _count(usage.get("completion_tokens"))
         if completion is not None:
             self.usage_completion = completion
+        ext = usage.get("tandem")  # a Tandem upstream's energy, for the router's telemetry
+        if isinstance(ext, dict) and "energy_joules" in ext and "energy_source" in ext:
+            self.energy = {k: ext[k] for k in ("energy_joules", "energy_source")}
 
     def _choice(self, obj: dict[str, Any]) -> dict[str, Any] | None:
         choices = obj.get("choices")
@@ -418,6 +422,7 @@ class _StreamParser:
             prompt_tokens=self.prompt_tokens,
             completion_tokens=self.completion_tokens,
             finish_reason=_finish_reason(self.finish),
+            report=self.energy,
         )
 
     def whole(self, obj: dict[str, Any]) -> list[GenerationChunk]:

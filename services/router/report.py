@@ -7,7 +7,8 @@ in the final usage chunk when `stream_options.include_usage` is set) and into he
 |---------------------------------|---------------------------------------------------------|
 | `x-tandem-expert`               | the expert whose answer was returned                    |
 | `x-tandem-experts`              | every expert that ran, comma-separated                  |
-| `x-tandem-energy-j`             | estimated energy, J (MODELLED, not measured)            |
+| `x-tandem-energy-j`             | energy, J: measured where the experts report it         |
+| `x-tandem-energy-source`        | measured / modelled / mixed (which the figure is)       |
 | `x-tandem-latency-predicted-ms` | the router's latency prediction when it chose           |
 | `x-tandem-latency-ms`           | measured latency (non-streaming responses only)         |
 | `x-tandem-budget-met`           | whether the prediction met the budgets                  |
@@ -25,6 +26,7 @@ from typing import Any
 EXPERT_HEADER = "x-tandem-expert"
 EXPERTS_HEADER = "x-tandem-experts"
 ENERGY_HEADER = "x-tandem-energy-j"
+ENERGY_SOURCE_HEADER = "x-tandem-energy-source"
 PREDICTED_HEADER = "x-tandem-latency-predicted-ms"
 MEASURED_HEADER = "x-tandem-latency-ms"
 BUDGET_MET_HEADER = "x-tandem-budget-met"
@@ -38,8 +40,10 @@ class RouteReport:
     - `subset`: the coarse level's S; `weights`: the gate's weights inside S (auto only).
     - `experts`: every expert that ran (answered or not); `answered_by`: whose answer was
       returned; `failed`: experts that failed and were routed around.
-    - `energy_j`: modelled energy of every expert that ran (estimate for max_tokens until the
-      answer is in, then for the actual tokens).
+    - `energy_j`: energy of every expert that ran (estimate for max_tokens until the answer
+      is in, then for the actual tokens); `energy_source` says what it is: "modelled",
+      "measured" (every expert reported measured joules) or "mixed"; `energy_sources`
+      per expert ("measured:nvml", "measured:jetson", "measured:rapl" or "modelled").
     - `latency_predicted_ms` / `latency_ms`: predicted when chosen / measured end to end.
     - `budget`: the request's budgets after defaults; `budget_met`: predicted to fit them.
     - `aggregation`: how the answer was chosen among the experts that ran.
@@ -54,10 +58,22 @@ class RouteReport:
     answered_by: str | None = None
     failed: list[str] = field(default_factory=list)
     energy_j: float = 0.0
+    energy_source: str = "modelled"
+    energy_sources: dict[str, str] = field(default_factory=dict)
     latency_predicted_ms: float = 0.0
     latency_ms: float | None = None
     budget_met: bool = True
     aggregation: str = "single"
+
+    def set_energy(self, per_expert: dict[str, tuple[float, str]]) -> None:
+        """The answered experts' (joules, source): their sum, and what it is."""
+        self.energy_j = sum(j for j, _ in per_expert.values())
+        self.energy_sources = {e: s for e, (_, s) in per_expert.items()}
+        measured = [s.startswith("measured") for s in self.energy_sources.values()]
+        if measured and all(measured):
+            self.energy_source = "measured"
+        else:
+            self.energy_source = "mixed" if any(measured) else "modelled"
 
     def usage(self) -> dict[str, Any]:
         """JSON-ready copy (lists and dicts copied one level; their items are immutable)."""
@@ -71,6 +87,7 @@ class RouteReport:
         out = {
             EXPERTS_HEADER: ",".join(self.experts),
             ENERGY_HEADER: f"{self.energy_j:.6g}",
+            ENERGY_SOURCE_HEADER: self.energy_source,
             PREDICTED_HEADER: f"{self.latency_predicted_ms:.1f}",
             BUDGET_MET_HEADER: "true" if self.budget_met else "false",
         }

@@ -4,8 +4,9 @@ The cost model (`services.router.cost`) predicts an expert's latency from its re
 per-token times, its device's speed factor and its link. `LatencyTelemetry` keeps, per expert,
 an EWMA of `measured / modelled` over finished requests (both for the request's ACTUAL token
 counts, so the ratio learns the device and its load, not the request's length) and multiplies
-later predictions by it. Energy is not corrected: it stays modelled (power x modelled compute
-time), because no power is measured anywhere.
+later predictions by it. The same class keeps energy's `measured / modelled` ratio where
+experts report measured joules (`Predictor.energy_of`: NVML, Jetson rails or RAPL on the
+expert's host); elsewhere energy stays modelled (power x modelled compute time).
 
 The coarse selection depends on these predictions, so `version` moves whenever some expert's
 correction has drifted by more than `resolve_ratio` since the last move; the router re-solves
@@ -67,6 +68,10 @@ class LatencyTelemetry:
         if max(new / base, base / new) > self.resolve_ratio:
             self._at_version[expert_id] = new
             self._version += 1
+
+    def invalidate(self) -> None:
+        """Move `version` (another correction the selection depends on has drifted)."""
+        self._version += 1
 
     def snapshot(self) -> tuple[TelemetrySnapshot, ...]:
         return tuple(
