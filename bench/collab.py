@@ -10,6 +10,8 @@ Four modes on the same prompts (greedy, `ignore_eos`, T new tokens each):
 3. CE-CoLLM collaborative: asynchronous incremental uploads, one-row token requests.
 4. edge standalone: the split decoder without a cloud; unconfident tokens come from the
    split head.
+5. speculative (lossless): confident split-head tokens are drafts the cloud checks as the
+   uploads arrive (`EngineConfig(collab="speculative")`); output equals cloud-only.
 
 The cloud context manager runs as a separate process (`python -m services.cloud_ctx.main
 --no-redis`). Edge clients are `EdgeEngine`s in this process sharing one loaded model, each
@@ -50,7 +52,6 @@ from tandem.data.corpus import TextSample, load_corpus
 from tandem.launch import ServiceProcess, free_port
 from tandem.models.loader import LoadedModel, LoadOptions, load_model
 from tandem.models.registry import ModelRegistry
-from tandem.runtime.decoder import ExitDecoder
 from tandem.runtime.engine_api import ChatMessage, GenerationRequest
 from tandem.runtime.exit_head import ExitHead, decide, target_logprob
 from tandem.runtime.sampling import SamplingParams
@@ -152,6 +153,9 @@ def servers(
             f"--model={model}",
             f"--quant={quant}",
             "--tau=1.0",
+            # eager like cloud_ctx and the edge engines here: the modes differ in what they
+            # compute, not in how (cloud_ctx has no compiled path yet)
+            "--no-compile",
             f"--port={free_port()}",
             f"--grpc-port={full_port}",
         ],
@@ -190,7 +194,7 @@ def _order(n_prompts: int, client: int) -> list[int]:
 def run_engines(
     s: Setup, mode: str, link: str | None, tau: float, clients: int, encoding: str = "fp16"
 ) -> Run:
-    """naive, ce-collm or standalone with `clients` EdgeEngines in this process."""
+    """naive, ce-collm, speculative or standalone with `clients` EdgeEngines here."""
     model = s.lm.model
     engines: list[EdgeEngine] = []
     links: list[CloudLink] = []
@@ -210,11 +214,17 @@ def run_engines(
             )
             cloud.start()
             links.append(cloud)
+        speculative = mode == "speculative"
         engine = EdgeEngine(
             s.lm.spec.id,
-            ExitDecoder(model, s.lm.heads, depth=s.split),
+            s.lm.decoder(depth=s.split, split_only=speculative),
             s.lm.codec,
-            EngineConfig(max_batch=1, tau=tau, slowdown=s.cloud_speed),
+            EngineConfig(
+                max_batch=1,
+                tau=tau,
+                slowdown=s.cloud_speed,
+                collab="speculative" if speculative else "final",
+            ),
             cloud=cloud,
             tau_policy=TauPolicy(tau, tau),  # fixed tau: no latency-aware lowering
         )
@@ -293,11 +303,23 @@ def run_engines(
         run.bytes_down += c.counters.bytes_down
         run.token_requests += c.counters.token_requests
         run.positions_sent += c.counters.positions_sent
+        run.drafts += c.counters.drafts_sent
+        run.rollbacks += c.counters.rollbacks
     return _per_client(run, clients)
 
 
 def _per_client(run: Run, clients: int) -> Run:
-    for name in ("total_s", "edge_s", "cloud_s", "comm_s", "bytes_up", "bytes_down", "ttft_s"):
+    for name in (
+        "total_s",
+        "edge_s",
+        "cloud_s",
+        "comm_s",
+        "bytes_up",
+        "bytes_down",
+        "ttft_s",
+        "drafts",
+        "rollbacks",
+    ):
         setattr(run, name, getattr(run, name) / clients)
     for name in ("dec_s", "dec_edge_s", "dec_cloud_s", "dec_comm_s"):
         setattr(run, name, getattr(run, name) / clients)
@@ -450,7 +472,7 @@ def bits_per_char(lm: LoadedModel, split: int, texts: Sequence[str], taus: Seque
 
 def _bpc_key(run: Run) -> str | None:
     t = "-" if run.tau is None else f"{run.tau:g}"
-    if run.mode == "cloud-only":
+    if run.mode in ("cloud-only", "speculative"):  # speculative: the cloud's distribution
         return "cloud-only"
     if run.mode in ("naive", "ce-collm"):
         return f"ce-collm {run.encoding} {t}"
@@ -467,12 +489,15 @@ def plan(
     tau0: float,
     int8: bool,
     naive_links: list[str],
+    spec_taus: Sequence[float] = (),
 ) -> list[tuple]:
     """(mode, link, tau, clients, encoding) in run order."""
     out: list[tuple] = []
     for link in links:
         out.append(("cloud-only", link, None, 1, "fp16"))
         out += [("ce-collm", link, t, 1, "fp16") for t in taus]
+        if link == links[0]:
+            out += [("speculative", link, t, 1, "fp16") for t in spec_taus]
         if link in naive_links:
             out.append(("naive", link, tau0, 1, "fp16"))
     if int8:
@@ -507,6 +532,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--links", default="10mbit/20ms,100mbit/5ms")
     p.add_argument("--taus", default="0.6,0.8,0.9,1.0")
     p.add_argument("--tau-main", type=float, default=0.8, help="tau of naive/int8/clients rows")
+    p.add_argument(
+        "--spec-taus",
+        default="0.0,0.6,0.8,0.9",
+        help="taus of the speculative (lossless) rows, on the first link; '' for none",
+    )
     p.add_argument("--clients", default="1,2,4")
     p.add_argument(
         "--naive-links",
@@ -527,10 +557,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     if a.quick:
         a.prompts, a.max_tokens, a.bpc_texts = 2, 8, 1
-        a.taus, a.clients = "0.8,1.0", "1,2"
+        a.taus, a.clients, a.spec_taus = "0.8,1.0", "1,2", "0.0,0.8"
     links = a.links.split(",")
     taus = [float(t) for t in a.taus.split(",")]
     clients = [int(c) for c in a.clients.split(",")]
+    spec_taus = [float(t) for t in a.spec_taus.split(",") if t]
     tau0 = a.tau_main if a.tau_main in taus else taus[0]
     for link in links:
         LinkProfile.parse(link)
@@ -565,7 +596,8 @@ def main(argv: list[str] | None = None) -> None:
         _warm_up(s)
         runs: list[Run] = []
         naive_links = a.naive_links.split(",") if a.naive_links else links[:1]
-        for mode, link, tau, n, enc in plan(links, taus, clients, tau0, not a.no_int8, naive_links):
+        runs_plan = plan(links, taus, clients, tau0, not a.no_int8, naive_links, spec_taus)
+        for mode, link, tau, n, enc in runs_plan:
             t = time.perf_counter()
             if mode == "cloud-only":
                 r = run_cloud_only(s, link, n)
@@ -616,6 +648,7 @@ def main(argv: list[str] | None = None) -> None:
             "links": links,
             "taus": taus,
             "tau_main": tau0,
+            "spec_taus": spec_taus,
             "clients": clients,
             "clients_link": links[0],
             "cloud_speed": a.cloud_speed,

@@ -35,7 +35,7 @@ class Run:
     """One configuration, measured once. Times and bytes are per client (means over the
     clients of the run); token lists and sources are every client's, in prompt order."""
 
-    mode: str  # cloud-only | naive | ce-collm | standalone
+    mode: str  # cloud-only | naive | ce-collm | speculative | standalone
     link: str | None  # LinkProfile name, None for standalone
     tau: float | None  # None for cloud-only
     clients: int
@@ -63,6 +63,9 @@ class Run:
     dec_comm_s: float = 0.0
     dec_tokens: int = 0
     dec_cloud_tokens: int = 0
+    # speculative mode, per client: drafts sent for checking, and those rejected
+    drafts: float = 0.0
+    rollbacks: float = 0.0
     # filled after all runs
     agreement_pos: float | None = None
     agreement_prefix: float | None = None
@@ -107,6 +110,8 @@ def cloud_layer_rows(
         return sum(prompt_len + j for j in asked) * upper
     if mode == "ce-collm":
         return (prompt_len + asked[-1]) * upper if asked else 0
+    if mode == "speculative":  # every kept position (rows rolled back are not counted)
+        return (prompt_len + len(sources) - 1) * upper
     return 0
 
 
@@ -363,6 +368,7 @@ def render(data: dict) -> str:
     ]
     lines += _table(header, rows)
     lines += [""] + relative_table(runs, links[0], tau0) + discussion(data, runs) + [""]
+    lines += speculative_section(runs, links[0])
     lines += ["## tau sweep (1 client)", ""]
     rows = []
     for link in links:
@@ -547,6 +553,68 @@ def relative_table(runs: Sequence[Run], link: str, tau: float) -> list[str]:
     return [
         f"Time as a fraction of cloud-only's total ({link}, tau = {tau:g}; the paper's "
         "Alpaca table in parentheses):",
+        "",
+        *_table(header, rows),
+        "",
+    ]
+
+
+def speculative_section(runs: Sequence[Run], link: str) -> list[str]:
+    """The lossless mode beside cloud-only and CE-CoLLM at the same tau."""
+    spec = sorted(
+        (r for r in runs if r.mode == "speculative" and r.link == link and r.clients == 1),
+        key=lambda r: r.tau,
+    )
+    ref = find(runs, mode="cloud-only", link=link, clients=1)
+    if not spec or ref is None:
+        return []
+    header = [
+        "tau",
+        "mode",
+        "total s",
+        "vs cloud-only",
+        "cloud s",
+        "edge s",
+        "comm s",
+        "KB sent",
+        "blocking requests / token",
+        "drafts / token",
+        "drafts accepted",
+        "agreement (positions)",
+        "exact seqs",
+    ]
+    rows = []
+    for r in spec:
+        ce = find(runs, mode="ce-collm", link=link, tau=r.tau, clients=1, encoding="fp16")
+        for x in (ce, r) if ce is not None else (r,):
+            is_spec = x.mode == "speculative"
+            rows.append(
+                [
+                    f"{x.tau:g}",
+                    "speculative" if is_spec else "CE-CoLLM",
+                    _f(x.total_s),
+                    f"{x.total_s / ref.total_s:.2f}×",
+                    _f(x.cloud_s),
+                    _f(x.edge_s),
+                    _f(x.comm_s),
+                    _kb(x.bytes_total),
+                    _f(x.token_requests / x.tokens if x.tokens else None),
+                    _f(x.drafts / x.tokens if is_spec and x.tokens else None),
+                    _pct(1 - x.rollbacks / x.drafts if is_spec and x.drafts else None),
+                    _pct(x.agreement_pos),
+                    _pct(x.exact),
+                ]
+            )
+    return [
+        f"## Lossless collaborative mode (`--collab speculative`, {link}, 1 client)",
+        "",
+        "Confident edge tokens are drafts: the edge keeps decoding on them while the cloud "
+        "runs its layers on each uploaded row and checks the draft against its own greedy "
+        "token; a rejected draft rolls the edge back to its position and the cloud's token "
+        "replaces it. The edge blocks only on unconfident tokens (and to flush its drafts at "
+        "the end of a sequence). Greedy output must equal cloud-only's at every tau "
+        f"(agreement 100%). Cloud-only: {ref.total_s:.2f} s. *Blocking requests*: token "
+        "requests the edge waited for, per generated token.",
         "",
         *_table(header, rows),
         "",

@@ -328,6 +328,7 @@ class CloudContextManager:
         token, prob = session.sampler.sample(self.model.logits(h[-1:])[0])
         return self._answered(session, token, prob, h.shape[0])
 
+    @torch.inference_mode()
     def _run_drafted_rows(self, session: CloudSession) -> None:
         """Speculative upload: run the pending rows now and judge their drafts. The newest
         row waits when it has no draft: the edge will ask for its token (or send a draft)."""

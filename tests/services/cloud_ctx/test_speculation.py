@@ -87,3 +87,18 @@ def test_a_draft_for_the_asked_position_is_the_answer_when_right(model):
     assert held == p + 1 and verdict.checked == p  # no draft: the newest row waits for its ask
     [answer] = cloud.next_tokens([TokenAsk("s", p, GREEDY, None, Speculation(0, GREEDY))])
     assert answer.token == want[1] and answer.catch_up_rows == 1
+
+
+def test_speculative_uploads_after_the_cache_grew(model):
+    """Past the KV cache's first allocation (64 positions) an upload still runs its rows."""
+    prompt = [(7 * i) % 250 + 3 for i in range(80)]
+    want = list(generate(ExitDecoder(model), prompt, GREEDY).token_ids)
+    store = SessionStore(lambda: model.new_kv(first_layer=SPLIT), StoreLimits())
+    cloud = CloudContextManager(model, SPLIT, store)
+    edge = EdgeHalf(model, SPLIT)
+    p = len(prompt)
+    [answer] = cloud.next_tokens([TokenAsk("s", p - 1, GREEDY, edge.hidden(prompt))])
+    assert answer.token == want[0]
+    spec = Speculation(0, GREEDY, (Draft(p, want[1]),))
+    held, verdict = cloud.speculate("s", p, edge.hidden([want[0]]), spec)
+    assert held == p + 1 and verdict.checked == p + 1 and verdict.rollback is None
