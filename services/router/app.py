@@ -55,6 +55,7 @@ from services.router.predictor import Predictor
 from services.router.replicas import HealthMonitor, ReplicaTable
 from services.router.report import EXPERT_HEADER
 from services.router.routed_engine import RouteContext, RoutedEngine, route_context
+from services.router.token_mixture import TokenMixer
 from tandem.api.app import build_app
 from tandem.api.auth import check_api_key
 from tandem.api.body_limit import BodySizeLimitMiddleware
@@ -443,7 +444,13 @@ def build_router_app(
     routes = {e: RoutedEngine(e, experts, predictor, **common) for e in experts}
     if selector is not None:
         routes[AUTO_MODEL] = RoutedEngine(
-            AUTO_MODEL, experts, predictor, selector=selector, featurizer=featurizer, **common
+            AUTO_MODEL,
+            experts,
+            predictor,
+            selector=selector,
+            featurizer=featurizer,
+            mixer=TokenMixer.from_registry(list(experts)),  # k > 1 on one tokenizer
+            **common,
         )
     gate = Admission(admission or AdmissionLimits())
     metrics.watch_admission(gate)
