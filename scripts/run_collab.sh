@@ -33,4 +33,5 @@ done
 healthy || { echo "cloud_ctx not healthy after 5 min" >&2; exit 1; }
 
 $PY -m services.edge_node.main --model "$MODEL" --split "$SPLIT" \
-    --tau "${TANDEM_TAU:-0.8}" --cloud "127.0.0.1:$CLOUD_PORT"
+    --tau "${TANDEM_TAU:-0.8}" --collab "${TANDEM_COLLAB:-speculative}" \
+    --cloud "127.0.0.1:$CLOUD_PORT"

@@ -124,7 +124,13 @@ def parse_settings(registry: ModelRegistry, argv: list[str] | None = None) -> Ed
         default=compile_setting(fenv("TANDEM_COMPILE", "compile", "1")),
         help="compiled decode step (static KV slots); --no-compile: the eager reference",
     )
-    p.add_argument("--tau-min", type=float, default=float(fenv("TANDEM_TAU_MIN", "tau_min", "0.5")))
+    p.add_argument(
+        "--tau-min",
+        type=float,
+        default=fenv("TANDEM_TAU_MIN", "tau_min"),
+        help="latency-aware floor of tau; default: 0.5 with --collab speculative (lossless), "
+        "tau itself with --collab final, where a lower tau would break the agreement it stands for",
+    )
     p.add_argument(
         "--cloud-budget-ms",
         type=float,
@@ -151,10 +157,19 @@ def parse_settings(registry: ModelRegistry, argv: list[str] | None = None) -> Ed
             p.error(f"--split {split}: must be one of {spec.id}'s exit layers {exits}")
     if a.cloud and split is None:
         p.error("--cloud needs --split (collaborative mode runs the edge half of the model)")
+    tau = float(a.tau) if a.tau is not None else spec.default_tau
+    tau_min = float(a.tau_min) if a.tau_min is not None else None
+    if a.collab == "final" and tau_min is not None and tau_min < tau:
+        p.error(
+            f"--tau-min {tau_min} < --tau {tau}: with --collab final a lower threshold lets "
+            "through tokens below the agreement tau promises; use --collab speculative"
+        )
+    if tau_min is None:
+        tau_min = min(0.5, tau) if a.collab == "speculative" else tau
     return EdgeSettings(
         model=a.model,
         quant=a.quant or spec.default_quant,
-        tau=float(a.tau) if a.tau is not None else spec.default_tau,
+        tau=tau,
         host=a.host,
         port=a.port,
         grpc_port=a.grpc_port,
@@ -168,7 +183,7 @@ def parse_settings(registry: ModelRegistry, argv: list[str] | None = None) -> Ed
         cloud=a.cloud or None,
         cloud_encoding=a.cloud_encoding,
         cloud_timeout_s=a.cloud_timeout,
-        tau_min=a.tau_min,
+        tau_min=tau_min,
         cloud_budget_ms=a.cloud_budget_ms,
         collab=a.collab,
         compiled=a.compile,
