@@ -75,16 +75,37 @@ def test_greedy_draft_maps_the_shortlist():
     assert make_draft(7, step, Sampler(SamplingParams(temperature=0.0))) == Draft(7, 41)
 
 
-@pytest.mark.parametrize("top_p", [1.0, 0.8])
-def test_speculative_sampling_keeps_the_target_distribution(top_p):
-    """Drafts drawn from a deliberately wrong q, judged against p: the accepted-or-replaced
-    tokens must follow p (chi-square over 15k draws), and differ from q's distribution."""
+def _tiny_model_logits() -> tuple[torch.Tensor, torch.Tensor, float]:
+    """A tiny model's full-depth next-token logits and its logit lens at layer 3 (the
+    draft), at the end of a prompt; and a temperature that makes p peaked enough for a
+    chi-square test."""
+    model = tiny_model("qwen2")
+    ids = _ids(9, 11)
+    with torch.inference_mode():
+        full = model.forward_tokens([ids], [model.new_kv()], [0])[0]
+        h = model.run_sequence(model.embed(torch.tensor(ids)), model.new_kv(0, 3), 0, 0, 3)
+        lens = model.logits(h[-1:])[0]
+    return full, lens, 0.1
+
+
+def _random_logits() -> tuple[torch.Tensor, torch.Tensor, float]:
     torch.manual_seed(0)
-    vocab = 12
-    p_logits = torch.randn(vocab) * 1.5
-    q_logits = torch.randn(vocab) * 1.5
-    params = SamplingParams(temperature=0.9, top_p=top_p, seed=3)
-    edge, cloud = Sampler(params), Sampler(SamplingParams(temperature=0.9, top_p=top_p, seed=4))
+    return torch.randn(12) * 1.5, torch.randn(12) * 1.5, 0.9
+
+
+@pytest.mark.parametrize(
+    ("logits", "top_p"),
+    [(_random_logits, 1.0), (_random_logits, 0.8), (_tiny_model_logits, 0.9)],
+)
+def test_speculative_sampling_keeps_the_target_distribution(logits, top_p):
+    """Drafts drawn from a wrong q (random logits; a tiny model's logit lens at layer 3),
+    judged against p (random logits; the tiny model's full depth): the accepted-or-replaced
+    tokens must follow p (chi-square over 15k draws), and differ from q's distribution."""
+    p_logits, q_logits, temperature = logits()
+    vocab = p_logits.shape[0]
+    params = SamplingParams(temperature=temperature, top_p=top_p, seed=3)
+    edge = Sampler(params)
+    cloud = Sampler(SamplingParams(temperature=temperature, top_p=top_p, seed=4))
     p = target_distribution(p_logits, params)
     n = 15_000
     counts = torch.zeros(vocab)
