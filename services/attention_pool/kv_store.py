@@ -84,6 +84,7 @@ class KVStore:
         dtype: torch.dtype,
         capacity_bytes: int,
         initial_rows: int = 64,
+        device: str | torch.device = "cpu",
     ) -> None:
         if n_layers < 1 or not 0 <= kv_head_start < kv_head_end or head_dim < 1:
             raise ValueError("need n_layers >= 1, a non-empty head range and head_dim >= 1")
@@ -98,6 +99,7 @@ class KVStore:
         self.dtype = dtype
         self.capacity_bytes = capacity_bytes
         self.initial_rows = initial_rows
+        self.device = torch.device(device)  # where the K/V buffers live (the pool's --device)
         self.evictions = 0
         self._row_bytes = 2 * self.kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
         self._sessions: OrderedDict[str, _Session] = OrderedDict()  # LRU first
@@ -145,7 +147,9 @@ class KVStore:
             self._sessions.move_to_end(session_id)
             n, k, v = s.lengths[i], s.k[i], s.v[i]
         if k is None or v is None:
-            empty = torch.empty(self.kv_heads, 0, self.head_dim, dtype=self.dtype)
+            empty = torch.empty(
+                self.kv_heads, 0, self.head_dim, dtype=self.dtype, device=self.device
+            )
             return empty, empty
         return k[:, :n], v[:, :n]
 
@@ -221,7 +225,7 @@ class KVStore:
             self._fail(session_id, s, need)
         shape = (self.kv_heads, new_cap, self.head_dim)
         for bufs in (s.k, s.v):
-            grown = torch.empty(shape, dtype=self.dtype)
+            grown = torch.empty(shape, dtype=self.dtype, device=self.device)
             old = bufs[i]
             if old is not None:
                 grown[:, : s.lengths[i]] = old[:, : s.lengths[i]]

@@ -22,7 +22,8 @@ Flags and their environment variables:
   --capacity-mb (TANDEM_ATTN_CAPACITY_MB, 1024): KV capacity of each worker;
   --dtype (TANDEM_ATTN_DTYPE, bf16 | fp16): the KV cache's dtype;
   --load-wait-s (TANDEM_ATTN_LOAD_WAIT_S, 5): how long an Attend waits for LoadKV;
-  --threads (TANDEM_ATTN_THREADS, 1): torch threads per worker (one worker = one core).
+  --threads (TANDEM_ATTN_THREADS, 1): torch threads per worker (one worker = one core);
+  --device (TANDEM_DEVICE, auto | cpu | cuda[:N]): where each worker's KV and attention live.
 TANDEM_GRPC_TOKEN (no flag): every call but Stats needs `authorization: Bearer <token>`.
 """
 
@@ -53,6 +54,7 @@ from services.attention_pool.worker import (
 )
 from tandem.config_file import Settings
 from tandem.monitor import start_monitor
+from tandem.runtime.device import DeviceUnavailable, resolve_device
 from tandem.transport.grpc_tls import TlsConfig, tls_from_env_or
 
 log = logging.getLogger(__name__)
@@ -78,6 +80,7 @@ class PoolSettings:
     threads: int
     model: str | None = None
     grace_s: float = 5.0
+    device: str = "cpu"  # --device / TANDEM_DEVICE, resolved: cpu or cuda:N
 
     @property
     def heads_per_worker(self) -> int:
@@ -100,6 +103,7 @@ class PoolSettings:
             *("--metrics-port", str(self.metrics_port)),
             *("--capacity-mb", repr(self.capacity_mb), "--dtype", self.dtype),
             *("--load-wait-s", repr(self.load_wait_s), "--threads", str(self.threads)),
+            *("--device", self.device),
             *("--ready-file", str(ready_file), "--parent-pid", str(os.getpid())),
         ]
 
@@ -162,6 +166,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[PoolSettings, argparse.Na
         default=float(fenv("TANDEM_ATTN_LOAD_WAIT_S", "load_wait_s", "5")),
     )
     p.add_argument("--threads", type=int, default=int(fenv("TANDEM_ATTN_THREADS", "threads", "1")))
+    p.add_argument("--device", default=fenv("TANDEM_DEVICE", "device", "auto"))
     a = p.parse_args(argv)
     unknown = file_cfg.unknown([act.dest for act in p._actions])
     if unknown:
@@ -198,6 +203,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[PoolSettings, argparse.Na
         p.error(f"--first-layer {first_layer} must be inside [0, {a.n_layers})")
     if a.capacity_mb <= 0 or a.load_wait_s < 0:
         p.error("--capacity-mb must be positive and --load-wait-s not negative")
+    try:
+        device = str(resolve_device(a.device).torch_device)
+    except (DeviceUnavailable, ValueError) as exc:
+        p.error(str(exc))
     if a.worker_index is not None and not 0 <= a.worker_index < a.workers:
         p.error(f"--worker-index {a.worker_index} outside [0, {a.workers})")
     settings = PoolSettings(
@@ -216,6 +225,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[PoolSettings, argparse.Na
         load_wait_s=a.load_wait_s,
         threads=a.threads,
         model=model,
+        device=device,
     )
     return settings, a
 
@@ -254,6 +264,7 @@ async def serve_worker(
         settings.head_dim,
         KV_DTYPES[settings.dtype],
         int(settings.capacity_mb * 2**20),
+        device=settings.device,
     )
     shape = ModelShape(settings.n_heads, settings.n_kv_heads, settings.head_dim, settings.scale)
     registry = CollectorRegistry()

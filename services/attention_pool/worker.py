@@ -240,6 +240,7 @@ class AttentionWorkerServicer(attn_pb2_grpc.AttentionWorkerServicer):
         arrived: float,
     ) -> attn_pb2.AttendReply:
         out, failed, errors, ms = result
+        out = out.cpu()  # the reply's bytes (a no-op on the CPU)
         if self.metrics is not None:
             self.metrics.record_attend(req.layer, time.perf_counter() - arrived, len(batch))
             for e in errors:
@@ -252,7 +253,8 @@ class AttentionWorkerServicer(attn_pb2_grpc.AttentionWorkerServicer):
         """Append every sequence's k, v and attend: (out [R, q_heads, hd] float32, failed
         sequence indices, their ItemErrors, compute ms)."""
         t0 = time.perf_counter()
-        out = torch.empty(b.total_rows, self.q_heads, self.shape.head_dim)
+        dev = self.store.device
+        out = torch.empty(b.total_rows, self.q_heads, self.shape.head_dim, device=dev)
         failed: set[int] = set()
         errors = []
         decode_rows: list[int] = []
@@ -280,7 +282,7 @@ class AttentionWorkerServicer(attn_pb2_grpc.AttentionWorkerServicer):
         if len(decode_rows) == b.total_rows:  # a pure decode batch: straight into `out`
             decode_attention(b.q, caches, self.shape.scale, out=out)
         elif decode_rows:
-            idx = torch.tensor(decode_rows)
+            idx = torch.tensor(decode_rows, device=dev)
             out[idx] = decode_attention(b.q[idx], caches, self.shape.scale)
         return out, failed, errors, (time.perf_counter() - t0) * 1e3
 
@@ -297,7 +299,9 @@ class AttentionWorkerServicer(attn_pb2_grpc.AttentionWorkerServicer):
                         raise PositionMismatch(sid, layer, sp, have)
                     kp, vp = self.store.view(sid, layer)
                 else:  # a new session: created by the KV phase's append
-                    kp = vp = torch.empty(self.kv_heads, 0, self.shape.head_dim)
+                    kp = vp = torch.empty(
+                        self.kv_heads, 0, self.shape.head_dim, device=self.store.device
+                    )
                 out, lse = partial_attention(q, kp[:, :sp], vp[:, :sp], self.shape.scale, False)
                 results.append(_Partial(q, out, lse, sp, rows.stop - rows.start))
             except Exception as exc:
@@ -306,7 +310,8 @@ class AttentionWorkerServicer(attn_pb2_grpc.AttentionWorkerServicer):
 
     def _compute_kv(self, req: attn_pb2.AttendRequest, b: AttendBatch, parts: list):
         t0 = time.perf_counter()
-        out = torch.empty(b.total_rows, self.q_heads, self.shape.head_dim)
+        dev = self.store.device
+        out = torch.empty(b.total_rows, self.q_heads, self.shape.head_dim, device=dev)
         failed: set[int] = set()
         errors = []
         assert b.k is not None and b.v is not None
@@ -395,6 +400,11 @@ class AttentionWorkerServicer(attn_pb2_grpc.AttentionWorkerServicer):
             raise _invalid(f"unknown phase {req.phase}")
         try:
             batch = parse_attend(req, self.q_heads, self.kv_heads, self.shape.head_dim, dt)
+            if self.store.device.type != "cpu":  # compute where the KV lives
+                batch.q, batch.k, batch.v = (
+                    None if t is None else t.to(self.store.device)
+                    for t in (batch.q, batch.k, batch.v)
+                )
         except ValueError as exc:
             raise _invalid(str(exc)) from exc
         keys = [(req.call_id, req.layer, sid) for sid in batch.session_ids]

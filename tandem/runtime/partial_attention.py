@@ -34,14 +34,15 @@ def partial_attention(
     if causal and length != n:
         raise ValueError(f"causal part needs as many keys as queries ({length} != {n})")
     if length == 0:
-        return q.new_zeros(n, heads, hd, dtype=torch.float32), torch.full((n, heads), float("-inf"))
+        empty = torch.full((n, heads), float("-inf"), device=q.device)
+        return q.new_zeros(n, heads, hd, dtype=torch.float32), empty
     group = heads // kv_heads
     # Grouped: each kv head's G query heads become G*n rows against that head's keys, so K
     # and V are read once per kv head instead of being copied G times.
     qf = q.float().reshape(n, kv_heads, group, hd).permute(1, 2, 0, 3).reshape(kv_heads, -1, hd)
     scores = torch.matmul(qf, k.float().transpose(1, 2)) * scale  # [KVH, G*n, L]
     if causal:
-        mask = torch.ones(n, n, dtype=torch.bool).triu(1).repeat(group, 1)  # row (g, i)
+        mask = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1).repeat(group, 1)
         scores = scores.masked_fill(mask, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # [KVH, G*n]
     out = torch.matmul(torch.exp(scores - lse[..., None]), v.float())  # [KVH, G*n, hd]
@@ -98,7 +99,7 @@ def decode_attention(
     if len(caches) != batch:
         raise ValueError(f"{batch} query rows but {len(caches)} caches")
     if out is None:
-        out = torch.empty(batch, heads, hd, dtype=torch.float32)
+        out = torch.empty(batch, heads, hd, dtype=torch.float32, device=q.device)
     elif out.shape != q.shape or out.dtype != torch.float32 or not out.is_contiguous():
         raise ValueError("out must be a contiguous float32 tensor shaped like q")
     if batch == 0:
