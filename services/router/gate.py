@@ -205,7 +205,8 @@ def train_gate(
 ) -> Gate:
     """Fit the gate by minimising the gated mixture's bits/char over ``experts_subset``
     (all experts when None) with full-batch AdamW, starting from the uniform gate. With
-    ``val`` the step with the lowest validation loss is kept (early stopping)."""
+    ``val`` the step with the lowest validation loss is kept (early stopping). ``data`` may
+    hold NaN losses (experts not scored on a prompt); ``val`` must not."""
     torch.manual_seed(seed)
     mean = data.features.mean(0)
     std = data.features.std(0) + 1e-6
@@ -219,6 +220,14 @@ def train_gate(
     nn.init.zeros_(last.bias)
     mask = gate.mask(experts_subset)
     x, nll, chars = _tensors(data)
+    # An expert not scored on a prompt (NaN: the gate data's budget ran out) is left out of
+    # that prompt's softmax: the gate learns the relative logits of the experts it has.
+    scored = torch.isfinite(nll)
+    if not bool(scored.all()):
+        mask = mask & scored
+        nll = torch.where(scored, nll, torch.zeros_like(nll))
+        if not bool(mask.any(1).all()):
+            raise ValueError("a prompt has no scored expert in the subset")
     opt = torch.optim.AdamW(gate.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     best: tuple[float, dict] | None = None
     for _ in range(config.steps):
@@ -435,24 +444,47 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=ARTIFACT)
     ap.add_argument("--report", type=Path, default=REPORT)
     ap.add_argument("--hidden", type=int, default=GateConfig.hidden)
+    ap.add_argument("--draws", type=int, default=2000, help="bootstrap resamples")
     args = ap.parse_args(argv)
     if not args.data.exists():
         raise SystemExit(f"no gate data at {args.data}; run `make gate-data` first")
-    splits = load(args.data)
-    config = GateConfig(hidden=args.hidden)
-    t0 = time.perf_counter()
-    gate = train_gate(splits["train"], None, config.seed, config, splits["val"])
-    train_s = time.perf_counter() - t0
-    gate.save(args.out)
-    # Imported here: the planner imports this module.
+    # Imported here: the planner imports this module, gate_lodo imports it.
+    from services.router.gate_lodo import lodo_report, pooled
     from services.router.planner import SubsetLossTable
 
-    SubsetLossTable.compute(gate, splits["val"]).save(args.out.with_name(SUBSET_LOSSES.name))
+    splits = load(args.data)
+    complete = {k: v.complete() for k, v in splits.items()}
+    config = GateConfig(hidden=args.hidden)
+    t0 = time.perf_counter()
+    gate = train_gate(splits["train"], None, config.seed, config, complete["val"])
+    train_s = time.perf_counter() - t0
+    # The served top-1: fitted on train + val (its threshold by inner leave-one-domain-out).
+    fit = pooled({"train": splits["train"], "val": splits["val"]})
+    t0 = time.perf_counter()
+    gate.safe = SafeTop1.fit(
+        fit.experts, fit.features, fit.nll, fit.chars, fit.categories, subsets(fit.experts, 2)
+    )
+    safe_s = time.perf_counter() - t0
+    gate.save(args.out)
+    SubsetLossTable.compute(gate, complete["val"]).save(args.out.with_name(SUBSET_LOSSES.name))
     manifest_path = args.data.with_suffix(".json")
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
-    text = report(splits, gate, config, train_s, manifest)
+    text = report(complete, gate, config, train_s, manifest)
+    lodo_md, summary = lodo_report(pooled(splits), draws=args.draws)
+    text += "\n" + "\n".join(lodo_md) + "\n"
+    text += (
+        f"\nThe served top-1 router saved in `{args.out}` (SafeTop1, fitted on train + val of "
+        f"every domain in {safe_s:.1f}s): "
+        + "; ".join(
+            f"{', '.join(k)}: prior {gate.safe.priors[k]}, τ "
+            + ("∞" if math.isinf(gate.safe.taus[k]) else f"{gate.safe.taus[k]:.3f}")
+            for k in gate.safe.priors
+        )
+        + ".\n"
+    )
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text(text)
+    args.report.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
     print(text)
     print(f"gate: saved {args.out}, report {args.report}")
 

@@ -75,6 +75,18 @@ class GateData:
     def __len__(self) -> int:
         return int(self.chars.shape[0])
 
+    def complete(self) -> GateData:
+        """The rows every expert was scored on (a budgeted build leaves NaN elsewhere)."""
+        rows = np.flatnonzero(np.isfinite(self.nll).all(1))
+        return GateData(
+            self.experts,
+            self.features[rows],
+            self.nll[rows],
+            self.chars[rows],
+            tuple(self.categories[i] for i in rows),
+            tuple(self.prompts[i] for i in rows) if self.prompts else (),
+        )
+
     def bits_per_char(self) -> np.ndarray:
         """Per-expert bits/char over the split, [N] (total NLL over total characters)."""
         return self.nll.sum(0) / self.chars.sum() / np.log(2)
@@ -239,6 +251,39 @@ class JobCache:
         return out
 
 
+def run_jobs(
+    jobs: Sequence[tuple[str, Callable[[Sequence[GateItem]], np.ndarray], JobCache]],
+    items: Sequence[GateItem],
+    order: np.ndarray,
+    deadline: float,
+    log: Callable[[str], None],
+) -> dict[str, dict[str, float]]:
+    """Score ``items`` in ``order``, BATCH at a time, for every job in turn batch by batch
+    (so experts of one round progress together and a budget cut leaves them scored on the
+    same prompts), skipping cached batches, until done or ``deadline`` (time.monotonic()).
+    Returns, per job, rows done now and their seconds."""
+    stats = {name: {"rows": 0, "seconds": 0.0} for name, _, _ in jobs}
+    n_batches = -(-len(items) // BATCH)
+    for b in range(n_batches):
+        for name, fn, cache in jobs:
+            if cache.done(b):
+                continue
+            if time.monotonic() > deadline:
+                log(f"gate-data: budget spent at batch {b}/{n_batches} ({name})")
+                return stats
+            idx = order[b * BATCH : (b + 1) * BATCH]
+            t0 = time.perf_counter()
+            value = fn([items[i] for i in idx])
+            st = stats[name]
+            st["seconds"] += time.perf_counter() - t0
+            st["rows"] += len(idx)
+            cache.put(b, idx, value)
+            if b % 25 == 0:
+                rate = st["rows"] / max(st["seconds"], 1e-9)
+                log(f"gate-data: {name}: batch {b}/{n_batches}, {rate:.2f} rows/s")
+    return stats
+
+
 def run_job(
     name: str,
     fn: Callable[[Sequence[GateItem]], np.ndarray],
@@ -248,24 +293,13 @@ def run_job(
     deadline: float,
     log: Callable[[str], None],
 ) -> dict[str, float]:
-    """Score ``items`` in ``order``, BATCH at a time, skipping cached batches, until done
-    or ``deadline`` (time.monotonic()). Returns rows done now and their seconds."""
-    rows, spent, n_batches = 0, 0.0, -(-len(items) // BATCH)
-    for b in range(n_batches):
-        if cache.done(b):
-            continue
-        if time.monotonic() > deadline:
-            log(f"gate-data: {name}: budget spent at batch {b}/{n_batches}")
-            break
-        idx = order[b * BATCH : (b + 1) * BATCH]
-        t0 = time.perf_counter()
-        value = fn([items[i] for i in idx])
-        spent += time.perf_counter() - t0
-        rows += len(idx)
-        cache.put(b, idx, value)
-        if b % 25 == 0:
-            log(f"gate-data: {name}: batch {b}/{n_batches}, {rows / max(spent, 1e-9):.2f} rows/s")
-    return {"rows": rows, "seconds": spent}
+    """`run_jobs` for one job."""
+    return run_jobs([(name, fn, cache)], items, order, deadline, log)[name]
+
+
+# Experts scored together, batch by batch (see run_jobs), cheapest round first: the feature
+# model alone (its features first), then the other edge experts, then the largest.
+ROUNDS: tuple[tuple[str, ...], ...] = (("smollm2",), ("gemma3", "qwen05"), ("qwen15",))
 
 
 def build(
@@ -295,13 +329,20 @@ def build(
     timings: dict[str, dict[str, float]] = {}
     features: np.ndarray | None = None
     nll = np.full((len(items), len(specs)), np.nan)
-    for n, spec in enumerate(specs):
-        t0 = time.perf_counter()
-        lm = load_model(
-            spec, LoadOptions(quant=spec.default_quant, exits=False, cache_dir=cache_dir)
-        )
-        load_s = time.perf_counter() - t0
-        if spec.id == FEATURE_MODEL:
+    rounds = [[e for e in r if e in experts] for r in ROUNDS]
+    rounds = [r for r in rounds if r] + [[e] for e in experts if not any(e in r for r in ROUNDS)]
+    for names in rounds:
+        lms: dict[str, LoadedModel] = {}
+        load_s: dict[str, float] = {}
+        for e in names:
+            spec = specs[experts.index(e)]
+            t0 = time.perf_counter()
+            lms[e] = load_model(
+                spec, LoadOptions(quant=spec.default_quant, exits=False, cache_dir=cache_dir)
+            )
+            load_s[e] = time.perf_counter() - t0
+        if FEATURE_MODEL in lms:
+            lm = lms[FEATURE_MODEL]
             cache = JobCache(jobs_dir / "features")
             t = run_job(
                 "features",
@@ -313,15 +354,19 @@ def build(
                 log,
             )
             features = cache.collect(len(items), (lm.model.cfg.hidden_size,))
-            timings["features"] = {"load_s": load_s, **t}
-        cache = JobCache(jobs_dir / spec.id)
-        t = run_job(
-            spec.id, lambda batch, lm=lm: score_rows(lm, batch), items, cache, order, deadline, log
-        )
-        nll[:, n] = cache.collect(len(items), ())
-        timings[spec.id] = {"load_s": load_s, **t, "scored": int(np.isfinite(nll[:, n]).sum())}
-        log(f"gate-data: {spec.id} ({spec.default_quant}) {timings[spec.id]}")
-        del lm
+            timings["features"] = {"load_s": load_s[FEATURE_MODEL], **t}
+        jobs = [
+            (e, lambda batch, lm=lms[e]: score_rows(lm, batch), JobCache(jobs_dir / e))
+            for e in names
+        ]
+        stats = run_jobs(jobs, items, order, deadline, log)
+        for e, _, cache in jobs:
+            n = experts.index(e)
+            nll[:, n] = cache.collect(len(items), ())
+            scored = int(np.isfinite(nll[:, n]).sum())
+            timings[e] = {"load_s": load_s[e], **stats[e], "scored": scored}
+            log(f"gate-data: {e} ({specs[n].default_quant}) {timings[e]}")
+        del lms
     assert features is not None
     keep = np.isfinite(features).all(1)  # a prompt without features is no gate row
     chars = np.array([len(i.continuation) for i in items])

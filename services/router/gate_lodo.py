@@ -249,3 +249,81 @@ def domain_table(r: SubsetResult, summary: dict) -> list[str]:
             f"{_ci(v['softmax_delta'])} | {v['sequence mixture']:.3f} | {v['oracle']:.3f} |"
         )
     return lines
+
+
+# Subsets evaluated, in report order: the edge-only set (what tight energy budgets leave),
+# its pairs, the full set and the token-mixable pair. A subset is skipped when fewer than
+# MIN_ROWS prompts (or 3 domains) have every member scored.
+SUBSETS: tuple[tuple[str, ...], ...] = (
+    ("smollm2", "gemma3", "qwen05"),
+    ("smollm2", "gemma3"),
+    ("smollm2", "qwen05"),
+    ("gemma3", "qwen05"),
+    ("smollm2", "gemma3", "qwen05", "qwen15"),
+    ("qwen05", "qwen15"),
+)
+MIN_ROWS = 100
+DETAIL = (("smollm2", "gemma3", "qwen05"), ("smollm2", "gemma3", "qwen05", "qwen15"))
+
+
+def lodo_report(data: GateData, draws: int = 2000) -> tuple[list[str], dict]:
+    """The leave-one-domain-out section of docs/bench/gate.md, and its numbers."""
+    results = []
+    for s in SUBSETS:
+        if not set(s) <= set(data.experts):
+            continue
+        d = restrict(data, s)
+        if len(d) < MIN_ROWS or len(set(d.categories)) < 3:
+            continue
+        results.append(evaluate_subset(data, s))
+    table, summary = render(results, draws)
+    lines = [
+        "## Leave-one-domain-out: what the router serves, on text it never trained on",
+        "",
+        "For each subset S and each domain D: every gate is trained without D and routes D's "
+        "prompts; the rows of all folds together are the held-out set (each routed by a model "
+        "that never saw its domain). Bits/char of the reference continuation, lower is "
+        "better. Δ is against the **prior**, the best single expert of S on the training "
+        "domains (what a router without a gate serves), with a paired bootstrap 95% interval "
+        f"({draws} resamples of the prompts within each domain).",
+        "",
+        "- **safe top-1** (served by `make gate`'s gate.pt): `SafeTop1`, a ridge regression "
+        "from the gate features to each expert's bits/char; routes away from the prior only "
+        "when the predicted gain exceeds a threshold τ fitted by an inner leave-one-domain-out "
+        "on the training domains alone (the lowest-loss τ that leaves no inner held-out domain "
+        "worse than the prior; τ = ∞ if none).",
+        "- **softmax top-1**: the argmax of the mixture gate (today's recipe, retrained on S "
+        "without D). It is also what k > 1 serves today for any expert set that cannot be "
+        "token-mixed: the gate-weighted plurality vote (`aggregate.weighted_vote`) returns the "
+        "top-weight expert's answer whenever the k free-form answers differ.",
+        "- **sequence mixture**: the mixture gate's sequence-level mixture over S (every member "
+        "of S runs; the router does not serve it; the token mixture, served where tokenizers "
+        "match, is in the next section).",
+        "- **oracle**: each prompt to its best expert of S; **headroom** = (prior − oracle) / "
+        "prior; **captured** = (prior − safe top-1) / prior.",
+        "",
+        *table,
+        "",
+    ]
+    by_subset = {r.subset: r for r in results}
+    for s in DETAIL:
+        r = by_subset.get(s)
+        if r is None:
+            continue
+        summ = summary[", ".join(s)]
+        share = ", ".join(f"{e} {v:.0%}" for e, v in summ["safe_share"].items())
+        soft = ", ".join(f"{e} {v:.0%}" for e, v in summ["softmax_share"].items())
+        worse = [
+            dom for dom, v in summ["per_domain"].items() if v["safe_delta"][1] > 0
+        ]  # whole interval above 0
+        lines += [
+            f"### Per left-out domain, S = {{{', '.join(s)}}}",
+            "",
+            *domain_table(r, summary),
+            "",
+            f"Routing shares over the held-out rows: safe top-1 {share}; softmax top-1 {soft}. "
+            f"Domains where safe top-1 is worse than the prior with the whole interval above 0 "
+            f"(✗): {', '.join(worse) if worse else 'none'}.",
+            "",
+        ]
+    return lines, summary
