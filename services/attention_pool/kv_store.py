@@ -248,6 +248,22 @@ class KVStore:
             self._nbytes -= self._sessions.pop(victim).nbytes
             self.evictions += 1
 
+    def truncate(self, session_id: str, n: int) -> None:
+        """Keep positions [0, n) at every layer (a speculative rollback): lengths only, the
+        buffers (and `nbytes`) stay. UnknownSession if the session is not here;
+        PositionMismatch (nothing changed) if a layer holds fewer than n positions."""
+        if n < 0:
+            raise ValueError(f"cannot truncate to {n} positions")
+        with self._lock:
+            s = self._sessions.get(session_id)
+            if s is None:
+                raise UnknownSession(session_id)
+            for i, have in enumerate(s.lengths):
+                if have < n:
+                    raise PositionMismatch(session_id, self.first_layer + i, n, have)
+            s.lengths = [n] * self.n_layers
+            self._sessions.move_to_end(session_id)
+
     def release(self, session_id: str) -> bool:
         """Free the session's KV; False if it was not here."""
         with self._lock:

@@ -17,8 +17,9 @@ over the cloud layers, and the attention over it.
   RESOURCE_EXHAUSTED go in the reply's `errors`; bad shapes, dtype, head range or layer end
   the call with INVALID_ARGUMENT.
 - `LoadKV` (client stream) appends prefill KV (same position rule; start_pos 0 creates the
-  session) and wakes the Attend items waiting for it. `Release`, `Stats` (worker_id is random
-  per start, so a restart shows).
+  session) and wakes the Attend items waiting for it. `Truncate` keeps a session's first n
+  positions at every layer (a speculative rollback; lengths only, the buffers stay).
+  `Release`, `Stats` (worker_id is random per start, so a restart shows).
 
 All tensor work (decode, append, attention) runs on one compute thread: one worker is one
 core's worth of attention, and the event loop stays free to read, wait and reply.
@@ -512,6 +513,26 @@ class AttentionWorkerServicer(attn_pb2_grpc.AttentionWorkerServicer):
         self._count("Release", "OK")
         await self._notify()
         return attn_pb2.ReleaseReply(released=released)
+
+    async def Truncate(self, request, context):
+        """A speculative rollback: keep the first n positions at every layer (on the compute
+        thread, after whatever it is appending). Never a silent mismatch: a layer holding
+        fewer than n is FAILED_PRECONDITION (`have`), an unknown session NOT_FOUND."""
+        sid, n = request.session_id, request.n
+        try:
+            await self._run(lambda: self.store.truncate(sid, n), "truncate")
+        except UnknownSession as exc:
+            self._count("Truncate", "NOT_FOUND")
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except PositionMismatch as exc:
+            self._count("Truncate", "FAILED_PRECONDITION")
+            context.set_trailing_metadata(((HAVE_KEY, str(exc.have)),))
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except ValueError as exc:
+            self._count("Truncate", "INVALID_ARGUMENT")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        self._count("Truncate", "OK")
+        return attn_pb2.TruncateReply()
 
     async def Stats(self, request, context):
         st = self.store.stats()

@@ -18,6 +18,8 @@ the ranges partition the model's KV heads. Then, from any thread:
   background thread (never blocks decode; a worker holds an Attend for a session until its
   load has arrived).
 - `release(session_id)`: free the session's KV on every worker.
+- `truncate(session_id, n)`: keep its first n positions on every worker (a speculative
+  rollback; after the queued loads).
 
 Errors: `PoolKVLost` names the sessions a worker has no (or inconsistent) KV for: rebuild
 them. `PoolUnavailable`: a worker did not answer (dead, restarting); the stream is dropped
@@ -367,6 +369,31 @@ class PoolClient:
                 )
             except grpc.RpcError as exc:
                 log.warning("release of %r on %s failed: %s", session_id, w.address, exc)
+
+    def truncate(self, session_id: str, n: int, timeout_s: float = 5.0) -> None:
+        """Keep the session's first n positions on every worker and layer (a speculative
+        rollback), after every queued load has gone out (a rollback may follow the prefill
+        it loads). One call per worker, all at once. PoolKVLost if a worker holds no or
+        too little KV for it (rebuild it), PoolUnavailable if a worker does not answer."""
+        self.flush(timeout_s)
+        request = attn_pb2.TruncateRequest(session_id=session_id, n=n)
+        calls = [
+            (w, w.stub.Truncate.future(request, timeout=timeout_s, metadata=w.metadata))
+            for w in self.workers
+        ]
+        lost, down = [], []
+        for w, call in calls:
+            try:
+                call.result()
+            except grpc.RpcError as exc:
+                code = exc.code() if hasattr(exc, "code") else None
+                detail = f"{w.address}: {code} {exc.details() if hasattr(exc, 'details') else exc}"
+                kv_gone = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION)
+                (lost if code in kv_gone else down).append(detail)
+        if down:
+            raise PoolUnavailable(f"truncating {session_id!r} failed: {'; '.join(down)}")
+        if lost:
+            raise PoolKVLost({session_id}, "; ".join(lost))
 
     def stats(self) -> list[attn_pb2.StatsReply]:
         return [w.stats(timeout=5) for w in self.workers]
