@@ -77,6 +77,11 @@ CATEGORY_SHAPES: Mapping[str, tuple[int, int]] = {
     "fortunes": (32, 64),  # prose: a short prompt, a paragraph out
     "stdlib": (64, 128),  # code: a function head + context in, a function body out
     "wordnet": (16, 32),  # definition: a word or two in, one sentence out
+    "pydoc": (32, 96),  # reference docs: a paragraph in, a paragraph out
+    "licenses": (32, 96),  # legal prose
+    "chat-define": (24, 32),  # chat: "what does X mean?", one sentence out
+    "chat-code": (48, 128),  # chat: a function spec in, its body out
+    "chat-quote": (48, 32),  # chat: half a quotation in, its end out
 }
 DEFAULT_SHAPE = (32, 64)
 
@@ -950,6 +955,32 @@ def _parse_delays(text: str) -> list[float | None]:
     return [None if t.strip() == "none" else float(t) for t in text.split(",")]
 
 
+def served_sections(splits: dict[str, GateData], out: Path) -> list[tuple[str, str]]:
+    """What the router serves, held out by domain (services.router.gate_lodo) and the token
+    mixture of qwen05 + qwen15 (bench.token_mixture, when its cache is there)."""
+    from bench import token_mixture
+    from services.router.gate_lodo import lodo_report, pooled
+
+    lodo, summary = lodo_report(pooled(splits))
+    sections = [("Served quality, leave one domain out", "\n".join(lodo[2:]))]
+    extra: dict = {"lodo": summary}
+    prompts = sorted(Path(DEFAULT_PATH.parent / "jobs").glob("*/prompts.json"))
+    if token_mixture.CACHE.exists() and prompts:
+        lines, mix = token_mixture.report(prompts[-1], 20, token_mixture.CACHE)
+        text = (
+            f"{mix['prompts']} prompts (20 per domain); the gate's weights for each domain "
+            "come from a gate trained on the other domains (mean weight on qwen15 "
+            f"{mix['mean_w_qwen15']:.2f}). The token mixture row is what the router serves "
+            "at k = 2 on these experts (`token_mixture`, top-64 per expert on the wire), "
+            "scored on the reference continuation; energy is MODELLED (both experts run "
+            "every token).\n\n" + "\n".join(lines)
+        )
+        sections.append(("Token mixture (served) against top-1", text))
+        extra["token_mixture"] = mix
+    (out / "router_served.json").write_text(json.dumps(extra, indent=1) + "\n")
+    return sections
+
+
 def main(argv: list[str] | None = None, extra_sections: Sequence[tuple[str, str]] = ()) -> dict:
     """Run the benchmark and write the report; `extra_sections` ((title, markdown) pairs)
     are appended to router.md, e.g. by a router-overhead benchmark."""
@@ -970,7 +1001,9 @@ def main(argv: list[str] | None = None, extra_sections: Sequence[tuple[str, str]
             raise SystemExit(f"missing {path}; run `{how}` first")
     start = time.perf_counter()
     splits = load(a.data)
-    val, test = splits["val"], splits["test"]
+    # The budget sweep needs every expert's loss on a prompt: the rows all were scored on
+    # (a budgeted gate-data may leave the largest expert unscored on most prompts).
+    val, test = splits["val"].complete(), splits["test"].complete()
     gate = Gate.load(a.gate)
     specs = expert_specs(gate.experts)
     categories = categories_of(test)
@@ -1028,7 +1061,7 @@ def main(argv: list[str] | None = None, extra_sections: Sequence[tuple[str, str]
     a.out.mkdir(parents=True, exist_ok=True)
     plot(rows, result, a.out / "router_quality.png")
     result["wall_s"] = time.perf_counter() - start
-    md = render(result, rows, extra_sections)
+    md = render(result, rows, [*served_sections(splits, a.out), *extra_sections])
     (a.out / "router.md").write_text(md)
     # one row per line keeps the file small and diffable
     head = json.dumps({**result, "rows": "ROWS"}, indent=1)
