@@ -113,9 +113,13 @@ bench-router-solver: setup
 
 # MoE² gate training data: every expert's NLL on ~2,000 prompts of 8 kinds of text and task
 # + smollm2 features (cached in model_cache/gate/; skipped when present). One thread at nice 19,
-# resumable (per-batch cache in model_cache/gate/jobs/), budgeted to ~55 min of scoring.
+# resumable (per-batch cache in model_cache/gate/jobs/), budgeted to ~55 min of scoring; then
+# qwen05 + qwen15 per-token log-probabilities on 160 of the prompts (bench/token_mixture.py,
+# ~15 min; also qwen15's scores there), and the reassembled data.
 gate-data: setup
 	OMP_NUM_THREADS=1 nice -n 19 $(PY) -m services.router.gate_data --budget-s 3300
+	OMP_NUM_THREADS=1 nice -n 19 $(PY) -m bench.token_mixture --collect
+	$(PY) -m services.router.gate_data --assemble
 
 # Train the gate on the cached gate data: artifacts/gate/gate.pt, its subset-loss table
 # (artifacts/gate/subset_loss.json, what the router's coarse level reads) and docs/bench/gate.md.

@@ -34,6 +34,7 @@ from services.router.gate_prompts import GateItem
 
 PAIR = ("qwen05", "qwen15")
 CACHE = Path("model_cache/gate/token_mix.npz")
+JOBS = Path("model_cache/gate/jobs")
 TOP_K = 64
 LN2 = math.log(2)
 
@@ -209,11 +210,18 @@ def report(prompts: Path, per_domain: int, cache: Path) -> tuple[list[str], dict
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--per-domain", type=int, default=20)
-    ap.add_argument("--prompts", type=Path, required=True, help="gate-data prompts.json")
+    ap.add_argument(
+        "--prompts", type=Path, default=None, help="gate-data prompts.json (default: newest)"
+    )
     ap.add_argument("--collect", action="store_true", help="run the models (slow)")
     ap.add_argument("--cache", type=Path, default=CACHE)
     ap.add_argument("--merge", action="store_true", help="add qwen15's NLL to gate-data's jobs")
     args = ap.parse_args(argv)
+    if args.prompts is None:
+        found = sorted(JOBS.glob("*/prompts.json"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise SystemExit("no gate-data prompts; run `make gate-data` first")
+        args.prompts = found[-1]
     items = [GateItem(**x) for x in json.loads(args.prompts.read_text())]
     chosen = sample(items, args.per_domain)
     if args.collect:
@@ -229,6 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
             blob[f"{m}_seconds"] = np.array(time.perf_counter() - t0)
             np.savez(args.cache, **blob)
             print(f"token-mix: {m} {len(chosen)} prompts in {time.perf_counter() - t0:.0f}s")
+        args.merge = True  # qwen15's NLL on these prompts goes into gate-data
     if args.merge:
         n = merge_into_jobs(args.prompts, args.per_domain, args.cache)
         print(f"token-mix: merged qwen15 on {n} prompts")

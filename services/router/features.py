@@ -58,3 +58,25 @@ class ModelFeaturizer:
         async with self._lock:  # one forward at a time; the model is not shared across threads
             out = await asyncio.to_thread(prompt_features, self.lm, [text])
         return out[0]
+
+
+def feature_cost_ms(lm: LoadedModel, texts: list[str], max_chars: int = 1024) -> dict[str, float]:
+    """The gate's feature pass per request, as the router runs it (one prompt at a time, cut
+    to ``max_chars``): median and 90th percentile milliseconds over ``texts`` (after one
+    warm-up pass), and the torch threads it ran on."""
+    import time
+
+    import torch
+
+    prompt_features(lm, [texts[0][:max_chars] or " "])
+    times = []
+    for text in texts:
+        t0 = time.perf_counter()
+        prompt_features(lm, [text[:max_chars] or " "])
+        times.append((time.perf_counter() - t0) * 1e3)
+    return {
+        "median_ms": float(np.median(times)),
+        "p90_ms": float(np.quantile(times, 0.9)),
+        "requests": len(texts),
+        "threads": torch.get_num_threads(),
+    }

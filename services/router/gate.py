@@ -445,6 +445,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--report", type=Path, default=REPORT)
     ap.add_argument("--hidden", type=int, default=GateConfig.hidden)
     ap.add_argument("--draws", type=int, default=2000, help="bootstrap resamples")
+    ap.add_argument(
+        "--no-feature-cost", dest="feature_cost", action="store_false", help="skip the timing"
+    )
     args = ap.parse_args(argv)
     if not args.data.exists():
         raise SystemExit(f"no gate data at {args.data}; run `make gate-data` first")
@@ -482,6 +485,21 @@ def main(argv: list[str] | None = None) -> None:
         )
         + ".\n"
     )
+    if args.feature_cost:
+        from services.router.features import ModelFeaturizer, feature_cost_ms
+
+        texts = list(pooled(splits).prompts)[:: max(1, len(pooled(splits)) // 40)][:40]
+        lm = ModelFeaturizer.load().lm
+        cost = feature_cost_ms(lm, texts)
+        summary["feature_cost"] = cost
+        n = lm.model.cfg.n_layers
+        text += (
+            f"\nThe gate's feature pass (smollm2, first {n // 2} of {n} layers, mean-pooled) "
+            f"costs {cost['median_ms']:.0f} ms per request (median; p90 {cost['p90_ms']:.0f} "
+            f"ms) over {cost['requests']} gate prompts one at a time on {cost['threads']} "
+            "torch threads of this (shared, busy) machine; the ridge and threshold of the "
+            "safe top-1 add microseconds.\n"
+        )
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text(text)
     args.report.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")

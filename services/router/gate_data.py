@@ -449,7 +449,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--budget-s", type=float, default=3600.0, help="stop scoring after this")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: shared host)")
     ap.add_argument("--force", action="store_true", help="reassemble even if cached")
+    ap.add_argument(
+        "--assemble", action="store_true", help="only reassemble the cached scores (no models)"
+    )
     args = ap.parse_args(argv)
+    if args.assemble:
+        args.force, args.budget_s = True, 0.0
     if args.out.exists() and args.out.with_suffix(".json").exists() and not args.force:
         print(f"gate-data: cached at {args.out} (use --force to resume / reassemble)")
         return
