@@ -87,6 +87,10 @@ llamacpp-venv:
 bench-edge: setup proto llamacpp-venv
 	$(PY) -m bench.edge
 
+# Tandem's int8 kernel vs aten's at gemma3 / qwen05 layer shapes (docs/bench/int8_kernel.md).
+bench-int8: setup
+	$(PY) -m bench.int8_kernel --prefill --write
+
 # Batched decode (8 sequences), Tandem vs vLLM CPU bf16 side by side (docs/bench/batch.md).
 bench-batch: setup vllm-venv
 	$(PY) -m bench.batch
