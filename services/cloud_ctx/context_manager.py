@@ -162,7 +162,12 @@ class CloudContextManager:
             session, _ = self._upload(session_id, start_pos, hidden)
             self._adopt(session, speculation)
             if session.pending:
-                self._run_drafted_rows(session)
+                try:
+                    self._run_drafted_rows(session)
+                except PoolKVLost as exc:  # nothing judged yet: run it all again, rebuilt
+                    log.warning("%s; recomputing session %r", exc, session_id)
+                    session = self._rebuilt_after_kv_loss(session)
+                    self._run_drafted_rows(session)
             self._record(session)  # drafts, RNG state and epoch survive a rebuild
             return session.uploaded, self._verdict(session)
 
@@ -278,6 +283,7 @@ class CloudContextManager:
                 continue
             if session.sampler is None:
                 session.sampler = old.sampler
+            self._keep_drafts(session, old)
             rebuilt.append((i, session))
         if rebuilt:
             batch = [s for _, s in rebuilt]
@@ -337,7 +343,7 @@ class CloudContextManager:
         if n <= 0:
             return
         first = session.computed
-        [h] = self.runner.run([(session, rows[:n])])  # local KV: speculative (see _adopt)
+        [h] = self.runner.run([(session, rows[:n])])
         session.pending = [rows[n:]] if n < rows.shape[0] else []
         session.computed += n
         self._judge(session, h, first)
@@ -362,15 +368,26 @@ class CloudContextManager:
         self, session: CloudSession, pos: int, token: int, prob: float, rows_run: int
     ) -> CloudToken:
         """The draft after `pos` was rejected for `token`: keep positions [0, pos], start a
-        new epoch whose first token is `token`."""
-        session.truncate(pos + 1)
+        new epoch whose first token is `token`. If the attention pool lost the session's KV
+        meanwhile, the session leaves memory once the rollback is logged: the next message
+        rebuilds it from the log and recomputes its KV."""
+        sid = session.session_id
+        try:
+            session.truncate(pos + 1, self.runner.truncate)
+            kv_lost = False
+        except PoolKVLost as exc:
+            log.warning("%s; session %r is recomputed from its log", exc, sid)
+            kv_lost = True
         session.epoch += 1
         session.rollback = session.last = LastToken(pos, token, prob)
         if self.log is not None:
-            sid = session.session_id
             self._durable(sid, lambda: self.log.truncate(sid, pos + 1))
         self._record(session)
-        return CloudToken(token, prob, rows_run, self._verdict(session))
+        verdict = self._verdict(session)
+        if kv_lost:
+            self.store.release(sid, "kv_lost")  # frees it in the pool too (on_drop)
+            self.kv_rebuilds += 1
+        return CloudToken(token, prob, rows_run, verdict)
 
     def _stale(self, session: CloudSession, speculation: Speculation) -> bool:
         """True for a message of an older epoch (sent before the edge saw a rollback)."""
@@ -383,8 +400,6 @@ class CloudContextManager:
 
     def _adopt(self, session: CloudSession, speculation: Speculation) -> None:
         """Take a message's drafts (each for a position this session holds or is about to)."""
-        if not isinstance(self.runner, LocalRunner):
-            raise ValueError("speculative sessions need the cloud's own KV (no attention pool)")
         session.speculative = True
         if session.sampler is None:
             session.sampler = Sampler(speculation.params)
@@ -394,6 +409,29 @@ class CloudContextManager:
             if not session.sampler.params.greedy and not draft.q_ids:
                 raise ValueError("a sampled draft must carry its draft distribution")
             session.drafts[draft.position] = draft
+
+    def _rebuilt_after_kv_loss(self, old: CloudSession) -> CloudSession:
+        """The pool lost a speculative session's KV before its drafts were judged: free it
+        and rebuild it from the log (all positions pending), keeping the drafts not judged
+        yet; without a log, UnknownSession (the edge uploads its context again)."""
+        sid = old.session_id
+        self.store.release(sid, "kv_lost")  # frees it in the pool too (on_drop)
+        self.kv_rebuilds += 1
+        if self.log is None:
+            raise UnknownSession(sid)
+        session = self._session(sid, create=False)
+        if session.sampler is None:
+            session.sampler = old.sampler
+        self._keep_drafts(session, old)
+        return session
+
+    @staticmethod
+    def _keep_drafts(session: CloudSession, old: CloudSession) -> None:
+        """A rebuilt speculative session keeps the drafts its memory copy held and had not
+        judged (the log holds those of the last answer only)."""
+        if old.speculative:
+            session.speculative = True
+            session.drafts.update(old.drafts)
 
     @staticmethod
     def _verdict(session: CloudSession) -> Verdict:

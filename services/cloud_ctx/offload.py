@@ -10,7 +10,8 @@ each sequence's attention:
   one packed message per worker per layer, all sequences' rows in one blob), which appends
   k, v to each session's KV and returns the attention output;
 
-then the output projection, residuals and MLP here. Nothing of the KV stays on this side.
+then the output projection, residuals and MLP here. Nothing of the KV stays on this side;
+a speculative rollback truncates the session's KV in the pool (`truncate`).
 
 Rotational staggered pipelining with n = 2 (`micro_batches=2`): the batch's sequences are
 split into two micro-batches that run in two threads; while one waits for the pool's
@@ -121,6 +122,15 @@ class OffloadRunner:
 
     def release(self, session_id: str) -> None:
         self.pool.release(session_id)
+
+    def truncate(self, session: CloudSession, n: int) -> None:
+        """Truncate the session's KV on every worker (PoolClient.truncate). PoolKVLost if
+        the pool lost it, also when a worker failed and came back (as in `run`)."""
+        try:
+            self.pool.truncate(session.session_id, n)
+        except PoolUnavailable as exc:
+            self.pool.refresh(self.pool_wait_s)  # raises PoolUnavailable if still down
+            raise PoolKVLost({session.session_id}, f"a worker failed: {exc}") from exc
 
     def close(self) -> None:
         self._threads.shutdown(wait=False)

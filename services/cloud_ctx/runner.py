@@ -3,7 +3,8 @@
 `LocalRunner` keeps each session's KV in the session (`CloudSession.kv`) and attends locally.
 `services.cloud_ctx.offload.OffloadRunner` keeps no KV at all: attention goes to an attention
 pool (Lamina). Both take (session, rows [n, d]) pairs whose rows continue the session at
-`session.computed`, and return the output rows of each.
+`session.computed`, and return the output rows of each; `truncate` drops the KV of a
+session's positions from n on (a speculative rollback), wherever it is held.
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ class LayerRunner(Protocol):
         """The session is gone (released, evicted, rebuilt): free what the runner holds."""
         ...
 
+    def truncate(self, session: CloudSession, n: int) -> None:
+        """Keep the KV of the session's first n positions (a speculative rollback; n is at
+        most `session.computed`). An offload runner raises PoolKVLost if the pool lost it."""
+        ...
+
 
 class LocalRunner:
     def __init__(self, model: DecoderModel, start: int) -> None:
@@ -37,3 +43,6 @@ class LocalRunner:
 
     def release(self, session_id: str) -> None:
         return None
+
+    def truncate(self, session: CloudSession, n: int) -> None:
+        session.kv.truncate(n)

@@ -56,17 +56,20 @@ class CloudSession:
     epoch: int = 0
     rollback: LastToken | None = None
 
-    def truncate(self, n: int) -> None:
-        """Keep positions [0, n): computed KV beyond is dropped, as are pending rows and
-        the drafts of the dropped positions."""
-        if n < self.computed:
-            self.kv.truncate(n)
+    def truncate(self, n: int, drop_kv: Callable[[CloudSession, int], None]) -> None:
+        """Keep positions [0, n): computed KV beyond is dropped by `drop_kv(self, n)` (the
+        runner's `truncate`: here or in the attention pool), as are pending rows and the
+        drafts of the dropped positions. The positions are cut even if `drop_kv` raises."""
+        cut = n < self.computed
+        if cut:
             self.computed = n
         keep = n - self.computed
         rows = torch.cat(self.pending)[:keep] if self.pending and keep > 0 else None
         self.pending = [rows] if rows is not None and rows.shape[0] else []
         self.uploaded = min(self.uploaded, n)
         self.drafts = {p: d for p, d in self.drafts.items() if p < n - 1}
+        if cut:
+            drop_kv(self, n)
 
     def pending_rows(self) -> int:
         return self.uploaded - self.computed
