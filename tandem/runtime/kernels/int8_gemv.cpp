@@ -255,9 +255,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void group_avx51
       for (int c = 0; c < CH; ++c) acc[m][c] = _mm512_setzero_si512();
     }
     for (int64_t c = b * cb; c < (b + 1) * cb; c += CH, w += CH * kChunkBytes) {
-      prefetch_ahead(w);
-      if constexpr (CH > 1) prefetch_ahead(w + kChunkBytes * (CH - 1));
       for (int j = 0; j < CH; ++j) {
+        prefetch_ahead(w + j * kChunkBytes);
         const __m512i raw = _mm512_loadu_si512(w + j * kChunkBytes);
         for (int m = 0; m < MC; ++m) {
           int32_t x4;
