@@ -390,7 +390,11 @@ class CloudContextManager:
         return CloudToken(token, prob, rows_run, verdict)
 
     def _stale(self, session: CloudSession, speculation: Speculation) -> bool:
-        """True for a message of an older epoch (sent before the edge saw a rollback)."""
+        """True for a message of an older epoch (sent before the edge saw a rollback). A
+        fresh session (the old one was lost with no log to rebuild it from) takes the
+        edge's epoch: the edge re-uploads its states, with every draft not judged yet."""
+        if speculation.epoch > session.epoch and session.uploaded == 0:
+            session.epoch = speculation.epoch
         if speculation.epoch > session.epoch:
             raise ValueError(
                 f"epoch {speculation.epoch} is ahead of session {session.session_id!r} "

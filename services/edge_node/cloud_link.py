@@ -114,7 +114,7 @@ class LinkCounters:
     round_trip_s: float = 0.0  # summed over answered token requests
     cloud_s: float = 0.0  # of which the cloud's model + queue time
     catch_up_rows: int = 0  # rows the cloud ran through its layers for our answers
-    drafts_sent: int = 0  # speculative: drafts sent for checking
+    drafts_sent: int = 0  # speculative: drafts made (each sent until the cloud judged it)
     rollbacks: int = 0  # speculative: rejected drafts (each rolled a session back)
 
 
@@ -127,7 +127,7 @@ class _Session:
     uploading: bool = False
     requests: int = 0
     closed: bool = False
-    # speculative sessions: sampling parameters, epoch, drafts not yet sent, newest verdict
+    # speculative sessions: sampling parameters, epoch, drafts not judged yet, newest verdict
     speculation: SamplingParams | None = None
     epoch: int = 0
     drafts: dict[int, Draft] = field(default_factory=dict)
@@ -143,7 +143,7 @@ class _Session:
         self.acked = min(self.acked, n)
 
     def speculation_for(self, start: int, end: int) -> Speculation | None:
-        """The epoch and the unsent drafts after positions [start, end)."""
+        """The epoch and the drafts not judged yet after positions [start, end)."""
         if self.speculation is None:
             return None
         drafts = tuple(self.drafts[p] for p in sorted(self.drafts) if start <= p < end)
@@ -268,6 +268,7 @@ class CloudLink:
         s = self._session(session_id)
         if epoch == s.epoch:
             s.drafts[draft.position] = draft
+            self.counters.drafts_sent += 1
 
     def _append(self, session_id: str, reached: Reached, upload: bool, epoch: int | None) -> None:
         s = self._session(session_id)
@@ -340,8 +341,6 @@ class CloudLink:
                 await self._cross(reply.ByteSize(), "down")
                 self.counters.uploads += 1
                 self.counters.positions_sent += end - start
-                if spec is not None:
-                    self._sent_drafts(s, spec)
                 verdict = verdict_from_proto(reply.verdict) if spec is not None else None
                 if self._judged(s, verdict):
                     s.acked = max(s.acked, reply.positions)
@@ -405,7 +404,6 @@ class CloudLink:
             await self._cross(reply.ByteSize(), "down")
             verdict = None
             if spec is not None:
-                self._sent_drafts(s, spec)
                 verdict = verdict_from_proto(reply.verdict)
             if full:
                 self._loop.create_task(self._release(_Session(cloud_id)))
@@ -428,12 +426,6 @@ class CloudLink:
             )
         raise AssertionError("unreachable")
 
-    def _sent_drafts(self, s: _Session, spec: Speculation) -> None:
-        self.counters.drafts_sent += len(spec.drafts)
-        for d in spec.drafts:
-            if s.drafts.get(d.position) is d:
-                del s.drafts[d.position]
-
     def _judged(self, s: _Session, verdict: Verdict | None) -> bool:
         """Take a reply's verdict (speculative sessions); False if the reply belongs to an
         epoch that has ended (its positions say nothing about the current branch)."""
@@ -448,6 +440,9 @@ class CloudLink:
             self.counters.rollbacks += 1
         elif verdict.epoch < s.epoch:
             return False
+        # judged drafts are done; the others stay, so a resend (the cloud lost the session)
+        # carries them again and none goes out unjudged
+        s.drafts = {p: d for p, d in s.drafts.items() if p >= verdict.checked}
         old = s.verdict
         if old is None or (verdict.epoch, verdict.checked) > (old.epoch, old.checked):
             s.verdict = verdict

@@ -126,3 +126,39 @@ def test_speculative_mode_refuses_exits_before_the_split():
     link = CloudLink(CloudLinkConfig(target="127.0.0.1:1"))
     with pytest.raises(ValueError, match="without exits before the split"):
         EdgeEngine("tiny", decoder, ByteCodec(), EngineConfig(collab="speculative"), cloud=link)
+
+
+def test_a_cloud_that_forgets_the_session_gets_every_unjudged_draft_again():
+    """No log: the cloud drops every session twice mid-generation (after rollbacks moved
+    the edge's epoch on). The edge re-uploads its states with the drafts the cloud had not
+    judged, and the output still equals the full model."""
+    model = tiny_model("llama")
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    prompt = "forget the drafts"
+    expected = list(generate(ExitDecoder(model), ByteCodec().encode(prompt), params).token_ids)
+    manager = cloud_manager(model, SPLIT)
+
+    class Forgetful(EdgeEngine):
+        def _step(self):
+            if self._running and len(self._running[0].ids) in (6, 13):
+                for sid in list(manager.store._sessions):
+                    manager.release(sid)
+            super()._step()
+
+    with cloud_server(manager) as port:
+        link = CloudLink(CloudLinkConfig(target=f"127.0.0.1:{port}", timeout_s=10.0))
+        link.start()
+        decoder = ExitDecoder(
+            model, _heads(model, (SPLIT,)), exit_rule=CoinExits(0.7, 3), depth=SPLIT
+        )
+        config = EngineConfig(tau=0.5, collab="speculative", max_drafts=5)
+        engine = Forgetful("tiny", decoder, ByteCodec(), config, cloud=link)
+        engine.start()
+        try:
+            [(ids, sources)] = _run(engine, [prompt], params)
+        finally:
+            engine.stop()
+            link.close()
+    assert ids == expected
+    assert link.counters.recoveries >= 1 and link.counters.rollbacks >= 1
+    assert "fallback" not in sources
