@@ -100,7 +100,7 @@ def chunks_to_proto(chunks: Sequence[GenerationChunk]) -> edge_pb2.GenerateChunk
         ids = [t for c in chunks for t in c.token_ids]
         layers = [x for c in chunks for x in c.exit_layers]
         sources = [s for c in chunks for s in c.sources]
-    return edge_pb2.GenerateChunk(
+    msg = edge_pb2.GenerateChunk(
         text=text,
         token_ids=ids,
         exit_layers=layers,
@@ -109,6 +109,11 @@ def chunks_to_proto(chunks: Sequence[GenerationChunk]) -> edge_pb2.GenerateChunk
         completion_tokens=last.completion_tokens,
         finish_reason=_FINISH[last.finish_reason],
     )
+    report = last.report or {}
+    if "energy_joules" in report:  # the engine's meter (usage.tandem over HTTP)
+        msg.energy_joules = float(report["energy_joules"])
+        msg.energy_source = str(report.get("energy_source", "modelled"))
+    return msg
 
 
 def chunk_to_proto(chunk: GenerationChunk) -> edge_pb2.GenerateChunk:

@@ -184,6 +184,11 @@ def chunk_from_proto(msg: edge_pb2.GenerateChunk) -> GenerationChunk:
         completion_tokens=msg.completion_tokens,
         finish_reason=_FINISH.get(msg.finish_reason),
         sources=tuple(_SOURCES.get(s, "edge") for s in msg.sources),
+        report=(
+            {"energy_joules": msg.energy_joules, "energy_source": msg.energy_source}
+            if msg.HasField("energy_joules")
+            else None
+        ),
     )
 
 

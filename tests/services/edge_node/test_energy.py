@@ -94,3 +94,16 @@ def test_edge_device_flag(capsys, monkeypatch):
         with pytest.raises(SystemExit):
             parse_settings(ModelRegistry(), ["--device", "cuda:0"])
         assert "asks for a GPU" in capsys.readouterr().err
+
+
+def test_energy_crosses_the_grpc_wire():
+    """The last chunk's energy travels in GenerateChunk (to the router's gRPC experts)."""
+    from services.edge_node.grpc_server import chunks_to_proto
+    from tandem.clients.edge import chunk_from_proto
+    from tandem.runtime.engine_api import GenerationChunk
+
+    energy = {"energy_joules": 0.5, "energy_source": "measured:rapl"}
+    first = GenerationChunk("a", (5,), (3,), 2, 1, None, ("edge",))
+    last = GenerationChunk("b", (6,), (3,), 2, 2, "stop", ("edge",), energy)
+    assert chunk_from_proto(chunks_to_proto([first, last])).report == energy
+    assert chunk_from_proto(chunks_to_proto([first])).report is None
