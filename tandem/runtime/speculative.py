@@ -93,11 +93,12 @@ def make_draft(
     position: int, step: StepResult, sampler: Sampler, top_k: int = DRAFT_TOP_K
 ) -> Draft:
     """The edge's draft after `position` from a step's (head or full) logits."""
-    ids = step.shortlist
+    ids = None if step.shortlist is None else step.shortlist.cpu()
+    logits = step.logits.detach().float().cpu()  # the sampler's generator lives on the CPU
     if sampler.params.greedy:
-        idx = int(step.logits.max(-1).indices)
+        idx = int(logits.max(-1).indices)
         return Draft(position, int(ids[idx]) if ids is not None else idx)
-    probs = target_distribution(step.logits, sampler.params)
+    probs = target_distribution(logits, sampler.params)
     k = min(top_k, int((probs > 0).sum()))
     q, idx = torch.topk(probs, k)
     q = q / q.sum()
@@ -109,7 +110,7 @@ def make_draft(
 
 def judge(logits: torch.Tensor, draft: Draft, sampler: Sampler) -> Judgement:
     """Accept or replace `draft` given the target's logits for its position."""
-    logits = logits.detach()
+    logits = logits.detach().float().cpu()  # the sampler's generator lives on the CPU
     if sampler.params.greedy:
         top = logits.float().max(-1)
         token = int(top.indices)
