@@ -6,8 +6,8 @@ model that never saw its domain). Per row it records the NLL of
 
 - ``prior``: the best single expert of S on the training domains (what a router without a
   gate would serve: the baseline every difference is taken against);
-- ``safe top-1``: `safe_top1.SafeTop1` (abstains to the prior unless its calibrated margin,
-  fitted by inner leave-one-domain-out, says otherwise);
+- ``safe top-1``: `safe_top1.SafeTop1` (abstains to the prior unless the gate's margin
+  exceeds a threshold fitted by inner leave-one-domain-out);
 - ``softmax top-1``: the argmax of the softmax gate (`gate.train_gate`, today's recipe,
   retrained on S); also what k > 1 serves today: the plurality vote (`aggregate`) returns
   the top-weight expert's answer whenever the k answers differ, as free-form answers do;
@@ -104,6 +104,7 @@ def evaluate_subset(
     subset: Sequence[str],
     gate_config: GateConfig | None = None,
     safe_config: SafeTop1Config | None = None,
+    mode: str = "gate",
 ) -> SubsetResult:
     gate_config = gate_config or GateConfig()
     safe_config = safe_config or SafeTop1Config()
@@ -119,10 +120,18 @@ def evaluate_subset(
         tr = restrict(d, d.experts, train)
         prior = int((tr.nll.sum(0) / tr.chars.sum()).argmin())
         safe = SafeTop1.fit(
-            d.experts, tr.features, tr.nll, tr.chars, tr.categories, [d.experts], safe_config
+            d.experts,
+            tr.features,
+            tr.nll,
+            tr.chars,
+            tr.categories,
+            [d.experts],
+            safe_config,
+            mode,
+            gate_config,
         )
-        picks = safe.choose(d.features[test], d.experts)
         gate = train_gate(tr, None, gate_config.seed, gate_config)
+        picks = safe.choose(d.features[test], d.experts, gate.scores(d.features[test]))
         with torch.no_grad():
             logits = gate(torch.as_tensor(d.features[test])).double()
         nll_t = torch.as_tensor(d.nll[test], dtype=torch.float64)
@@ -233,7 +242,7 @@ def domain_table(r: SubsetResult, summary: dict) -> list[str]:
     """Per left-out domain: prior, safe and softmax top-1 with intervals, oracle."""
     s = summary[", ".join(r.subset)]
     lines = [
-        "| left-out domain | prompts | prior | τ (bits/char) | safe top-1 "
+        "| left-out domain | prompts | prior | τ | safe top-1 "
         "| Δ safe − prior [95% CI] | softmax top-1 | Δ softmax − prior [95% CI] "
         "| sequence mixture | oracle |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -287,11 +296,11 @@ def lodo_report(data: GateData, draws: int = 2000) -> tuple[list[str], dict]:
         "domains (what a router without a gate serves), with a paired bootstrap 95% interval "
         f"({draws} resamples of the prompts within each domain).",
         "",
-        "- **safe top-1** (served by `make gate`'s gate.pt): `SafeTop1`, a ridge regression "
-        "from the gate features to each expert's bits/char; routes away from the prior only "
-        "when the predicted gain exceeds a threshold τ fitted by an inner leave-one-domain-out "
-        "on the training domains alone (the lowest-loss τ that leaves no inner held-out domain "
-        "worse than the prior; τ = ∞ if none).",
+        "- **safe top-1** (served by `make gate`'s gate.pt): `SafeTop1`; routes away from the "
+        "prior only when the mixture gate's log-weight margin over the prior exceeds a "
+        "threshold τ fitted by an inner leave-one-domain-out on the training domains alone "
+        "(the lowest-loss τ that leaves no inner held-out domain worse than the prior beyond "
+        "its 95% bootstrap interval; τ = ∞ if none). τ is in nats of gate logit.",
         "- **softmax top-1**: the argmax of the mixture gate (today's recipe, retrained on S "
         "without D). It is also what k > 1 serves today for any expert set that cannot be "
         "token-mixed: the gate-weighted plurality vote (`aggregate.weighted_vote`) returns the "

@@ -1,29 +1,30 @@
 """Top-1 routing that is safe on text it never saw: route away from the best single expert of
 S only when a calibrated margin says so.
 
-The softmax gate (`gate.Gate`) is trained for the sequence-level mixture; its argmax is a
-poor top-1 router off its training domains (it can be worse than always sending to the best
-single expert of S). `SafeTop1` is trained for the served path instead:
+The softmax gate (`gate.Gate`) is trained for the sequence-level mixture; its argmax, served
+as top-1, can be worse than always sending to the best single expert of S on text unlike
+its training data. `SafeTop1` guards the served path:
 
-- a ridge regression from the gate's features (standardised, top principal components) to
-  each expert's bits per character on the prompt, weighted by the prompt's characters (the
-  objective is total bits over total characters);
 - the **prior** of a subset S: its best single expert on the training data;
-- a prompt goes to the expert with the largest predicted gain over the prior, if that gain
-  exceeds the subset's **abstention threshold** tau_S, else to the prior;
+- a **margin** per prompt and expert: by default (mode "gate") the mixture gate's log-weight
+  margin ``z_n - z_prior`` (the gate's own calibrated preference); mode "ridge" uses a ridge
+  regression from the gate features to each expert's bits/char (its predicted gain);
+- a prompt goes to the expert with the largest margin over the prior if that margin exceeds
+  the subset's **abstention threshold** tau_S, else to the prior;
 - tau_S is fitted on the training domains only, by inner leave-one-domain-out: for each
-  training domain, the regression is refitted without it and routes it; the threshold kept is
-  the one with the lowest total loss among those that leave **no** inner held-out domain
-  worse than the prior (tau = inf, "always the prior", always qualifies).
+  training domain the margin model is refitted without it and routes it; the threshold
+  kept is the one with the lowest total loss among those that leave **no** inner held-out
+  domain worse than the prior beyond its paired bootstrap interval (tau = inf, "always the
+  prior", always qualifies).
 
-So a domain like none the gate trained on is routed only where routing held up on every
+So a domain like none the gate trained on is routed only as far as routing held up on every
 domain the threshold was checked on, and otherwise served by the prior.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,6 +38,12 @@ class SafeTop1Config:
     ridge: float = 1.0  # L2 weight, per unit of (character-weighted) sample mass
     quantiles: int = 40  # candidate thresholds: quantiles of the inner predicted gains
     min_inner_domains: int = 3  # fewer training domains: no inner check, always the prior
+    # An inner held-out domain blocks a threshold when the lower end of its paired bootstrap
+    # interval (quantile alpha of `draws` resamples) of the change against the prior is > 0,
+    # i.e. when routing makes it worse beyond noise.
+    draws: int = 200
+    alpha: float = 0.025
+    seed: int = 0
 
 
 @dataclass
@@ -92,6 +99,37 @@ def served_nll(nll: np.ndarray, choice: np.ndarray) -> np.ndarray:
     return nll[np.arange(len(nll)), choice]
 
 
+# Fits a cost model on training rows of one subset S and returns it: features -> [P, |S|]
+# costs, lower is better (the ridge: predicted bits/char; the gate: minus its logits).
+Fitter = Callable[
+    [tuple[str, ...], np.ndarray, np.ndarray, np.ndarray, Sequence[str]],
+    Callable[[np.ndarray], np.ndarray],
+]
+
+
+def ridge_fitter(cfg: SafeTop1Config) -> Fitter:
+    def fit(experts, features, nll, chars, domains):
+        return Regressor.fit(features, rates(nll, chars), chars, cfg).predict
+
+    return fit
+
+
+def gate_fitter(gate_config=None) -> Fitter:
+    """The mixture gate (`gate.train_gate`, retrained on S): cost = minus its logits, so the
+    gain over the prior is the gate's log-weight margin log g_n - log g_prior."""
+
+    def fit(experts, features, nll, chars, domains):
+        from services.router.gate import GateConfig, train_gate
+        from services.router.gate_data import GateData
+
+        data = GateData(tuple(experts), features, nll, chars, tuple(domains))
+        cfg = gate_config or GateConfig()
+        gate = train_gate(data, None, cfg.seed, cfg)
+        return lambda f: -gate.scores(f)
+
+    return fit
+
+
 def fit_threshold(
     features: np.ndarray,
     nll: np.ndarray,
@@ -99,9 +137,13 @@ def fit_threshold(
     domains: Sequence[str],
     prior: int,
     cfg: SafeTop1Config,
+    fitter: Fitter | None = None,
+    experts: tuple[str, ...] = (),
 ) -> tuple[float, dict]:
     """tau for one subset (columns of ``nll``) by inner leave-one-domain-out; returns it and
     what the check saw (per-domain change in bits/char at tau)."""
+    fitter = fitter or ridge_fitter(cfg)
+    experts = experts or tuple(str(i) for i in range(nll.shape[1]))
     doms = np.asarray(domains)
     names = sorted(set(domains))
     if len(names) < cfg.min_inner_domains:
@@ -109,8 +151,8 @@ def fit_threshold(
     gains, rows = [], []
     for d in names:
         held = doms == d
-        reg = Regressor.fit(features[~held], rates(nll[~held], chars[~held]), chars[~held], cfg)
-        pred = reg.predict(features[held])
+        costs = fitter(experts, features[~held], nll[~held], chars[~held], list(doms[~held]))
+        pred = costs(features[held])
         g = pred[:, [prior]] - pred
         gains.append(g)
         rows.append(np.flatnonzero(held))
@@ -120,18 +162,25 @@ def fit_threshold(
     top = gain[np.arange(len(gain)), best]
     sub_nll, sub_chars, sub_dom = nll[idx], chars[idx], doms[idx]
     base = sub_nll[:, prior]
+    if not (top > 0).any():
+        return math.inf, {"reason": "no positive margin"}
     cands = sorted(set(np.quantile(top[top > 0], np.linspace(0, 1, cfg.quantiles)).tolist()))
+    # Paired bootstrap per inner domain (the same resamples for every tau).
+    rng = np.random.default_rng(cfg.seed)
+    where = {d: np.flatnonzero(sub_dom == d) for d in names}
+    draws = {d: rng.integers(0, len(w), size=(cfg.draws, len(w))) for d, w in where.items()}
     best_tau, best_total, seen = math.inf, 0.0, {}
     for tau in cands:
         served = np.where(top > tau, sub_nll[np.arange(len(idx)), best], base)
-        delta = {
-            d: float((served[sub_dom == d] - base[sub_dom == d]).sum())
-            / float(sub_chars[sub_dom == d].sum())
-            / LN2
-            for d in names
-        }
-        total = float((served - base).sum())
-        if max(delta.values()) <= 0.0 and total < best_total:
+        diff = served - base
+        delta, worst = {}, -math.inf
+        for d, w in where.items():
+            delta[d] = float(diff[w].sum() / sub_chars[w].sum() / LN2)
+            boot = diff[w][draws[d]].sum(1) / sub_chars[w][draws[d]].sum(1) / LN2
+            worst = max(worst, float(np.quantile(boot, cfg.alpha)))
+        total = float(diff.sum())
+        # Safe: no inner held-out domain is worse than the prior beyond its interval.
+        if worst <= 0.0 and total < best_total:
             best_tau, best_total, seen = tau, total, delta
     return best_tau, {"inner_delta_bpc": seen, "candidates": len(cands)}
 
@@ -141,7 +190,7 @@ class SafeTop1:
     """Top-1 router over ``experts`` with a prior and a threshold per subset."""
 
     experts: tuple[str, ...]
-    regressor: Regressor
+    regressor: Regressor | None  # None: mode "gate" (the caller passes the gate's logits)
     priors: dict[tuple[str, ...], str] = field(default_factory=dict)
     taus: dict[tuple[str, ...], float] = field(default_factory=dict)
     info: dict[tuple[str, ...], dict] = field(default_factory=dict)
@@ -155,11 +204,23 @@ class SafeTop1:
         domains: Sequence[str],
         subsets: Iterable[Sequence[str]],
         cfg: SafeTop1Config = SafeTop1Config(),
+        mode: str = "gate",
+        gate_config=None,
     ) -> SafeTop1:
         """Fit on training rows (``nll`` [P, N] nats, NaN where not scored). For each
-        subset, the prior and tau use only rows where every member of S was scored."""
+        subset, the prior and tau use only rows where every member of S was scored.
+        ``mode`` "gate": the margin is the mixture gate's (thresholds fitted on gates
+        retrained per inner fold; at serving the caller's gate gives the logits); "ridge":
+        the ridge regression's predicted gain (stored here)."""
         experts = tuple(experts)
-        out = SafeTop1(experts, Regressor.fit(features, rates(nll, chars), chars, cfg))
+        if mode == "ridge":
+            out = SafeTop1(experts, Regressor.fit(features, rates(nll, chars), chars, cfg))
+            fitter = ridge_fitter(cfg)
+        elif mode == "gate":
+            out = SafeTop1(experts, None)
+            fitter = gate_fitter(gate_config)
+        else:
+            raise ValueError(f"unknown mode {mode!r}")
         for s in subsets:
             key = _key(experts, s)
             cols = [experts.index(e) for e in key]
@@ -167,30 +228,49 @@ class SafeTop1:
             sub = nll[ok][:, cols]
             prior = int((sub.sum(0) / chars[ok].sum()).argmin())
             doms = [d for d, keep in zip(domains, ok, strict=True) if keep]
-            tau, info = fit_threshold(features[ok], sub, chars[ok], doms, prior, cfg)
+            tau, info = fit_threshold(features[ok], sub, chars[ok], doms, prior, cfg, fitter, key)
             out.priors[key], out.taus[key], out.info[key] = key[prior], tau, info
         return out
 
-    def choose(self, features: np.ndarray, subset: Sequence[str]) -> list[str]:
-        """The expert each row goes to. ``features`` [P, D] (or [D])."""
+    @property
+    def mode(self) -> str:
+        return "gate" if self.regressor is None else "ridge"
+
+    def choose(
+        self, features: np.ndarray, subset: Sequence[str], logits: np.ndarray | None = None
+    ) -> list[str]:
+        """The expert each row goes to. ``features`` [P, D] (or [D]); mode "gate" needs the
+        gate's ``logits`` [P, len(experts)] (its experts, in its order)."""
         key = _key(self.experts, subset)
         if key not in self.priors:
             raise KeyError(f"no threshold fitted for subset {key}")
         if len(key) == 1:
             return [key[0]] * np.atleast_2d(features).shape[0]
         cols = [self.experts.index(e) for e in key]
-        pred = self.regressor.predict(np.atleast_2d(features))[:, cols]
+        if self.regressor is None:
+            if logits is None:
+                raise ValueError("mode 'gate' needs the gate's logits")
+            pred = -np.atleast_2d(logits)[:, cols]
+        else:
+            pred = self.regressor.predict(np.atleast_2d(features))[:, cols]
         picks = route(pred, key.index(self.priors[key]), self.taus[key])
         return [key[i] for i in picks]
 
     def to_state(self) -> dict:
         r = self.regressor
+        ridge = (
+            {}
+            if r is None
+            else {
+                "mean": r.mean.tolist(),
+                "std": r.std.tolist(),
+                "proj": r.proj.tolist(),
+                "coef": r.coef.tolist(),
+            }
+        )
         return {
             "experts": list(self.experts),
-            "mean": r.mean.tolist(),
-            "std": r.std.tolist(),
-            "proj": r.proj.tolist(),
-            "coef": r.coef.tolist(),
+            **ridge,
             "subsets": [
                 {"subset": list(k), "prior": self.priors[k], "tau": self.taus[k]}
                 for k in self.priors
@@ -199,7 +279,9 @@ class SafeTop1:
 
     @staticmethod
     def from_state(state: dict) -> SafeTop1:
-        reg = Regressor(*(np.asarray(state[k]) for k in ("mean", "std", "proj", "coef")))
+        reg = None
+        if "coef" in state:
+            reg = Regressor(*(np.asarray(state[k]) for k in ("mean", "std", "proj", "coef")))
         out = SafeTop1(tuple(state["experts"]), reg)
         for s in state["subsets"]:
             key = tuple(s["subset"])

@@ -40,7 +40,7 @@ def test_route_abstains_below_the_threshold() -> None:
 
 def test_a_real_signal_is_routed_and_beats_the_prior() -> None:
     d = data(signal=True)
-    safe = SafeTop1.fit(EXPERTS, d.features, d.nll, d.chars, d.categories, [EXPERTS])
+    safe = SafeTop1.fit(EXPERTS, d.features, d.nll, d.chars, d.categories, [EXPERTS], mode="ridge")
     assert safe.priors[EXPERTS] == "a" and math.isfinite(safe.taus[EXPERTS])
     res = evaluate_subset(d, EXPERTS, FAST)
     point, lo, hi = bootstrap_delta(res, "safe top-1", draws=300)
@@ -50,7 +50,7 @@ def test_a_real_signal_is_routed_and_beats_the_prior() -> None:
 
 def test_no_signal_means_the_prior_and_never_worse() -> None:
     d = data(signal=False, seed=1)
-    safe = SafeTop1.fit(EXPERTS, d.features, d.nll, d.chars, d.categories, [EXPERTS])
+    safe = SafeTop1.fit(EXPERTS, d.features, d.nll, d.chars, d.categories, [EXPERTS], mode="ridge")
     picks = safe.choose(d.features, EXPERTS)
     assert picks.count("a") >= 0.9 * len(picks)  # abstains (almost) always
     res = evaluate_subset(d, EXPERTS, FAST)
@@ -62,12 +62,25 @@ def test_state_round_trip_and_missing_scores() -> None:
     d = data(signal=True, seed=2)
     nll = d.nll.copy()
     nll[::3, 1] = np.nan  # b not scored on a third of the prompts
-    safe = SafeTop1.fit(EXPERTS, d.features, nll, d.chars, d.categories, [EXPERTS])
+    safe = SafeTop1.fit(EXPERTS, d.features, nll, d.chars, d.categories, [EXPERTS], mode="ridge")
     back = SafeTop1.from_state(safe.to_state())
     assert back.choose(d.features, EXPERTS) == safe.choose(d.features, EXPERTS)
     assert len(restrict(GateData(EXPERTS, d.features, nll, d.chars, d.categories), EXPERTS)) == (
         len(d) - len(range(0, len(d), 3))
     )
+
+
+def test_gate_mode_routes_a_real_signal_by_the_gates_margin() -> None:
+    d = data(signal=True, seed=4)
+    safe = SafeTop1.fit(
+        EXPERTS, d.features, d.nll, d.chars, d.categories, [EXPERTS], gate_config=FAST
+    )
+    assert safe.mode == "gate" and math.isfinite(safe.taus[EXPERTS])
+    logits = np.stack([np.zeros(len(d)), np.where(d.features[:, 0] > 0, 5.0, -5.0)], 1)
+    picks = safe.choose(d.features, EXPERTS, logits)
+    assert picks == ["b" if x > 0 else "a" for x in d.features[:, 0]]
+    back = SafeTop1.from_state(safe.to_state())
+    assert back.mode == "gate" and back.choose(d.features, EXPERTS, logits) == picks
 
 
 def test_bootstrap_delta_is_zero_for_identical_methods() -> None:
