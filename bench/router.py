@@ -976,7 +976,7 @@ def served_sections(splits: dict[str, GateData], out: Path) -> list[tuple[str, s
             f"{mix['prompts']} prompts (20 per domain); the gate's weights for each domain "
             "come from a gate trained on the other domains (mean weight on qwen15 "
             f"{mix['mean_w_qwen15']:.2f}). The token mixture row is what the router serves "
-            "at k = 2 on these experts (`token_mixture`, top-64 per expert on the wire), "
+            "at k = 2 on these experts (`token_mixture` with `top_k=0`), "
             "scored on the reference continuation; energy is MODELLED (both experts run "
             "every token).\n\n" + "\n".join(lines)
         )

@@ -164,7 +164,7 @@ def report(prompts: Path, per_domain: int, cache: Path) -> tuple[list[str], dict
     top1 = np.where(w_b > 0.5, 1, 0)
     seq_mix = -np.logaddexp(-seq[:, 0] + np.log(1 - w_b), -seq[:, 1] + np.log(w_b))
     tok_full = token_mixture_nll(a, b, w_b, None)
-    tok_k = token_mixture_nll(a, b, w_b, TOP_K)
+    covered = coverage(a, b, TOP_K)
     tok_half = token_mixture_nll(a, b, np.full(len(chosen), 0.5), None)
     problem = SelectionProblem.from_specs(
         expert_specs(PAIR),
@@ -186,8 +186,7 @@ def report(prompts: Path, per_domain: int, cache: Path) -> tuple[list[str], dict
             float(np.where(top1 == 1, e15, e05).mean()),
         ),
         ("sequence mixture (not served)", seq_mix.sum(), e05 + e15),
-        ("**token mixture, served (top-64 per expert on the wire)**", tok_k.sum(), e05 + e15),
-        ("token mixture, whole vocabulary", tok_full.sum(), e05 + e15),
+        ("**token mixture, served (whole vocabulary on the wire)**", tok_full.sum(), e05 + e15),
         ("token mixture, equal weights", tok_half.sum(), e05 + e15),
         (
             "oracle (best expert per prompt)",
@@ -204,7 +203,31 @@ def report(prompts: Path, per_domain: int, cache: Path) -> tuple[list[str], dict
     for name, nll, j in rows_out:
         lines.append(f"| {name} | {nll / total:.3f} | {(nll - base) / base:+.1%} | {j:.1f} |")
         summary[name] = {"bpc": float(nll / total), "energy_j": float(j)}
-    return lines, {"prompts": len(chosen), "rows": summary, "mean_w_qwen15": float(w_b.mean())}
+    lines += [
+        "",
+        f"With top-{TOP_K} per expert on the wire (the `TokenMixer` default, ~0.5 KB per "
+        "expert and token instead of the whole 151,936-entry vocabulary), the reference token "
+        f"is inside the union of the two top-{TOP_K} lists at {covered:.1%} of positions; the "
+        "truncated mixture gives every other token probability 0 (sampling never picks it), "
+        "so a teacher-forced bits/char of the truncated mixture is not finite and is not "
+        "reported; the whole-vocabulary row is the exact served mixture (`top_k=0`).",
+    ]
+    return lines, {
+        "prompts": len(chosen),
+        "rows": summary,
+        "mean_w_qwen15": float(w_b.mean()),
+        f"top{TOP_K}_coverage": covered,
+    }
+
+
+def coverage(a: dict, b: dict, k: int) -> float:
+    """Share of reference tokens inside the union of the two experts' top-k lists."""
+    hit = total = 0
+    for p in range(len(a["ref"])):
+        for t, y in enumerate(a["ids"][p]):
+            total += 1
+            hit += int(y in set(a["top_ids"][p][t][:k]) | set(b["top_ids"][p][t][:k]))
+    return hit / max(total, 1)
 
 
 def main(argv: list[str] | None = None) -> dict:

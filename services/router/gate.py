@@ -329,16 +329,24 @@ def report(
     ]
     if manifest is not None:
         sizes = manifest["sizes"]
-        timing = ", ".join(
-            f"{e} ({manifest['experts'][e]}) {t['load_s']:.0f}s load + "
-            f"{t['per_prompt_s']:.2f}s/prompt"
+        scored = manifest.get("scored", {})
+        rates = ", ".join(
+            f"{e} {t['rows'] / t['seconds']:.2f}"
             for e, t in manifest["timings"].items()
+            if t.get("seconds")
         )
         lines += [
-            f"Prompts: up to {sizes['prompt_chars']} characters of a corpus item cut at a "
-            f"whitespace, continuation up to the next {sizes['continuation_chars']} "
-            f"characters; seed {sizes['seed']}. Building the data took "
-            f"{manifest.get('total_s', 0):.0f}s on this machine: {timing}.",
+            f"Prompts: {manifest.get('prompts', '?')} in {len(manifest.get('domains', []))} "
+            f"domains ({', '.join(manifest.get('domains', []))}), up to "
+            f"{sizes.get('per_domain', '?')} per domain; raw text cut at a whitespace after "
+            f"up to {sizes['prompt_chars']} characters, continuations (and chat answers) up "
+            f"to {sizes['continuation_chars']} characters; seed {sizes['seed']}. Scored per "
+            f"expert: {', '.join(f'{e} {n}' for e, n in scored.items())} prompts (the "
+            "budgeted build, one thread at nice 19 on a shared 2-core host, ran out before "
+            f"qwen15 finished). Rows/s of the last build run: {rates}.",
+            "",
+            "The tables below are on the test split's rows that every expert was scored "
+            "on; the leave-one-domain-out section uses every row each subset has.",
             "",
         ]
     lines += [
