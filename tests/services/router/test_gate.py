@@ -185,9 +185,11 @@ def test_real_gate_data_beats_uniform_and_features_match_runtime() -> None:
 
     splits = load(DEFAULT_PATH)
     assert {len(d.experts) for d in splits.values()} == {4}
-    gate = train_gate(splits["train"], val=splits["val"])
-    assert mixture_loss(gate, splits["test"]) < uniform_loss(splits["test"])
-    test = splits["test"]
+    # A budgeted gate-data leaves the largest expert unscored on some prompts (NaN):
+    # training takes them as they are, the comparison needs every expert's loss.
+    gate = train_gate(splits["train"], val=splits["val"].complete())
+    test = splits["test"].complete()
+    assert mixture_loss(gate, test) < uniform_loss(test)
     if not test.prompts:
         pytest.skip("gate data cached without prompt texts")
     spec = ModelRegistry().get("smollm2")
