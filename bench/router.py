@@ -955,7 +955,9 @@ def _parse_delays(text: str) -> list[float | None]:
     return [None if t.strip() == "none" else float(t) for t in text.split(",")]
 
 
-def served_sections(splits: dict[str, GateData], out: Path) -> list[tuple[str, str]]:
+def served_sections(
+    splits: dict[str, GateData], out: Path, data: Path = DEFAULT_PATH
+) -> list[tuple[str, str]]:
     """What the router serves, held out by domain (services.router.gate_lodo) and the token
     mixture of qwen05 + qwen15 (bench.token_mixture, when its cache is there)."""
     from bench import token_mixture
@@ -963,13 +965,14 @@ def served_sections(splits: dict[str, GateData], out: Path) -> list[tuple[str, s
 
     cached = out / "gate.json"
     blob = json.loads(cached.read_text()) if cached.exists() else {}
-    if blob.get("data", {}).get("mtime") == DEFAULT_PATH.stat().st_mtime and "markdown" in blob:
+    mtime = blob.get("data", {}).get("mtime")
+    if mtime is not None and mtime == data.stat().st_mtime and "markdown" in blob:
         lodo, summary = blob["markdown"], blob  # written by `make gate` on this very data
     else:
         lodo, summary = lodo_report(pooled(splits))
     sections = [("Served quality, leave one domain out", "\n".join(lodo[2:]))]
     extra: dict = {"lodo": summary}
-    prompts = sorted(Path(DEFAULT_PATH.parent / "jobs").glob("*/prompts.json"))
+    prompts = sorted(Path(data.parent / "jobs").glob("*/prompts.json"))
     if token_mixture.CACHE.exists() and prompts:
         lines, mix = token_mixture.report(prompts[-1], 20, token_mixture.CACHE)
         text = (
@@ -1066,7 +1069,7 @@ def main(argv: list[str] | None = None, extra_sections: Sequence[tuple[str, str]
     a.out.mkdir(parents=True, exist_ok=True)
     plot(rows, result, a.out / "router_quality.png")
     result["wall_s"] = time.perf_counter() - start
-    md = render(result, rows, [*served_sections(splits, a.out), *extra_sections])
+    md = render(result, rows, [*served_sections(splits, a.out, a.data), *extra_sections])
     (a.out / "router.md").write_text(md)
     # one row per line keeps the file small and diffable
     head = json.dumps({**result, "rows": "ROWS"}, indent=1)
