@@ -4,7 +4,7 @@ PY := .venv/bin/python
 # The `tandem` command (tandem/cli.py), installed into .venv by `make setup` (pip install -e .).
 TANDEM := .venv/bin/tandem
 
-.PHONY: setup run run-edge run-cloud run-collab run-router redis test proto calibrate bench-edge bench-batch bench-collab bench-router bench-router-solver bench-attn run-pool run-ray vllm-venv llamacpp-venv run-vllm gate-data gate validate-compose validate-k8s drills loadtest lint fmt gpu-check
+.PHONY: setup run run-edge run-cloud run-collab run-router redis test proto calibrate bench-edge bench-batch bench-collab bench-collab-spec bench-router bench-router-solver bench-attn run-pool run-ray vllm-venv llamacpp-venv run-vllm gate-data gate validate-compose validate-k8s drills loadtest lint fmt gpu-check
 
 setup:
 	bash scripts/bootstrap.sh
@@ -98,6 +98,12 @@ bench-batch: setup vllm-venv
 # CE-CoLLM table: cloud-only / naive / collaborative / standalone side by side (~25 min).
 bench-collab: setup proto
 	$(PY) -m bench.collab
+
+# The lossless mode beside CE-CoLLM and cloud-only, one link (~20 min): speculative at several
+# tau, CE-CoLLM at 0.8 and 1.0, 1 and 4 clients; docs/bench/speculative/collab.{md,json,png}.
+bench-collab-spec: setup proto
+	$(PY) -m bench.collab --links 10mbit/20ms --taus 0.8,1.0 --spec-taus 0.0,0.5,0.8,0.9 \
+	  --clients 1,4 --no-int8 --naive-links none --out docs/bench/speculative
 
 # MoE² router: solver time vs N, quality vs energy budget per delay budget against the
 # baselines (offline, on the cached gate data), and the router's per-request overhead against

@@ -402,9 +402,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-llamacpp", action="store_true", help="Tandem side only")
     p.add_argument("--transformers", action="store_true", help="add the (slow) HF table")
     p.add_argument("--render-only", action="store_true", help="rewrite the reports from edge.json")
+    p.add_argument("--out", type=Path, default=OUT, help="folder of edge.{md,json,png}")
     a = p.parse_args(argv)
     if a.render_only:
-        write_reports(json.loads((OUT / "edge.json").read_text()))
+        write_reports(json.loads((a.out / "edge.json").read_text()), a.out)
         return
     torch.set_num_threads(THREADS)
     bw_before = read_bandwidth_gbs(threads=THREADS)
@@ -434,15 +435,15 @@ def main(argv: list[str] | None = None) -> None:
     }
     if a.transformers:
         data["transformers"] = {m: transformers_baseline(m) for m in a.models.split(",")}
-    write_reports(data)
+    write_reports(data, a.out)
 
 
-def write_reports(data: dict) -> None:
-    OUT.mkdir(parents=True, exist_ok=True)
+def write_reports(data: dict, out: Path = OUT) -> None:
+    out.mkdir(parents=True, exist_ok=True)
     md = render(data)
-    (OUT / "edge.md").write_text(md)
-    (OUT / "edge.json").write_text(json.dumps(data, indent=1))
-    plot(data, OUT / "edge.png")
+    (out / "edge.md").write_text(md)
+    (out / "edge.json").write_text(json.dumps(data, indent=1))
+    plot(data, out / "edge.png")
     print(md)
 
 
