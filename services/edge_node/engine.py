@@ -258,29 +258,7 @@ class EdgeEngine:
         return len(self._running)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        n_prompt = len(request.prompt_ids)
-        if n_prompt == 0:
-            raise ValueError("prompt is empty")
-        if n_prompt + request.params.max_tokens > self.max_context:
-            raise PromptTooLong(
-                f"prompt ({n_prompt} tokens) + max_tokens ({request.params.max_tokens}) "
-                f"exceeds the context of {self.max_context} tokens"
-            )
-        if self._thread is None:
-            raise RuntimeError("engine not started")
-        with self._lock:
-            if self._submitted >= self.config.max_waiting:
-                raise EngineOverloaded(f"{self._submitted} requests are waiting")
-            self._submitted += 1
-        active = _Active(
-            request=request,
-            loop=asyncio.get_running_loop(),
-            out=asyncio.Queue(),
-            sampler=Sampler(request.params),
-            stop=StopMatcher(request.params.stop),
-            detok=IncrementalDetokenizer(self.codec.decode),
-        )
-        self._inbox.put(active)
+        active = self._submit(request)
         finished = False
         try:
             while True:
@@ -306,6 +284,11 @@ class EdgeEngine:
         and waits for the token to append. Same admission and limits as `generate`."""
         if self.decoder.split:
             raise NotImplementedError("forced stepping needs a full-depth (non-split) decoder")
+        return ForcedSession(self, self._submit(request, top_k=max(0, top_k)))
+
+    def _submit(self, request: GenerationRequest, top_k: int | None = None) -> _Active:
+        """Check the request against the limits, count it as waiting and hand it to the
+        worker thread (called on the client's event loop)."""
         n_prompt = len(request.prompt_ids)
         if n_prompt == 0:
             raise ValueError("prompt is empty")
@@ -327,10 +310,10 @@ class EdgeEngine:
             sampler=Sampler(request.params),
             stop=StopMatcher(request.params.stop),
             detok=IncrementalDetokenizer(self.codec.decode),
-            top_k=max(0, top_k),
+            top_k=top_k,
         )
         self._inbox.put(active)
-        return ForcedSession(self, active)
+        return active
 
     # -- worker thread ---------------------------------------------------------------
 
