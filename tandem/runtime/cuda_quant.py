@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tandem.runtime.quant import Int8Linear
+
 CUDA_GROUP_SIZES = (32, 64, 128, 256)  # what the CUDA kernel accepts
 
 
@@ -143,20 +145,10 @@ def unpack_int4_cuda(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return out
 
 
-class CudaInt8Linear(nn.Module):
-    """int8 weight-only linear: symmetric per output channel; bf16 matmul on the
-    dequantized weight, the scale applied to the output (fused by inductor when compiled)."""
-
-    def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
-        w = linear.weight.detach().float()
-        scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
-        self.register_buffer(
-            "qweight", torch.round(w / scale[:, None]).clamp(-128, 127).to(torch.int8)
-        )
-        self.register_buffer("scale", scale.to(torch.bfloat16))
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().bfloat16())
-        self.out_features, self.in_features = w.shape
+class CudaInt8Linear(Int8Linear):
+    """int8 weight-only linear: Int8Linear's weights (symmetric per output channel); bf16
+    matmul on the dequantized weight, the scale applied to the output (fused by inductor
+    when compiled), since aten's int8pack kernel is CPU-only."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x.to(torch.bfloat16), self.qweight.to(torch.bfloat16)) * self.scale

@@ -32,6 +32,21 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
+def tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """softmax(logits / temperature); shifted first: a tiny temperature would overflow
+    logits / T to inf (NaN probs)."""
+    return torch.softmax((logits - logits.max()) / temperature, dim=-1)
+
+
+def nucleus(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """top_p: probs sorted descending with everything beyond the nucleus zeroed (not
+    renormalised; the most likely token is always kept), and the sort's indices."""
+    sorted_p, idx = torch.sort(probs, descending=True)
+    keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < top_p
+    keep[0] = True
+    return torch.where(keep, sorted_p, torch.zeros_like(sorted_p)), idx
+
+
 @dataclass
 class Sampler:
     """Per-sequence sampler; holds its own RNG so a seed reproduces a stream."""
@@ -53,14 +68,9 @@ class Sampler:
             top = logits.max(-1)
             return int(top.indices), float(torch.exp(top.values - torch.logsumexp(logits, -1)))
         logits = logits.cpu()  # the seeded CPU generator draws (the same stream on any device)
-        # shift first: a tiny temperature would overflow logits / T to inf (NaN probs)
-        probs = torch.softmax((logits - logits.max()) / self.params.temperature, dim=-1)
+        probs = tempered(logits, self.params.temperature)
         if self.params.top_p < 1.0:
-            sorted_p, idx = torch.sort(probs, descending=True)
-            cum = torch.cumsum(sorted_p, dim=-1)
-            keep = cum - sorted_p < self.params.top_p
-            keep[0] = True
-            sorted_p = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
+            sorted_p, idx = nucleus(probs, self.params.top_p)
             choice = int(torch.multinomial(sorted_p, 1, generator=self.generator))
             tok = int(idx[choice])
         else:

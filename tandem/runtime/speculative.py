@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from tandem.runtime.decoder import StepResult
-from tandem.runtime.sampling import Sampler, SamplingParams
+from tandem.runtime.sampling import Sampler, SamplingParams, nucleus, tempered
 
 DRAFT_TOP_K = 16
 
@@ -78,13 +78,10 @@ class Judgement:
 
 def target_distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """p over the vocabulary for one row of logits: temperature, then top_p, normalised."""
-    logits = logits.float()
-    probs = torch.softmax((logits - logits.max()) / params.temperature, dim=-1)
+    probs = tempered(logits.float(), params.temperature)
     if params.top_p < 1.0:
-        sorted_p, idx = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < params.top_p
-        keep[0] = True
-        probs = torch.zeros_like(probs).scatter_(0, idx[keep], sorted_p[keep])
+        sorted_p, idx = nucleus(probs, params.top_p)
+        probs = torch.zeros_like(probs).scatter_(0, idx, sorted_p)
         probs /= probs.sum()
     return probs
 
