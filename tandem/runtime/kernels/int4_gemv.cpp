@@ -38,7 +38,7 @@ constexpr int kBlock = 32;   // k per quantization block
 constexpr int kBlockBytes = 256;
 constexpr int kMaxMcAvx2 = 4;  // activation rows per pass over a group's weights (AVX-512: 8)
 
-enum Isa : int64_t { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvx512 = 3 };
+#include "cpu_isa.h"
 
 struct QuantX {
   std::vector<int8_t> q;  // [M, KB * 32]
@@ -315,24 +315,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void group_avx51
   }
 }
 
-bool has_avx2() {
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-         __builtin_cpu_supports("f16c");
-}
-
-bool has_avx512() {
-  return has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
-}
-
-Isa resolve(int64_t isa) {
-  if (isa == kAuto) return has_avx512() ? kAvx512 : (has_avx2() ? kAvx2 : kScalar);
-  TORCH_CHECK(isa >= kScalar && isa <= kAvx512, "int4_mm: unknown isa ", isa);
-  TORCH_CHECK(isa != kAvx2 || has_avx2(), "int4_mm: this CPU has no AVX2/FMA/F16C");
-  TORCH_CHECK(isa != kAvx512 || has_avx512(), "int4_mm: this CPU has no AVX-512 VNNI");
-  return static_cast<Isa>(isa);
-}
-
 at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                    const at::Tensor& mins, int64_t n, const c10::optional<at::Tensor>& bias,
                    int64_t isa) {
@@ -352,7 +334,7 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
               kb * kBlock);
   TORCH_CHECK(n > (groups - 1) * kRows && n <= groups * kRows, "int4_mm: n=", n,
               " does not match ", groups, " row groups");
-  const Isa path = resolve(isa);
+  const Isa path = resolve_isa(isa, "int4_mm");
   const at::Tensor xc = x.contiguous();
   const at::Tensor qc = qweight.contiguous(), sc = scales.contiguous(), mc = mins.contiguous();
   const int64_t m = xc.size(0), k = xc.size(1);
@@ -431,7 +413,7 @@ at::Tensor int4_dequant(const at::Tensor& qweight, const at::Tensor& scales,
   return out;
 }
 
-int64_t best_isa() { return static_cast<int64_t>(resolve(kAuto)); }
+int64_t best_isa() { return static_cast<int64_t>(resolve_isa(kAuto, "best_isa")); }
 
 }  // namespace
 

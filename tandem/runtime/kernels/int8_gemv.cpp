@@ -43,7 +43,7 @@ constexpr int kChunkBytes = 64;  // 16 rows x 4 k
 constexpr int kMaxMcAvx2 = 4;    // activation rows per pass over a group's weights
 constexpr int kMaxMcAvx512 = 8;
 
-enum Isa : int64_t { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvx512 = 3 };
+#include "cpu_isa.h"
 
 struct QuantRows {
   std::vector<int8_t> q;   // [M, K]
@@ -308,24 +308,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void group_avx51
   }
 }
 
-bool has_avx2() {
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-         __builtin_cpu_supports("f16c");
-}
-
-bool has_avx512() {
-  return has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
-}
-
-Isa resolve(int64_t isa) {
-  if (isa == kAuto) return has_avx512() ? kAvx512 : (has_avx2() ? kAvx2 : kScalar);
-  TORCH_CHECK(isa >= kScalar && isa <= kAvx512, "int8_mm: unknown isa ", isa);
-  TORCH_CHECK(isa != kAvx2 || has_avx2(), "int8_mm: this CPU has no AVX2/FMA/F16C");
-  TORCH_CHECK(isa != kAvx512 || has_avx512(), "int8_mm: this CPU has no AVX-512 VNNI");
-  return static_cast<Isa>(isa);
-}
-
 at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                    int64_t n, const c10::optional<at::Tensor>& bias, int64_t isa,
                    int64_t xblock) {
@@ -346,7 +328,7 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   if (xblock == 0) xblock = k;
   TORCH_CHECK(xblock > 0 && xblock % 32 == 0 && k % xblock == 0,
               "int8_mm: xblock must be a multiple of 32 dividing K=", k, ", got ", xblock);
-  const Isa path = resolve(isa);
+  const Isa path = resolve_isa(isa, "int8_mm");
   const at::Tensor xc = x.contiguous();
   const at::Tensor qc = qweight.contiguous(), sc = scales.contiguous();
   const int64_t m = xc.size(0);
