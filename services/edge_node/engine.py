@@ -32,7 +32,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -477,10 +477,7 @@ class EdgeEngine:
                 if ask and cloud.available():
                     position = step.reached.start_pos + step.reached.hidden.shape[0] - 1
                     asks[i] = cloud.ask(a.request.request_id, position, a.request.params)
-        if asks:
-            t0 = time.perf_counter()
-            concurrent.futures.wait(asks.values(), timeout=cloud.config.timeout_s + 5)
-            self.stats.cloud_wait_s += time.perf_counter() - t0
+        self._wait_for_cloud(asks.values())
         for i, (a, step, want) in enumerate(zip(batch, steps, sample, strict=True)):
             if not want:
                 continue
@@ -525,11 +522,7 @@ class EdgeEngine:
             cloud.append(sid, reached, upload=not ask, epoch=a.epoch)
             if ask:
                 asks[i] = (cloud.ask(sid, position, a.request.params, a.epoch), flush)
-        if asks:
-            t0 = time.perf_counter()
-            futures = [f for f, _ in asks.values()]
-            concurrent.futures.wait(futures, timeout=cloud.config.timeout_s + 5)
-            self.stats.cloud_wait_s += time.perf_counter() - t0
+        self._wait_for_cloud(f for f, _ in asks.values())
         for i, (future, flush) in asks.items():
             a, step = batch[i], steps[i]
             try:
@@ -552,6 +545,15 @@ class EdgeEngine:
                 a.meta.append((self.n_layers, "cloud"))
             self._emit_upto(a, len(a.ids))  # all checked: the answer covers every draft
         self._running = [a for a in self._running if not a.done]
+
+    def _wait_for_cloud(self, futures: Iterable[concurrent.futures.Future]) -> None:
+        """Wait for one step's cloud answers, bounded by the link's timeout (+5 s for the
+        link's own retries); the time counts as cloud wait."""
+        futures = list(futures)
+        if futures:
+            t0 = time.perf_counter()
+            concurrent.futures.wait(futures, timeout=self.cloud.config.timeout_s + 5)
+            self.stats.cloud_wait_s += time.perf_counter() - t0
 
     def _drafts_full(self, a: _Active) -> bool:
         """True when `a` may not draft further before its drafts are checked."""
