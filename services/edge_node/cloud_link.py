@@ -350,18 +350,14 @@ class CloudLink:
     async def _ask_in_time(
         self, session_id: str, position: int, params: SamplingParams, epoch: int | None
     ) -> CloudAnswer:
-        s = self._session(session_id)
-        if epoch is not None and epoch != s.epoch and s.verdict is not None:
-            rb = s.verdict.rollback
-            assert rb is not None  # a newer epoch began with a rollback
-            return CloudAnswer(rb.token, rb.prob, 0.0, 0.0, 0, 0, 0, s.verdict)
         if not self.available():
             self.counters.skipped_circuit_open += 1
             raise CloudUnavailable("cloud circuit open after a recent failure")
         self.counters.token_requests += 1
         try:
             return await asyncio.wait_for(
-                self._ask(self._session(session_id), position, params), self.config.timeout_s
+                self._ask(self._session(session_id), position, params, epoch),
+                self.config.timeout_s,
             )
         except TimeoutError as exc:
             self._fail(trip=True)
@@ -370,11 +366,18 @@ class CloudLink:
             self._fail(trip=exc.code() in _TRIPPING)
             raise CloudUnavailable(f"cloud error {exc.code().name}: {exc.details()}") from exc
 
-    async def _ask(self, s: _Session, position: int, params: SamplingParams) -> CloudAnswer:
+    async def _ask(
+        self, s: _Session, position: int, params: SamplingParams, epoch: int | None
+    ) -> CloudAnswer:
         t0 = time.perf_counter()
         sampling = sampling_to_proto(params)
         full = self.config.context == "full"
         for attempt in range(3):
+            # checked before every attempt: a rollback may land between any two awaits
+            if epoch is not None and epoch != s.epoch and s.verdict is not None:
+                rb = s.verdict.rollback
+                assert rb is not None  # a newer epoch began with a rollback
+                return CloudAnswer(rb.token, rb.prob, 0.0, 0.0, 0, 0, 0, s.verdict)
             start = 0 if full else min(s.acked, position)
             cloud_id = f"{s.cloud_id}#{s.requests}" if full else s.cloud_id
             s.requests += 1
