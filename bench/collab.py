@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from bench.collab_quality import StreamScorer
 from bench.collab_report import Run, agreement, cloud_layer_rows, find, headline, plot, render
 from bench.edge import OUT
 from bench.machine import cpu_name
@@ -53,7 +54,7 @@ from tandem.launch import ServiceProcess, free_port
 from tandem.models.loader import LoadedModel, LoadOptions, load_model
 from tandem.models.registry import ModelRegistry
 from tandem.runtime.engine_api import ChatMessage, GenerationRequest
-from tandem.runtime.exit_head import ExitHead, decide, target_logprob
+from tandem.runtime.exit_head import decide
 from tandem.runtime.sampling import SamplingParams
 from tandem.transport.hidden import decode_hidden, encode_hidden
 from tandem.transport.network import EmulatedLink, LinkProfile
@@ -393,36 +394,33 @@ def run_cloud_only(s: Setup, link: str, clients: int) -> Run:
     return _per_client(run, clients)
 
 
-# ---- bits per character ------------------------------------------------------------------
-
-
-def _head_logp(
-    head: ExitHead, h: torch.Tensor, targets: torch.Tensor, vocab: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per position: the head's log-probability of the target, and the head's logits."""
-    logits = head(h)
-    return target_logprob(logits, head.shortlist, targets, vocab), logits
+# ---- quality ------------------------------------------------------------------------------
+# Per run: the full model's bits/char on the stream the run served (bench.collab_quality).
+# On corpus text, teacher-forced, the parts that have an honest per-position answer: the
+# full model's bits/char with the split states as the cloud receives them, and how many
+# positions the edge's exits answer and how often they equal the full model's argmax.
 
 
 @torch.inference_mode()
-def bits_per_char(lm: LoadedModel, split: int, texts: Sequence[str], taus: Sequence[float]):
-    """Teacher-forced bits/char of every mode. Per position: a confident edge exit (the
-    exits below the split, then the split head) uses its head's distribution; otherwise
-    the full model continues from the split states as the cloud receives them (bf16 =
-    cloud-only, fp16 or int8 round trip), or, standalone, the split head's distribution.
-    Deferred KV makes teacher forcing equal to what free-running decoding assigns."""
+def corpus_teacher_forced(
+    lm: LoadedModel, split: int, texts: Sequence[str], taus: Sequence[float]
+) -> dict[str, float | int]:
+    """Teacher-forced on `texts`: bits/char of the full model when its upper layers read
+    the split states as transported ("cloud-only" = bf16, "fp16", "int8" round trip), and
+    per tau the fraction of positions a confident edge exit answers (the exits below the
+    split first, then the split head: "exited <tau>") with the fraction of those whose
+    token is the full model's argmax ("exit agreement <tau>"). An exit's token is a hard
+    decision, so it gets no bits/char here; runs are scored on their served streams."""
     model = lm.model
-    vocab, n_layers = model.cfg.vocab_size, model.cfg.n_layers
-    heads = sorted((h for h in lm.heads if h.cfg.layer < split), key=lambda h: h.cfg.layer)
-    split_head = next(h for h in lm.heads if h.cfg.layer == split)
-    bounds = [0, *[h.cfg.layer for h in heads], split]
+    n_layers = model.cfg.n_layers
+    heads = sorted((h for h in lm.heads if h.cfg.layer <= split), key=lambda h: h.cfg.layer)
+    bounds = [0, *[h.cfg.layer for h in heads]]
+    if bounds[-1] != split:
+        bounds.append(split)
     nll: dict[str, float] = {}
-    sent: dict[str, int] = {}
+    exited: dict[str, int] = {}
+    agreed: dict[str, int] = {}
     chars = tokens = 0
-
-    def add(key: str, logp: torch.Tensor) -> None:
-        nll[key] = nll.get(key, 0.0) - float(logp.sum())
-
     for text in texts:
         ids = lm.codec.encode(text)[:BPC_MAX_TOKENS]
         if len(ids) < 2:
@@ -430,53 +428,42 @@ def bits_per_char(lm: LoadedModel, split: int, texts: Sequence[str], taus: Seque
         targets = torch.tensor(ids[1:])
         kv = model.new_kv()
         h = model.embed(torch.tensor(ids))
-        exit_lp, exit_conf = [], []
-        for i, head in enumerate(heads):
+        decisions = []
+        for i in range(len(bounds) - 1):
             h = model.run_sequence(h, kv, 0, bounds[i], bounds[i + 1])
-            lp, logits = _head_logp(head, h[:-1], targets, vocab)
-            exit_lp.append(lp)
-            exit_conf.append(logits)
-        h = model.run_sequence(h, kv, 0, bounds[-2], bounds[-1])
-        split_lp, split_logits = _head_logp(split_head, h[:-1], targets, vocab)
-        upper = {}
+            head = next((x for x in heads if x.cfg.layer == bounds[i + 1]), None)
+            if head is not None:
+                decisions.append((head, head(h[:-1])))
+        argmax = None
         for name in ("bf16", "fp16", "int8"):
             hs = h if name == "bf16" else decode_hidden(encode_hidden(h, name), h.dtype)
             top = model.run_sequence(hs, model.new_kv(first_layer=split), 0, split, n_layers)
             final = torch.log_softmax(model.logits(top[:-1]).float(), dim=-1)
-            upper[name] = final.gather(1, targets[:, None])[:, 0]
-        add("cloud-only", upper["bf16"])
+            key = "cloud-only" if name == "bf16" else name
+            nll[key] = nll.get(key, 0.0) - float(final.gather(1, targets[:, None]).sum())
+            if argmax is None:
+                argmax = final.argmax(-1)
         for tau in taus:
             t = f"{tau:g}"
             decided = torch.zeros(len(ids) - 1, dtype=torch.bool)
-            edge_lp = torch.zeros(len(ids) - 1)
+            good = torch.zeros_like(decided)
             if tau < 1.0:
-                for head, lp, logits in zip(heads, exit_lp, exit_conf, strict=True):
-                    take = decide(logits, head.shortlist, tau).confident & ~decided
-                    edge_lp[take] = lp[take]
+                for head, logits in decisions:
+                    d = decide(logits, head.shortlist, tau)
+                    take = d.confident & ~decided
+                    good |= take & (d.token == argmax)
                     decided |= take
-                take = decide(split_logits, split_head.shortlist, tau).confident & ~decided
-                edge_lp[take] = split_lp[take]
-                decided |= take
-            for name in ("fp16", "int8"):
-                add(f"ce-collm {name} {t}", torch.where(decided, edge_lp, upper[name]))
-            add(f"standalone {t}", torch.where(decided, edge_lp, split_lp))
-            sent[t] = sent.get(t, 0) + int((~decided).sum())
+            exited[t] = exited.get(t, 0) + int(decided.sum())
+            agreed[t] = agreed.get(t, 0) + int(good.sum())
         chars += len(lm.codec.decode(ids[1:]))
         tokens += len(ids) - 1
     out: dict[str, float | int] = {k: v / chars / math.log(2) for k, v in nll.items()}
-    for t, n in sent.items():
-        out[f"cloud rate {t}"] = n / tokens
+    for t, n in exited.items():
+        out[f"exited {t}"] = n / tokens
+        out[f"cloud rate {t}"] = 1 - n / tokens
+        out[f"exit agreement {t}"] = agreed[t] / n if n else None
     out["texts"], out["tokens"], out["chars"] = len(texts), tokens, chars
     return out
-
-
-def _bpc_key(run: Run) -> str | None:
-    t = "-" if run.tau is None else f"{run.tau:g}"
-    if run.mode in ("cloud-only", "speculative"):  # speculative: the cloud's distribution
-        return "cloud-only"
-    if run.mode in ("naive", "ce-collm"):
-        return f"ce-collm {run.encoding} {t}"
-    return f"standalone {t}"
 
 
 # ---- plan, main -----------------------------------------------------------------------------
@@ -617,16 +604,17 @@ def main(argv: list[str] | None = None) -> None:
     if pinned:
         os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
     torch.set_num_threads(os.cpu_count() or 1)
-    _log(t_start, "bits per character")
+    _log(t_start, "quality: served streams, corpus teacher-forced")
     texts = [x.text for x in load_corpus("test", a.bpc_texts)]
-    bpc = bits_per_char(lm, split, texts, taus)
+    bpc = corpus_teacher_forced(lm, split, texts, taus)
+    scorer = StreamScorer(lm.model, lm.codec.decode)
     ref = find(runs, mode="cloud-only", clients=1)
     for r in runs:
         refs = [o for _ in r.outputs for o in ref.outputs[0]] if ref else []
         if refs:
             ag = agreement([o for outs in r.outputs for o in outs], refs)
             r.agreement_pos, r.agreement_prefix, r.exact = ag["pos"], ag["prefix"], ag["exact"]
-        r.bpc = bpc.get(_bpc_key(r))
+        r.bpc = scorer.bits_per_char(s.prompt_ids, r.outputs)
     cfg = lm.model.cfg
     data = {
         "machine": f"{cpu_name()}, torch {torch.__version__}",

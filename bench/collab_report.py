@@ -217,7 +217,7 @@ MODE_HEADER = [
     "agreement (positions)",
     "(prefix)",
     "exact seqs",
-    "bits/char",
+    "bits/char (served stream)",
 ]
 
 
@@ -305,12 +305,15 @@ def render(data: dict) -> str:
         "numbers are the scaling signal.",
         f"- Fixed tau (latency-aware lowering off) for every row, so the sweep shows tau "
         f"itself; cloud token timeout {cfg['timeout_s']:g} s (fallback tokens would be "
-        "listed). Bits/char: teacher-forced on "
-        f"{bpc.get('texts', '?')} corpus test texts ({bpc.get('tokens', '?')} tokens), each "
-        "position scored with the distribution the mode would use: the confident exit "
-        "head's (shortlist + 'other', spread evenly over the rest), else the full model on "
-        "the split states as transported (fp16 or int8 round trip), or for standalone the "
-        "split head's.",
+        "listed).",
+        "- *Bits/char (served stream)*: each run's output, scored by the full model "
+        "(the cloud-only reference, same quantization) teacher-forced on prompt + output: "
+        "-log2 p(token | prompt, the output's own prefix) summed over the served tokens, "
+        "divided by the characters they decode to (`bench/collab_quality.py`). An exit "
+        "head's token is a hard decision, not a distribution, so the stream the user got is "
+        "what is scored; cloud-only greedy is the reference value, a wrong exit costs what "
+        "the full model thinks of it there. Lower is better; read it beside agreement (a "
+        "repetitive stream can also score low).",
         "- Columns: *cloud s* = the cloud's model + queue time reported per token request "
         "(cloud-only: request-to-last-chunk time on loopback); *comm s* = emulated delay on "
         "the critical path (token requests' round trip minus cloud time; cloud-only: total "
@@ -398,7 +401,7 @@ def render(data: dict) -> str:
             )
     header = ["link", "tau", "total s", "vs cloud-only", "cloud s", "edge s", "comm s"]
     header += ["KB sent", "cloud request rate", "offloaded (time)", "(layer-rows)"]
-    header += ["agreement (positions)", "exact seqs", "bits/char"]
+    header += ["agreement (positions)", "exact seqs", "bits/char (served stream)"]
     lines += ["CE-CoLLM collaborative:", ""] + _table(header, rows) + [""]
     rows = []
     for tau in taus:
@@ -419,7 +422,7 @@ def render(data: dict) -> str:
             ]
         )
     header = ["tau", "total s", "edge s", "tokens by exit layer", "agreement (positions)"]
-    header += ["(prefix)", "exact seqs", "bits/char"]
+    header += ["(prefix)", "exact seqs", "bits/char (served stream)"]
     lines += ["Edge standalone (no link):", ""] + _table(header, rows) + [""]
     clients = sorted({r.clients for r in runs})
     if len(clients) > 1:
@@ -463,35 +466,43 @@ def render(data: dict) -> str:
             "here, so their edge time grows with their number.",
             "",
         ]
-    lines += [
-        "## Bits per character (teacher-forced)",
-        "",
-    ]
-    if bpc:
-        rows = [["cloud-only (full model)", "—", _f(bpc.get("cloud-only"), "{:.3f}"), "—", "—"]]
+    if bpc.get("exited " + f"{taus[0]:g}") is not None:
+        lines += [
+            "## Teacher-forced on corpus text",
+            "",
+            f"{bpc.get('texts', '?')} corpus test texts ({bpc.get('tokens', '?')} tokens). "
+            "The full model's bits/char when its upper layers read the split states as "
+            "transported (bf16 = cloud-only):",
+            "",
+        ]
+        rows = [
+            [
+                _f(bpc.get("cloud-only"), "{:.3f}"),
+                _f(bpc.get("fp16"), "{:.3f}"),
+                _f(bpc.get("int8"), "{:.3f}"),
+            ]
+        ]
+        lines += _table(["bf16 (cloud-only)", "fp16 states", "int8 states"], rows)
+        rows = []
         for tau in taus:
             t = f"{tau:g}"
             rows.append(
                 [
-                    "CE-CoLLM / naive",
                     t,
-                    _f(bpc.get(f"ce-collm fp16 {t}"), "{:.3f}"),
-                    _f(bpc.get(f"ce-collm int8 {t}"), "{:.3f}"),
+                    _pct(bpc.get(f"exited {t}")),
+                    _pct(bpc.get(f"exit agreement {t}")),
                     _pct(bpc.get(f"cloud rate {t}")),
                 ]
             )
-        for tau in taus:
-            t = f"{tau:g}"
-            rows.append(["standalone", t, _f(bpc.get(f"standalone {t}"), "{:.3f}"), "—", "0.0%"])
-        header = ["mode", "tau", "bits/char (fp16 states)", "bits/char (int8 states)"]
-        header += ["positions sent to the cloud"]
-        lines += _table(header, rows)
         lines += [
             "",
-            "Naive and CE-CoLLM send the same fp16 states to the same upper layers, so they "
-            "assign the same distributions (naive's bits/char equals CE-CoLLM's).",
+            "Edge exits on the same positions (exits up to the split; a confident exit's "
+            "token is a hard decision, scored by agreement with the full model's argmax, "
+            "not by bits):",
             "",
         ]
+        lines += _table(["tau", "exited", "agreement (exited)", "sent to the cloud"], rows)
+        lines.append("")
     return "\n".join(lines) + "\n"
 
 
@@ -700,8 +711,9 @@ def discussion(data: dict, runs: Sequence[Run]) -> list[str]:
         out.append(
             f"- **Standalone** takes {sa.total_s / ref.total_s:.2f}× cloud-only's time "
             f"(the paper: 0.54×) but keeps {100 * (sa.agreement_pos or 0):.0f}% of "
-            f"cloud-only's tokens at the same position; bits/char {_f(sa.bpc, '{:.3f}')} vs "
-            f"{_f(ref.bpc, '{:.3f}')}: the split head covers only its shortlist."
+            f"cloud-only's tokens at the same position; its served stream costs "
+            f"{_f(sa.bpc, '{:.3f}')} bits/char under the full model vs cloud-only's "
+            f"{_f(ref.bpc, '{:.3f}')}."
         )
     if i8 is not None:
         out.append(
