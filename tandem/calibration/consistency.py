@@ -66,6 +66,41 @@ def split_by_prompt(
     return [(of_row == j).nonzero().squeeze(1) for j in range(len(fractions) + 1)]
 
 
+def split_extended(
+    seq_index: torch.Tensor,
+    base_prompts: int,
+    fractions: tuple[float, ...],
+    extra_fractions: tuple[float, ...],
+    seed: int,
+) -> list[torch.Tensor]:
+    """`split_by_prompt` for a cache extended with more prompts (tandem.calibration.extend):
+    the first `base_prompts` prompts get exactly the parts `split_by_prompt(fractions)`
+    gave them before the extension (so its test prompts stay the test prompts and results
+    compare); the prompts after them are split by `extra_fractions` (a 0 fraction keeps
+    that part to the base prompts) with their own permutation."""
+    base = seq_index < base_prompts
+    parts = split_by_prompt(seq_index[base], fractions, seed)
+    base_rows = base.nonzero().squeeze(1)
+    out = [base_rows[p] for p in parts]
+    extra_rows = (~base).nonzero().squeeze(1)
+    if extra_rows.numel() == 0:
+        return out
+    extra = seq_index[extra_rows] - base_prompts
+    n = int(extra.max()) + 1
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))
+    part = torch.zeros(n, dtype=torch.long)
+    start = 0
+    for j, f in enumerate(extra_fractions, start=1):
+        k = round(n * f)
+        part[perm[start : start + k]] = j
+        start += k
+    of_row = part[extra]
+    return [
+        torch.cat([out[j], extra_rows[of_row == j]]).sort().values
+        for j in range(len(extra_fractions) + 1)
+    ]
+
+
 def calibrated_copy(head: ExitHead) -> ExitHead:
     """The same head with a (zero-initialised) consistency classifier."""
     cfg = ExitHeadConfig(**{**vars(head.cfg), "calibrated": True})

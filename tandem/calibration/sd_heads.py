@@ -28,8 +28,9 @@ from tandem.calibration.consistency import (
     choose_shortlist,
     fit_consistency,
     soft_targets,
-    split_by_prompt,
+    split_extended,
 )
+from tandem.calibration.extend import extras_dir, list_parts, load_with_extras
 from tandem.calibration.selfdistill import Features
 from tandem.calibration.train import TrainConfig, make_head, train_head
 from tandem.models.convert import ensure_converted
@@ -114,6 +115,21 @@ def evaluate(heads: list[ExitHead], feats: Features, split: int | None) -> dict:
     return out
 
 
+@torch.inference_mode()
+def head_cost_ms(heads: list[ExitHead], hidden_size: int, reps: int = 200) -> dict[str, float]:
+    """ms per token of each served head (one bf16 row, this process's thread count)."""
+    out = {}
+    h = torch.randn(1, hidden_size, dtype=torch.bfloat16)
+    for head in heads:
+        for _ in range(10):
+            head(h)
+        t = time.perf_counter()
+        for _ in range(reps):
+            head(h)
+        out[f"L{head.cfg.layer}"] = round((time.perf_counter() - t) / reps * 1e3, 3)
+    return out
+
+
 def run(model_id: str, args: argparse.Namespace) -> dict:
     log = f"[sd_heads {model_id}]"
     spec = ModelRegistry().get(model_id)
@@ -122,16 +138,34 @@ def run(model_id: str, args: argparse.Namespace) -> dict:
     model = DecoderModel.load(path, torch.bfloat16)
     cfg = model.cfg
     data = Path(args.data)
-    feats = Features.load(data / f"{model_id}.train.pt")
+    base = data / f"{model_id}.train.pt"
+    # the base cache plus its extension parts (tandem.calibration.extend), if any
+    feats, base_prompts = load_with_extras(base, args.max_parts)
+    n_parts = len(list_parts(extras_dir(base))) if extras_dir(base).exists() else 0
+    n_parts = n_parts if args.max_parts is None else min(n_parts, args.max_parts)
+    if args.layers:  # a subset of the exits (e.g. to compare ranks / shortlists on one)
+        keep = [int(x) for x in args.layers.split(",")]
+        idx = [feats.layers.index(x) for x in keep]
+        feats = Features(
+            tuple(keep),
+            [feats.hidden[i] for i in idx],
+            feats.top_ids,
+            feats.top_p,
+            feats.is_answer,
+            feats.seq_index,
+        )
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(path))
     eos = [*cfg.eos_ids, *([tok.eos_token_id] if tok.eos_token_id is not None else [])]
     shortlist = choose_shortlist(feats, args.shortlist, cfg.vocab_size, eos)
     targets = soft_targets(feats, shortlist, cfg.vocab_size)
-    # prompts: 80% fit the adapters, 10% early stopping + the consistency classifier,
-    # 10% untouched (reliability tables on prompts no part of the head has seen)
-    train_rows, val_rows, test_rows = split_by_prompt(feats.seq_index, (0.1, 0.1), args.seed)
+    # base prompts: 80% fit the adapters, 10% early stopping + the consistency classifier,
+    # 10% untouched (reliability tables on prompts no part of the head has seen); prompts
+    # of the extension: 90/10 (the test prompts stay the base cache's, so results compare)
+    train_rows, val_rows, test_rows = split_extended(
+        feats.seq_index, base_prompts, (0.1, 0.1), (0.1, 0.0), args.seed
+    )
     rank = args.rank
     tcfg = TrainConfig(rank=rank, lr=args.lr, max_epochs=args.epochs, seed=args.seed)
     heads, stats = [], []
@@ -158,6 +192,8 @@ def run(model_id: str, args: argparse.Namespace) -> dict:
         "rank": rank,
         "seed": args.seed,
         "data": "self-distillation: greedy answers to chat prompts from the train split",
+        "base_prompts": base_prompts,
+        "extra_parts": n_parts,
         "rows": feats.n,
         "answer_rows": int(feats.is_answer.sum()),
         "stored_dtype": "bfloat16",
@@ -175,6 +211,8 @@ def run(model_id: str, args: argparse.Namespace) -> dict:
             "rows": feats.n,
             "answer_rows": int(feats.is_answer.sum()),
             "prompts": int(feats.seq_index.max()) + 1,
+            "base_prompts": base_prompts,
+            "extra_parts": n_parts,
             "train_rows": int(train_rows.shape[0]),
             "val_rows": int(val_rows.shape[0]),
             "test_rows": int(test_rows.shape[0]),
@@ -190,6 +228,8 @@ def run(model_id: str, args: argparse.Namespace) -> dict:
     )
     for h in served:  # as the loader serves them
         quantize_model(h, spec.default_quant, skip=("other", "down", "up"))
+    entry["head_ms"] = head_cost_ms(served, cfg.hidden_size)
+    print(f"{log} head ms/token {entry['head_ms']}", file=sys.stderr, flush=True)
     test = feats.rows(test_rows)
     del feats, targets
     evals = {"eval": test}
@@ -224,6 +264,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--layers", help="train only these exits, e.g. 14 (default: all)")
+    p.add_argument(
+        "--max-parts", type=int, help="use at most this many extension parts (default: all)"
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     for m in args.models.split(","):
