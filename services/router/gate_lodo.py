@@ -104,7 +104,7 @@ def evaluate_subset(
     subset: Sequence[str],
     gate_config: GateConfig | None = None,
     safe_config: SafeTop1Config | None = None,
-    mode: str = "gate",
+    mode: str = "ridge",
 ) -> SubsetResult:
     gate_config = gate_config or GateConfig()
     safe_config = safe_config or SafeTop1Config()

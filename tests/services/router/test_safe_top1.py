@@ -10,7 +10,7 @@ import numpy as np
 from services.router.gate import GateConfig
 from services.router.gate_data import GateData
 from services.router.gate_lodo import bootstrap_delta, evaluate_subset, restrict
-from services.router.safe_top1 import SafeTop1, SafeTop1Config, route
+from services.router.safe_top1 import SafeTop1, SafeTop1Config, Support, fit_threshold, route
 
 EXPERTS = ("a", "b")
 LN2 = math.log(2)
@@ -73,12 +73,16 @@ def test_state_round_trip_and_missing_scores() -> None:
 def test_gate_mode_routes_a_real_signal_by_the_gates_margin() -> None:
     d = data(signal=True, seed=4)
     safe = SafeTop1.fit(
-        EXPERTS, d.features, d.nll, d.chars, d.categories, [EXPERTS], gate_config=FAST
+        EXPERTS, d.features, d.nll, d.chars, d.categories, [EXPERTS], mode="gate", gate_config=FAST
     )
     assert safe.mode == "gate" and math.isfinite(safe.taus[EXPERTS])
     logits = np.stack([np.zeros(len(d)), np.where(d.features[:, 0] > 0, 5.0, -5.0)], 1)
     picks = safe.choose(d.features, EXPERTS, logits)
-    assert picks == ["b" if x > 0 else "a" for x in d.features[:, 0]]
+    covered = safe.support.covers(d.features)  # ~5% of the rows lie off the support
+    assert 0.9 <= covered.mean() < 1.0
+    assert picks == [
+        "b" if x > 0 and c else "a" for x, c in zip(d.features[:, 0], covered, strict=True)
+    ]
     back = SafeTop1.from_state(safe.to_state())
     assert back.mode == "gate" and back.choose(d.features, EXPERTS, logits) == picks
 
@@ -87,3 +91,52 @@ def test_bootstrap_delta_is_zero_for_identical_methods() -> None:
     res = evaluate_subset(data(signal=False, seed=3, n_dom=3, per=40), EXPERTS, FAST)
     assert bootstrap_delta(res, "prior", draws=100) == (0.0, 0.0, 0.0)
     assert SafeTop1Config().min_inner_domains >= 2
+
+
+def test_a_prompt_off_the_training_support_goes_to_the_prior() -> None:
+    d = data(signal=True, seed=5)
+    safe = SafeTop1.fit(EXPERTS, d.features, d.nll, d.chars, d.categories, [EXPERTS])
+    inside = d.features[d.features[:, 0] > 1.0][:5]
+    assert safe.choose(inside, EXPERTS) == ["b"] * 5  # a large margin, like the training text
+    # The same margin direction, far off the training features' principal subspace: a
+    # direction (with huge values) the fit never saw.
+    far = inside.copy()
+    far[:, 1:] += 40.0 * np.sign(np.random.default_rng(0).normal(size=(5, 7)))
+    assert not safe.support.covers(far).any()
+    assert safe.choose(far, EXPERTS) == ["a"] * 5
+    off = SafeTop1.fit(
+        EXPERTS, d.features, d.nll, d.chars, d.categories, [EXPERTS], SafeTop1Config(support=1.0)
+    )
+    assert off.support.covers(far).all()
+
+
+def test_support_keeps_the_quantile_of_training_residuals() -> None:
+    x = np.random.default_rng(0).normal(size=(400, 12))
+    s = Support.fit(x, SafeTop1Config(pca=4, support=0.9))
+    assert 0.88 <= s.covers(x).mean() <= 0.92
+
+
+def test_point_rule_blocks_a_threshold_that_makes_one_inner_domain_slightly_worse() -> None:
+    """Routing helps on five domains and costs a little on the sixth: the bootstrap check
+    (alpha 0.025) lets a noisy small loss through, the point rule does not."""
+    rng = np.random.default_rng(6)
+    doms = np.repeat([f"d{i}" for i in range(6)], 60)
+    x = rng.uniform(1.0, 2.0, size=(len(doms), 4))  # column 0: the margin of b over a
+    chars = np.full(len(doms), 40)
+    rate_a = np.full(len(doms), 1.0)
+    wobble = np.tile([0.12, -0.12], len(doms) // 2)  # mean 0: d5 loses exactly 0.02
+    gain = np.where(doms == "d5", -0.02 + wobble, 0.3 + rng.normal(0, 0.12, len(doms)))
+    nll = np.stack([rate_a, rate_a - gain], 1) * chars[:, None] * LN2
+    d5 = doms == "d5"
+    assert gain[d5].mean() < 0  # d5 is worse when routed, by a little
+
+    def fitter(experts, features, nll_, chars_, domains, support):
+        return lambda f: np.stack([np.zeros(len(f)), -f[:, 0]], 1)
+
+    loose = SafeTop1Config(alpha=0.025, support=1.0)
+    strict = SafeTop1Config(support=1.0)
+    tau_loose, seen_loose = fit_threshold(x, nll, chars, list(doms), 0, loose, fitter, EXPERTS)
+    tau_strict, seen = fit_threshold(x, nll, chars, list(doms), 0, strict, fitter, EXPERTS)
+    assert seen_loose["inner_delta_bpc"]["d5"] > 0  # the loose check let d5 get worse
+    assert all(v <= 0 for v in seen["inner_delta_bpc"].values())  # the point rule did not
+    assert tau_loose < tau_strict
