@@ -48,10 +48,10 @@ from bench.machine import cpu_name
 from services.router.cost import Category
 from services.router.gate import (
     Gate,
-    masked_log_weights,
     mixture_loss,
     mixture_nll,
     oracle_loss,
+    served_log_weights,
     uniform_loss,
 )
 from services.router.gate_data import DEFAULT_PATH, GateData, load
@@ -245,7 +245,9 @@ class Evaluator:
         hit = self._stats.get(key)
         if hit is not None:
             return hit
-        log_w = masked_log_weights(self._test_logits, self.gate.mask(subset), k)
+        log_w = served_log_weights(
+            self.gate, self.test.features, self._test_logits, self.gate.mask(subset), k
+        )
         nats = mixture_nll(log_w, self._test_nll).numpy()
         routed = torch.isfinite(log_w).double().mean(0).numpy()  # pi_n on test
         expected = sum(

@@ -156,6 +156,28 @@ def masked_log_weights(
     return torch.log_softmax(z, dim=-1)
 
 
+def served_log_weights(
+    gate: Gate,
+    features: np.ndarray,
+    logits: torch.Tensor,
+    mask: torch.Tensor,
+    top_k: int | None = None,
+) -> torch.Tensor:
+    """log g_S as the router serves it: with top_k == 1 and a safe router fitted for S
+    (`Gate.safe`), all weight on its pick per row (`SafeTop1.choose`, what `Gate.top1`
+    serves); otherwise `masked_log_weights`. features [P, D], logits [P, N], mask [N]."""
+    log_w = masked_log_weights(logits, mask, top_k)
+    key = tuple(e for e, m in zip(gate.experts, mask.tolist(), strict=True) if m)
+    if top_k != 1 or gate.safe is None or len(key) < 2 or key not in gate.safe.priors:
+        return log_w
+    z = logits.numpy() if gate.safe.mode == "gate" else None
+    picks = gate.safe.choose(np.asarray(features), key, z)
+    idx = torch.tensor([gate.experts.index(e) for e in picks])
+    out = torch.full_like(log_w, -math.inf)
+    out[torch.arange(len(idx)), idx] = 0.0
+    return out
+
+
 def mixture_nll(log_w: torch.Tensor, nll: torch.Tensor) -> torch.Tensor:
     """Per-prompt ``-log sum_n g_n exp(-NLL_n)`` in nats, [P]."""
     return -torch.logsumexp(log_w - nll, dim=-1)
@@ -173,11 +195,12 @@ def mixture_loss(
     gate: Gate, data: GateData, subset: Iterable[str] | None = None, top_k: int | None = None
 ) -> float:
     """L(S, theta) in bits per character of the gated mixture over ``subset`` (all experts
-    when None), optionally top-k within S."""
+    when None), optionally top-k within S; top-1 is the served pick (`served_log_weights`:
+    the safe router's where the gate has one for S)."""
     _check_experts(gate, data)
     x, nll, chars = _tensors(data)
     with torch.no_grad():
-        log_w = masked_log_weights(gate(x).double(), gate.mask(subset), top_k)
+        log_w = served_log_weights(gate, data.features, gate(x).double(), gate.mask(subset), top_k)
         return float(mixture_nll(log_w, nll).sum()) / chars / LN2
 
 
@@ -377,16 +400,19 @@ def report(
         ),
         ("uniform ensemble", lambda p: uniform_loss(p)),
         ("**gated mixture, all experts**", lambda p: mixture_loss(gate, p)),
-        ("gated, top-1", lambda p: mixture_loss(gate, p, top_k=1)),
+        ("gated, top-1 (served: safe top-1)", lambda p: mixture_loss(gate, p, top_k=1)),
         ("gated, top-2", lambda p: mixture_loss(gate, p, top_k=2)),
         ("oracle (best expert per prompt)", lambda p: oracle_loss(p)),
     ]
     for name, fn in rows:
         lines.append(f"| {name} | " + " | ".join(f"{fn(p):.3f}" for p in parts) + " |")
-    top1 = np.bincount(gate.scores(test.features).argmax(1), minlength=len(experts))
+    with torch.no_grad():
+        logits = gate(torch.as_tensor(test.features)).double()
+    served = served_log_weights(gate, test.features, logits, gate.mask(None), 1)
+    top1 = np.bincount(served.argmax(1).numpy(), minlength=len(experts))
     lines += [
         "",
-        "Top-1 routing share on test: "
+        "Top-1 routing share on test (the served safe top-1): "
         + ", ".join(f"{e} {c / len(test):.0%}" for e, c in zip(experts, top1, strict=True))
         + ".",
         "",

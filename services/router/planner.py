@@ -55,7 +55,9 @@ class MonotoneHull:
 def gate_objective(
     gate: Gate, val: GateData, top_k: int | None = None
 ) -> Callable[[frozenset[str]], float]:
-    """-L(S, theta*|S) in bits/char on `val` (memoised per subset)."""
+    """-L(S, theta*|S) in bits/char on `val` (memoised per subset); with top_k 1 the loss of
+    the served top-1 pick (`gate.served_log_weights`: the safe router's where the gate has
+    one), so the coarse level plans for what the fine level serves."""
     memo: dict[frozenset[str], float] = {}
 
     def f(subset: frozenset[str]) -> float:
@@ -104,7 +106,9 @@ def plan_objective(
 class SubsetLossTable:
     """The gate's validation loss L(S, theta*|S) (bits/char) for every non-empty subset S of
     its experts and every fine-level k, computed once when the gate is trained and shipped next
-    to it (`artifacts/gate/subset_loss.json`), so the router needs no gate data at run time."""
+    to it (`artifacts/gate/subset_loss.json`), so the router needs no gate data at run time.
+    k = 1 is the loss of the served top-1 pick (the gate's safe router where it has one for
+    S, as `Moe2Selector.rank` serves it), not of the softmax's argmax."""
 
     experts: tuple[str, ...]
     losses: Mapping[int, Mapping[frozenset[str], float]]  # k -> S -> bits/char

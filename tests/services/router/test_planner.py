@@ -4,11 +4,14 @@ necessarily monotone) objective on every budget, thanks to the monotone hull."""
 from __future__ import annotations
 
 import itertools
+import math
 
+import numpy as np
 import pytest
 
 from services.router.gate import train_gate
-from services.router.planner import MonotoneHull, gate_objective, plan
+from services.router.planner import MonotoneHull, SubsetLossTable, gate_objective, plan
+from services.router.safe_top1 import SafeTop1
 from services.router.selection import BudgetClass, SelectionProblem
 from tests.services.router.test_gate import EXPERTS, synthetic
 
@@ -58,3 +61,29 @@ def test_plan_equals_brute_force_on_every_budget(top_k):
                 continue
             assert got.feasible and got.value == pytest.approx(want)
             assert f(got.experts) == pytest.approx(want)  # the subset itself attains it
+
+
+def test_subset_loss_table_top1_is_the_served_safe_pick():
+    """k = 1 in the table the coarse level plans with is the loss of what the fine level
+    serves (`Gate.top1`, the safe router's pick), not the softmax's argmax."""
+    train, val = synthetic(seed=0), synthetic(n=60, seed=1)
+    gate = train_gate(train, val=val)
+    pair = ("prose_pro", "code_pro")
+    softmax = SubsetLossTable.compute(gate, val).loss(frozenset(pair), 1)
+    # A safe router that always abstains to prose_pro on this pair: the served top-1 is
+    # prose_pro alone, which the trained gate's argmax (code prompts to code_pro) beats.
+    safe = SafeTop1(EXPERTS, None)
+    for s in itertools.chain(itertools.combinations(EXPERTS, 2), [EXPERTS]):
+        safe.priors[s], safe.taus[s] = s[0], math.inf
+    gate.safe = safe
+    table = SubsetLossTable.compute(gate, val)
+    served = np.array([EXPERTS.index(gate.top1(f, pair)) for f in val.features])
+    want = val.nll[np.arange(len(val)), served].sum() / val.chars.sum() / math.log(2)
+    assert set(served.tolist()) == {0}
+    assert table.loss(frozenset(pair), 1) == pytest.approx(want)
+    assert table.loss(frozenset(pair), 1) > softmax + 0.1
+    # k = 2 on the pair is the mixture, untouched by the safe router.
+    gate.safe = None
+    assert table.loss(frozenset(pair), 2) == SubsetLossTable.compute(gate, val).loss(
+        frozenset(pair), 2
+    )
