@@ -6,7 +6,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 
+import services.router.gate_lodo as lodo
 from services.router.gate import GateConfig
 from services.router.gate_data import GateData
 from services.router.gate_lodo import bootstrap_delta, evaluate_subset, restrict
@@ -140,3 +142,26 @@ def test_point_rule_blocks_a_threshold_that_makes_one_inner_domain_slightly_wors
     assert seen_loose["inner_delta_bpc"]["d5"] > 0  # the loose check let d5 get worse
     assert all(v <= 0 for v in seen["inner_delta_bpc"].values())  # the point rule did not
     assert tau_loose < tau_strict
+
+
+def test_lodo_report_flags_every_subset_and_compares_the_variants(monkeypatch) -> None:
+    """The report's table has a row per subset with both readings of 'captured' and the
+    left-out domains made worse; the variants section runs each candidate rule."""
+    d = data(signal=True, seed=7, n_dom=4, per=30)
+    d3 = GateData(
+        ("a", "b", "c"),
+        d.features,
+        np.concatenate([d.nll, d.nll[:, :1] + 5.0], 1),
+        d.chars,
+        d.categories,
+    )
+    monkeypatch.setattr(lodo, "SUBSETS", (("a", "b"), ("a", "b", "c")))
+    monkeypatch.setattr(lodo, "MIN_ROWS", 10)
+    lines, summary = lodo.lodo_report(d3, draws=100, gate_config=FAST)
+    text = "\n".join(lines)
+    assert "| a, b | 120 |" in text and "| a, b, c | 120 |" in text
+    s = summary["a, b"]
+    assert s["headroom"] > 0.05 and s["worse_domains"] == []
+    assert s["captured_share_of_headroom"] == pytest.approx(s["captured"] / s["headroom"])
+    assert set(summary["variants"]) == {name for name, _, _ in lodo.VARIANTS}
+    assert "### How the served top-1 was chosen" in text
