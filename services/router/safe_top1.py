@@ -344,8 +344,9 @@ class SafeTop1:
         if self.support is not None:
             state["support"] = basis(self.support)
         if self.regressor is not None:
+            shared = self.regressor.basis is self.support  # stored once
             state["ridge"] = {
-                "basis": basis(self.regressor.basis),
+                "basis": "support" if shared else basis(self.regressor.basis),
                 "coef": self.regressor.coef.tolist(),
             }
         return state
@@ -356,14 +357,15 @@ class SafeTop1:
             arrays = (np.asarray(b[k], dtype=np.float64) for k in ("mean", "std", "proj"))
             return Support(*arrays, float(b["limit"]))
 
+        support = basis(state["support"]) if "support" in state else None
         reg = None
         if "ridge" in state:
             r = state["ridge"]
-            reg = Regressor(basis(r["basis"]), np.asarray(r["coef"], dtype=np.float64))
+            b = support if r["basis"] == "support" else basis(r["basis"])
+            reg = Regressor(b, np.asarray(r["coef"], dtype=np.float64))
         elif "coef" in state:  # a gate.pt saved before the support check
             b = Support(*(np.asarray(state[k]) for k in ("mean", "std", "proj")), math.inf)
             reg = Regressor(b, np.asarray(state["coef"]))
-        support = basis(state["support"]) if "support" in state else None
         out = SafeTop1(tuple(state["experts"]), reg, support)
         for s in state["subsets"]:
             key = tuple(s["subset"])

@@ -3,6 +3,7 @@ evaluation, on synthetic gate data where the answer is known."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -65,8 +66,10 @@ def test_state_round_trip_and_missing_scores() -> None:
     nll = d.nll.copy()
     nll[::3, 1] = np.nan  # b not scored on a third of the prompts
     safe = SafeTop1.fit(EXPERTS, d.features, nll, d.chars, d.categories, [EXPERTS], mode="ridge")
-    back = SafeTop1.from_state(safe.to_state())
+    back = SafeTop1.from_state(json.loads(json.dumps(safe.to_state())))  # as gate.pt holds it
     assert back.choose(d.features, EXPERTS) == safe.choose(d.features, EXPERTS)
+    assert back.regressor.basis is back.support  # the ridge's basis is the support, kept once
+    assert back.support.limit == safe.support.limit and math.isfinite(back.support.limit)
     assert len(restrict(GateData(EXPERTS, d.features, nll, d.chars, d.categories), EXPERTS)) == (
         len(d) - len(range(0, len(d), 3))
     )
