@@ -269,6 +269,19 @@ def train_gate(
     return gate.eval()
 
 
+def top1_cost_us(gate: Gate, features: np.ndarray, subset: Sequence[str]) -> dict[str, float]:
+    """What `Gate.top1` (the served pick: the safe router's ridge, support check and
+    threshold) costs per request on top of the feature pass: median and 90th percentile
+    microseconds over ``features`` [P, D], one row at a time (after one warm-up)."""
+    gate.top1(features[0], subset)
+    times = []
+    for f in features:
+        t0 = time.perf_counter()
+        gate.top1(f, subset)
+        times.append((time.perf_counter() - t0) * 1e6)
+    return {"median_us": float(np.median(times)), "p90_us": float(np.quantile(times, 0.9))}
+
+
 def _check_experts(gate: Gate, data: GateData) -> None:
     if gate.experts != data.experts:
         raise ValueError(f"gate experts {gate.experts} != data experts {data.experts}")
@@ -487,7 +500,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.data.exists():
         raise SystemExit(f"no gate data at {args.data}; run `make gate-data` first")
     # Imported here: the planner imports this module, gate_lodo imports it.
-    from services.router.gate_lodo import lodo_report, pooled
+    from services.router.gate_lodo import SUBSETS, lodo_report, pooled
     from services.router.planner import SubsetLossTable
 
     splits = load(args.data)
@@ -523,6 +536,15 @@ def main(argv: list[str] | None = None) -> None:
         )
         + ".\n"
     )
+    # The first reported subset the gate has (the edge-only set) with more than one expert.
+    edge = next((s for s in SUBSETS if len(s) > 1 and set(s) <= set(gate.experts)), gate.experts)
+    pick = top1_cost_us(gate, pooled(splits).features[::10][:200], edge)
+    summary["top1_cost"] = pick
+    text += (
+        f"\nThe served top-1 pick itself (`Gate.top1` on S = {{{', '.join(edge)}}}: the safe "
+        f"router's ridge, support check and threshold) costs {pick['median_us']:.0f} µs per "
+        f"request (median; p90 {pick['p90_us']:.0f} µs) over 200 prompts' features.\n"
+    )
     if args.feature_cost:
         from services.router.features import ModelFeaturizer, feature_cost_ms
 
@@ -535,8 +557,7 @@ def main(argv: list[str] | None = None) -> None:
             f"\nThe gate's feature pass (smollm2, first {n // 2} of {n} layers, mean-pooled) "
             f"costs {cost['median_ms']:.0f} ms per request (median; p90 {cost['p90_ms']:.0f} "
             f"ms) over {cost['requests']} gate prompts one at a time on {cost['threads']} "
-            "torch threads of this (shared, busy) machine; the ridge and threshold of the "
-            "safe top-1 add microseconds.\n"
+            "torch threads of this (shared, busy) machine.\n"
         )
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text(text)
