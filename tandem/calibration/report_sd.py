@@ -72,8 +72,16 @@ def render_sd(models: dict) -> list[str]:
             f"Trained on {tr['rows']} rows ({tr['answer_rows']} answer tokens) from "
             f"{tr['prompts']} prompts; shortlist covers {_pct(tr['coverage_train'])} of the "
             f"final greedy tokens; training took {tr['train_s']:.0f} s on this machine.",
-            "",
         ]
+        if tr.get("extra_parts"):
+            lines.append(
+                f"The first {tr['base_prompts']} prompts are the base cache "
+                "(`tandem.calibration.selfdistill`), the rest its extension "
+                f"(`tandem.calibration.extend`, {tr['extra_parts']} parts, split 90/10 "
+                "adapters / classifier); the test prompts are the base cache's, as before "
+                "the extension."
+            )
+        lines.append("")
         ev = m.get("eval")
         if ev:
             lines += [
