@@ -609,7 +609,10 @@ def render(result: dict, rows: list[Row], extra_sections: Sequence[tuple[str, st
         + "; ".join(cfg["delay_labels"])
         + ". t_agg = 0.",
         "- Fine level k: " + ", ".join(f"top-{k}" for k in cfg["ks"]) + " (top-all = the "
-        "full softmax over S).",
+        "full softmax over S; top-1 = the pick the router serves, the gate's safe router "
+        "where it has one for S (`gate.served_log_weights`), on val for the choice and on "
+        "test for the score; the safe router was fitted on train + val, so val is in-sample "
+        "for it).",
         "- Methods (all choose on val, score on test): "
         + "; ".join(f"`{m}` = {LABELS[m]}" for m in METHODS)
         + f". `random` averages {cfg['draws']} draws (seed {cfg['seed']}): experts in a "
@@ -789,7 +792,16 @@ def discussion(rows: list[Row], result: dict) -> list[str]:
             and len(r.subset) == 1
             and "+" in _pick(rows, k, r.delay_budget_s, r.energy_budget_j, "random").note
         ]
-        if lone:
+        if lone and k == "1":
+            out.append(
+                f"- top-1: at {len(lone)} grid points a multi-expert S fit the budget but "
+                "MoE² kept one expert, because on val the served top-1 inside those subsets "
+                "(the safe router, docs/bench/gate.md) is no better than their best member "
+                "alone: where its threshold is ∞ it always serves the subset's prior, so adding "
+                "experts to S costs energy and buys nothing. The selection itself is exact on "
+                "val."
+            )
+        elif lone:
             out.append(
                 f"- top-{k}: at {len(lone)} grid points a multi-expert S fit the budget but "
                 f"MoE² kept one expert, because on val the gate's top-{k} routing inside "
