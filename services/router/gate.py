@@ -371,15 +371,21 @@ def report(
             for e, t in manifest["timings"].items()
             if t.get("seconds")
         )
+        short = [e for e, n in scored.items() if n < manifest.get("prompts", n)]
+        cut = (
+            " (the budgeted build, one thread at nice 19 on a shared 2-core host, ran out "
+            f"before {', '.join(short)} finished)"
+            if short
+            else ""
+        )
         lines += [
             f"Prompts: {manifest.get('prompts', '?')} in {len(manifest.get('domains', []))} "
             f"domains ({', '.join(manifest.get('domains', []))}), up to "
             f"{sizes.get('per_domain', '?')} per domain; raw text cut at a whitespace after "
             f"up to {sizes['prompt_chars']} characters, continuations (and chat answers) up "
             f"to {sizes['continuation_chars']} characters; seed {sizes['seed']}. Scored per "
-            f"expert: {', '.join(f'{e} {n}' for e, n in scored.items())} prompts (the "
-            "budgeted build, one thread at nice 19 on a shared 2-core host, ran out before "
-            f"qwen15 finished). Rows/s of the last build run: {rates}.",
+            f"expert: {', '.join(f'{e} {n}' for e, n in scored.items())} prompts{cut}. "
+            f"Rows/s of the last build run: {rates}.",
             "",
             "The tables below are on the test split's rows that every expert was scored "
             "on; the leave-one-domain-out section uses every row each subset has.",
