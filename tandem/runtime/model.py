@@ -33,6 +33,24 @@ class Segment:
     start_pos: int
 
 
+def _gather(h: torch.Tensor, segments: list[Segment]) -> tuple[torch.Tensor, list[Segment]]:
+    """The rows of `segments` out of the flat batch `h`, and the segments renumbered to
+    those rows."""
+    rebased, off = [], 0
+    for s in segments:
+        rebased.append(Segment(s.kv, off, s.count, s.start_pos))
+        off += s.count
+    return torch.cat([h[s.start : s.start + s.count] for s in segments]), rebased
+
+
+def _scatter(out: torch.Tensor, rows: torch.Tensor, segments: list[Segment]) -> None:
+    """Write `rows` (the segments' rows in order) back to their places in `out`."""
+    off = 0
+    for s in segments:
+        out[s.start : s.start + s.count] = rows[off : off + s.count]
+        off += s.count
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, unit_offset: bool) -> None:
         super().__init__()
@@ -266,12 +284,32 @@ class DecoderModel(nn.Module):
         start: int,
         end: int,
     ) -> torch.Tensor:
-        if (
-            self.compiled is not None
-            and end > start
-            and self.compiled.accepts(segments, start, end)
-        ):
-            return self.compiled.run(start, end, h, segments)
+        compiled = self.compiled
+        if compiled is None or end <= start:
+            return self._eager_layers(h, positions, segments, start, end)
+        fast = [s for s in segments if compiled.takes(s, start, end)]
+        if len(fast) == len(segments) and h.shape[0] <= compiled.max_rows:
+            return compiled.run(start, end, h, segments)  # the usual decode step
+        # Each sequence takes its own path (compiled.takes); the step's rows are split.
+        out = torch.empty_like(h)
+        for group in compiled.batches(fast) if fast else []:
+            rows, _ = _gather(h, group)
+            _scatter(out, compiled.run(start, end, rows, group), group)
+        slow = [s for s in segments if not any(s is f for f in fast)]
+        if slow:
+            rows, rebased = _gather(h, slow)
+            pos = torch.cat([positions[s.start : s.start + s.count] for s in slow])
+            _scatter(out, self._eager_layers(rows, pos, rebased, start, end), slow)
+        return out
+
+    def _eager_layers(
+        self,
+        h: torch.Tensor,
+        positions: torch.Tensor,
+        segments: list[Segment],
+        start: int,
+        end: int,
+    ) -> torch.Tensor:
         rot = self.rope.at(positions, h.dtype)
         for layer in self.layers[start:end]:
             h = layer(h, rot, segments)

@@ -1,8 +1,9 @@
 """Weight-only quantized linear layers on torch's CPU kernels.
 
-- int8: symmetric, one scale per output channel, `aten._weight_int8pack_mm`. With
-  TANDEM_INT8_KERNEL=tandem, Tandem's own kernel where it builds (`make_quantizer`,
-  tandem.runtime.kernels.int8: the same weights, int8 activations per block of 128).
+- int8: symmetric, one scale per output channel, `aten._weight_int8pack_mm`. Served int8
+  layers use Tandem's own kernel instead where it builds (`make_quantizer`,
+  tandem.runtime.kernels.int8: the same weights, int8 activations per block of 128);
+  TANDEM_INT8_KERNEL=aten keeps aten's.
 - int4: asymmetric min/max per group of input channels, packed for
   `aten._weight_int4pack_mm_for_cpu`, which computes (q - 8) * scale + zero. Served int4
   layers use Tandem's own kernel instead where it builds (`make_quantizer`,
@@ -134,11 +135,12 @@ def make_quantizer(
 
         return make_cuda_quantizer(mode, group_size)
     if mode == "int8":
-        # aten's kernel (bf16 activations) unless TANDEM_INT8_KERNEL=tandem: Tandem's int8
-        # kernel is ~2.9x faster per matmul, but its int8 activations turn the compiled
-        # graph's ulp-level differences between batch sizes into different greedy tokens
-        # (tests/services/edge_node/test_edge_real_model.py), so it is opt-in
-        if os.environ.get("TANDEM_INT8_KERNEL", "aten") == "tandem" and int8_kernel_available():
+        # Tandem's int8 kernel (~2.9x aten's per matmul at batch 1) unless
+        # TANDEM_INT8_KERNEL=aten. Its int8 activations turn one-ulp differences into other
+        # tokens, so a sequence must take the same arithmetic alone or batched: the compiled
+        # step runs one graph for every row count and picks its rows per sequence
+        # (tandem.runtime.compiled; tests/services/edge_node/test_edge_real_model.py)
+        if os.environ.get("TANDEM_INT8_KERNEL", "tandem") != "aten" and int8_kernel_available():
             return _int8_kernel_or_aten
         return Int8Linear
     if mode == "int4":

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from tandem.runtime.decoder import ExitDecoder
+from tandem.runtime.kernels.int8 import Int8KernelLinear
 from tandem.runtime.kv_cache import SequenceKV
 from tandem.runtime.kv_slots import SlotKV, SlotPool
+from tandem.runtime.quant import quantize_model
 from tests.runtime.test_decoder import ScriptedExits, _heads, _ids, assert_same_kv
 from tests.tiny import tiny_model
 
@@ -149,3 +151,27 @@ def test_compiled_follows_eager_on_smollm2():
 @pytest.mark.slow
 def test_compiled_follows_eager_on_qwen05():
     _teacher_forced_against_eager("qwen05")
+
+
+def test_a_sequence_takes_the_same_arithmetic_alone_or_batched(arch):
+    """With int8 activations (Tandem's int8 kernel) a one-ulp difference can become another
+    greedy token, so a sequence's numbers must not depend on the batch it runs in: its
+    logits alone equal its logits batched with others bit for bit. Covers a prompt longer
+    than `max_rows` (eager) prefilled beside short ones (compiled), and decode steps of one
+    row (run as two) against steps of three."""
+    model = quantize_model(tiny_model(arch, dtype=torch.bfloat16), "int8")
+    assert any(isinstance(m, Int8KernelLinear) for m in model.modules())
+    model.compile_decode(8)
+    assert model.compiled is not None and model.compiled.max_rows < 40
+    dec = ExitDecoder(model)
+    prompts = [_ids(3, 1), _ids(40, 2), _ids(9, 3)]
+    alone = [dec.new_sequence() for _ in prompts]
+    together = [dec.new_sequence() for _ in prompts]
+    want = [dec.prefill([s], [p])[0] for s, p in zip(alone, prompts, strict=True)]
+    got = dec.prefill(together, prompts)
+    for step in range(6):
+        for w, g in zip(want, got, strict=True):
+            assert torch.equal(w.logits, g.logits), f"step {step}"
+        toks = _ids(3, 50 + step)
+        want = [dec.decode([s], [t])[0] for s, t in zip(alone, toks, strict=True)]
+        got = dec.decode(together, toks)

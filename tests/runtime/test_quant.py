@@ -206,7 +206,9 @@ def _served_int4() -> type[nn.Module]:
 
 
 def _served_int8() -> type[nn.Module]:
-    return Int8Linear  # Tandem's int8 kernel is opt-in (TANDEM_INT8_KERNEL=tandem)
+    from tandem.runtime.kernels.int8 import Int8KernelLinear
+
+    return Int8KernelLinear if int8_kernel_available() else Int8Linear
 
 
 @pytest.mark.parametrize("mode,tol", [("int8", 0.03), ("int4", 0.25)])
@@ -266,13 +268,13 @@ def test_int4_serves_tandems_kernel_unless_told_aten(monkeypatch):
     assert type(make_quantizer("int4")(lin)) is Int4Linear
 
 
-def test_int8_serves_aten_unless_told_tandem(monkeypatch):
-    """int8 is aten's kernel by default; TANDEM_INT8_KERNEL=tandem selects Tandem's (on x86-64
-    with AVX2 and g++) where in_features % 32 == 0, aten's otherwise."""
+def test_int8_serves_tandem_unless_told_aten(monkeypatch):
+    """int8 is Tandem's kernel (on x86-64 with AVX2 and g++) where in_features % 32 == 0,
+    aten's otherwise; TANDEM_INT8_KERNEL=aten selects aten's everywhere."""
     from tandem.runtime.kernels.int8 import Int8KernelLinear
 
-    assert type(make_quantizer("int8")(_linear(64, 32, bias=False))) is Int8Linear
-    monkeypatch.setenv("TANDEM_INT8_KERNEL", "tandem")
     assert int8_kernel_available()
     assert type(make_quantizer("int8")(_linear(64, 32, bias=False))) is Int8KernelLinear
     assert type(make_quantizer("int8")(_linear(48, 32, bias=False))) is Int8Linear
+    monkeypatch.setenv("TANDEM_INT8_KERNEL", "aten")
+    assert type(make_quantizer("int8")(_linear(64, 32, bias=False))) is Int8Linear
