@@ -133,6 +133,7 @@ class CompiledDecode:
             cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, model.dtype, slots, model.max_context
         )
         self._graphs: dict[tuple[int, int], nn.Module] = {}
+        self._guarded: set[tuple[int, int]] = set()  # ranges whose dynamic graph ran
 
     def new_kv(self, first_layer: int, last_layer: int) -> SlotKV | None:
         return self.pool.acquire(first_layer, last_layer)
@@ -182,9 +183,15 @@ class CompiledDecode:
             module = _DecodeGraph(self.model, self.pool, start, end)
             graph = self._graphs[start, end] = torch.compile(module, dynamic=True)
         if h.shape[0] == 1:
-            out = graph(h.repeat(2, 1), slot.repeat(2), pos.repeat(2), length)[:1]
-        else:
-            out = graph(h, slot, pos, length)
+            h, slot, pos = h.repeat(2, 1), slot.repeat(2), pos.repeat(2)
+        # Once this range's dynamic graph exists, its guards (~50 us per layer: every weight
+        # tensor) are skipped: the inputs differ only in sizes the graph is dynamic in. A
+        # one-position cache (length 1, a specialisation) keeps the guards.
+        warm = (start, end) in self._guarded and length >= 2
+        with torch.compiler.set_stance(skip_guard_eval_unsafe=warm):
+            out = graph(h, slot, pos, length)[: sum(s.count for s in segments)]
+        if length >= 2:
+            self._guarded.add((start, end))
         for s in segments:
             first = start - s.kv.first_layer
             for i in range(first, first + end - start):
