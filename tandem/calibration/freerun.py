@@ -28,6 +28,7 @@ from tandem.models.loader import LoadOptions, load_model
 from tandem.models.registry import ModelRegistry
 from tandem.runtime.decoder import ExitDecoder
 from tandem.runtime.engine_api import ChatMessage
+from tandem.runtime.exit_head import ExitHead
 from tandem.runtime.generate import generate
 from tandem.runtime.sampling import SamplingParams
 
@@ -42,11 +43,11 @@ def full_depth_argmax(model, prompt: list[int], answer: list[int]) -> list[int]:
 
 
 @torch.inference_mode()
-def head_cost_ms(lm, reps: int = 200) -> dict[str, float]:
-    """ms per token of each served head (one row), and of one decoder layer for scale."""
+def head_cost_ms(heads: list[ExitHead], hidden_size: int, reps: int = 200) -> dict[str, float]:
+    """ms per token of each served head (one bf16 row, this process's thread count)."""
     out = {}
-    h = torch.randn(1, lm.model.cfg.hidden_size, dtype=torch.bfloat16)
-    for head in lm.heads:
+    h = torch.randn(1, hidden_size, dtype=torch.bfloat16)
+    for head in heads:
         for _ in range(10):
             head(h)
         t = time.perf_counter()
@@ -60,7 +61,7 @@ def run(args: argparse.Namespace) -> dict:
     spec = ModelRegistry().get(args.model)
     quant = args.quant or spec.default_quant
     lm = load_model(spec, LoadOptions(quant=quant, exits=True))
-    cost = head_cost_ms(lm)
+    cost = head_cost_ms(lm.heads, lm.model.cfg.hidden_size)
     print(f"[freerun {args.model}] head ms/token {cost}", file=sys.stderr, flush=True)
     heads = [h for h in lm.heads if args.split is None or h.cfg.layer <= args.split]
     dec = ExitDecoder(lm.model, heads)

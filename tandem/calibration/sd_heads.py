@@ -31,6 +31,7 @@ from tandem.calibration.consistency import (
     split_extended,
 )
 from tandem.calibration.extend import extras_dir, list_parts, load_with_extras
+from tandem.calibration.freerun import head_cost_ms
 from tandem.calibration.selfdistill import Features
 from tandem.calibration.train import TrainConfig, make_head, train_head
 from tandem.models.convert import ensure_converted
@@ -112,21 +113,6 @@ def evaluate(heads: list[ExitHead], feats: Features, split: int | None) -> dict:
     if split is not None:
         out["split"] = split
         out["cascade_split"] = cascade(split)
-    return out
-
-
-@torch.inference_mode()
-def head_cost_ms(heads: list[ExitHead], hidden_size: int, reps: int = 200) -> dict[str, float]:
-    """ms per token of each served head (one bf16 row, this process's thread count)."""
-    out = {}
-    h = torch.randn(1, hidden_size, dtype=torch.bfloat16)
-    for head in heads:
-        for _ in range(10):
-            head(h)
-        t = time.perf_counter()
-        for _ in range(reps):
-            head(h)
-        out[f"L{head.cfg.layer}"] = round((time.perf_counter() - t) / reps * 1e3, 3)
     return out
 
 
