@@ -185,12 +185,14 @@ class CompiledDecode:
         if h.shape[0] == 1:
             h, slot, pos = h.repeat(2, 1), slot.repeat(2), pos.repeat(2)
         # Once this range's dynamic graph exists, its guards (~50 us per layer: every weight
-        # tensor) are skipped: the inputs differ only in sizes the graph is dynamic in. A
-        # one-position cache (length 1, a specialisation) keeps the guards.
-        warm = (start, end) in self._guarded and length >= 2
+        # tensor) are skipped: the inputs differ only in sizes the graph is dynamic in. The
+        # guards on those sizes (TORCH_LOGS=guards) are rows >= 2 (always, see above) and
+        # 2 <= length < capacity; outside that range, the guards run.
+        dynamic = 2 <= length < self.pool.capacity
+        warm = dynamic and (start, end) in self._guarded
         with torch.compiler.set_stance(skip_guard_eval_unsafe=warm):
             out = graph(h, slot, pos, length)[: sum(s.count for s in segments)]
-        if length >= 2:
+        if dynamic:
             self._guarded.add((start, end))
         for s in segments:
             first = start - s.kv.first_layer
