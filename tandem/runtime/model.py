@@ -287,15 +287,16 @@ class DecoderModel(nn.Module):
         compiled = self.compiled
         if compiled is None or end <= start:
             return self._eager_layers(h, positions, segments, start, end)
-        fast = [s for s in segments if compiled.takes(s, start, end)]
-        if len(fast) == len(segments) and h.shape[0] <= compiled.max_rows:
+        fast, slow = [], []
+        for s in segments:
+            (fast if compiled.takes(s, start, end) else slow).append(s)
+        if not slow and h.shape[0] <= compiled.max_rows:
             return compiled.run(start, end, h, segments)  # the usual decode step
         # Each sequence takes its own path (compiled.takes); the step's rows are split.
         out = torch.empty_like(h)
         for group in compiled.batches(fast) if fast else []:
             rows, _ = _gather(h, group)
             _scatter(out, compiled.run(start, end, rows, group), group)
-        slow = [s for s in segments if not any(s is f for f in fast)]
         if slow:
             rows, rebased = _gather(h, slow)
             pos = torch.cat([positions[s.start : s.start + s.count] for s in slow])
