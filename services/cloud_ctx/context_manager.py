@@ -13,17 +13,22 @@ the draft's position, the replacement token becomes the session's newest answer,
 epoch advances: the edge rolls back to the same point, and its messages of an older epoch
 are answered with that rollback and otherwise ignored.
 
-With a `SessionLog` (Redis) every upload is logged before it is held in memory and every
-answer is recorded before it is returned. A session missing from memory (restart,
-eviction, another replica served it) is rebuilt from the log: the logged rows become
-pending rows, so the next catch-up recomputes its KV in one forward, exactly as if it had
-never been lost. Without a log the edge must upload the context again (NOT_FOUND).
+With a `SessionLog` (Redis) every upload is logged before it is acknowledged and every
+answer is recorded before it is returned. The rows a token request carries are logged on
+a log thread while the catch-up forward runs on them (`overlap_log`): the answer waits
+for that write, and a request whose write failed is dropped from memory and run again
+with its writes in line, so what goes out was durable first, as without the overlap.
+A session missing from memory (restart, eviction, another replica served it) is rebuilt
+from the log: the logged rows become pending rows, so the next catch-up recomputes its KV
+in one forward, exactly as if it had never been lost. Without a log the edge must upload
+the context again (NOT_FOUND).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -48,6 +53,14 @@ from tandem.transport.hidden import HiddenPayload, decode_hidden, encode_hidden
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Hidden = torch.Tensor | HiddenPayload  # rows [n, d]: decoded, or as they came on the wire
+
+
+class _WriteFailed(Exception):
+    """An overlapped log write of this session failed: nothing of its request may go out."""
+
+    def __init__(self, session_id: str, cause: BaseException) -> None:
+        super().__init__(f"session {session_id!r}: log write failed: {cause!r}")
+        self.cause = cause
 
 
 class PositionMismatch(ValueError):
@@ -85,9 +98,12 @@ class CloudContextManager:
         store: SessionStore,
         log: SessionLog | None = None,
         runner: LayerRunner | None = None,
+        overlap_log: bool = True,
     ) -> None:
         """`runner` runs the layers (default: locally, KV in the sessions); an offload runner
-        (attention pool) must free a session's KV when the store drops it (`on_drop`)."""
+        (attention pool) must free a session's KV when the store drops it (`on_drop`).
+        `overlap_log`: token requests' log appends run beside the catch-up forward (on a
+        thread of their own) instead of before it."""
         if not 0 < split < model.cfg.n_layers:
             raise ValueError(f"split {split} must be inside (0, {model.cfg.n_layers})")
         self.model = model
@@ -97,6 +113,19 @@ class CloudContextManager:
         self.runner = runner or LocalRunner(model, split)
         self.rebuilds = 0  # sessions rebuilt from the log
         self.kv_rebuilds = 0  # sessions recomputed after the attention pool lost their KV
+        self.overlap_retries = 0  # token requests run again after their overlapped write failed
+        self._log_thread = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="cloud-log")
+            if log is not None and overlap_log
+            else None
+        )
+        # while a batch of token requests is prepared: its log appends in flight, by session
+        self._deferred: dict[str, list[Future]] | None = None
+
+    def close(self) -> None:
+        """Stop the log thread (after its writes in flight)."""
+        if self._log_thread is not None:
+            self._log_thread.shutdown(wait=True)
 
     def upload(self, session_id: str, start_pos: int, hidden: Hidden) -> int:
         """Append hidden states [n, d] for positions start_pos.. ; returns positions held.
@@ -128,26 +157,60 @@ class CloudContextManager:
     def next_tokens(self, asks: list[TokenAsk]) -> list[CloudToken | Exception]:
         """Token requests of different sessions, answered with one batched forward of all
         their catch-up rows. A request that fails (unknown session, gap, ...) gets its
-        exception in its place; the others are answered."""
+        exception in its place; the others are answered.
+        With `overlap_log`, the log appends of the requests' rows run during the forward;
+        every answer waits for its session's writes, and a session whose write failed is
+        dropped from memory and its request run again alone with in-line writes (a
+        rebuild from the log, an ownership check, or the error the edge should see)."""
         if len({a.session_id for a in asks}) != len(asks):
             raise ValueError("one request per session in a batch")
         answers: list[CloudToken | Exception | None] = [None] * len(asks)
         to_run: list[tuple[int, CloudSession]] = []
-        for i, ask in enumerate(asks):
-            try:
-                out = self._fenced(ask.session_id, lambda a=ask: self._prepare(a))
-            except Exception as exc:  # this request's error; the batch goes on
-                answers[i] = exc
-                continue
-            if isinstance(out, CloudToken):
-                answers[i] = out
-            else:
-                to_run.append((i, out))
-        if to_run:
-            tokens = self._catch_up([session for _, session in to_run])
-            for (i, _), token in zip(to_run, tokens, strict=True):
-                answers[i] = token
+        self._deferred = {} if self._log_thread is not None else None
+        try:
+            for i, ask in enumerate(asks):
+                try:
+                    out = self._fenced(ask.session_id, lambda a=ask: self._prepare(a))
+                except Exception as exc:  # this request's error; the batch goes on
+                    answers[i] = exc
+                    continue
+                if isinstance(out, CloudToken):
+                    answers[i] = out
+                else:
+                    to_run.append((i, out))
+            deferred, self._deferred = self._deferred or {}, None
+            ran = {session.session_id for _, session in to_run}
+            if to_run:
+                mine = {sid: w for sid, w in deferred.items() if sid in ran}
+                tokens = self._catch_up([session for _, session in to_run], mine)
+                for (i, _), token in zip(to_run, tokens, strict=True):
+                    answers[i] = token
+            # writes of requests that failed after their upload (e.g. a bad draft)
+            rest = {sid: w for sid, w in deferred.items() if sid not in ran}
+            for sid, failure in self._settle(rest).items():
+                self.store.release(sid, "stale")
+                for i, ask in enumerate(asks):
+                    if ask.session_id == sid and not isinstance(answers[i], Exception):
+                        answers[i] = failure
+        finally:
+            self._deferred = None
+        for i, answer in enumerate(answers):
+            if isinstance(answer, _WriteFailed):  # durable first: run it again, in line
+                self.overlap_retries += 1
+                answers[i] = self._serially(asks[i])
         return answers  # type: ignore[return-value]
+
+    def _serially(self, ask: TokenAsk) -> CloudToken | Exception:
+        """One token request with its log writes in line (after an overlapped write
+        failed and its session left memory)."""
+        try:
+            out = self._fenced(ask.session_id, lambda: self._prepare(ask))
+        except Exception as exc:
+            return exc
+        if isinstance(out, CloudToken):
+            return out
+        [token] = self._catch_up([out], None)
+        return token
 
     def speculate(
         self, session_id: str, start_pos: int, hidden: Hidden, speculation: Speculation
@@ -202,10 +265,12 @@ class CloudContextManager:
         if self.log is not None:
             if not isinstance(fresh, HiddenPayload):
                 fresh = encode_hidden(fresh, "fp16")
-            payload = fresh
-            self._durable(
-                session_id, lambda: self.log.append(session_id, session.uploaded, payload)
-            )
+            payload, at = fresh, session.uploaded
+            if self._deferred is not None and self._log_thread is not None:
+                write = self._log_thread.submit(self.log.append, session_id, at, payload)
+                self._deferred.setdefault(session_id, []).append(write)
+            else:
+                self._durable(session_id, lambda: self.log.append(session_id, at, payload))
         rows = decode_hidden(fresh, self.model.dtype) if isinstance(fresh, HiddenPayload) else fresh
         session.pending.append(rows.to(self.model.device, self.model.dtype))
         session.uploaded += rows.shape[0]
@@ -251,16 +316,50 @@ class CloudContextManager:
         return session
 
     @torch.inference_mode()
-    def _catch_up(self, sessions: list[CloudSession]) -> list[CloudToken | Exception]:
+    def _catch_up(
+        self, sessions: list[CloudSession], deferred: dict[str, list[Future]] | None
+    ) -> list[CloudToken | Exception]:
         """One forward through [split, L) of every session's pending rows (different
-        sessions, one batch); sample each session's token from its last row. If the
-        attention pool lost KV, the batch's sessions are recomputed from the log."""
+        sessions, one batch); sample each session's token from its last row. `deferred`:
+        log writes still in flight, waited for before anything is answered (a session
+        whose write failed leaves memory and gets `_WriteFailed`). If the attention pool
+        lost KV, the batch's sessions are recomputed from the log."""
         try:
             outs = self.runner.run([(s, torch.cat(s.pending)) for s in sessions])
+            lost = None
         except PoolKVLost as exc:
-            log.warning("%s; recomputing the batch's sessions", exc)
-            return self._recompute(sessions)
-        return self._answer(sessions, outs)
+            outs, lost = None, exc
+        failed = self._settle(deferred)
+        answers: list[CloudToken | Exception | None] = [None] * len(sessions)
+        keep = []
+        for i, s in enumerate(sessions):
+            if s.session_id in failed:
+                self.store.release(s.session_id, "stale")  # its KV ran on rows not logged
+                answers[i] = failed[s.session_id]
+            else:
+                keep.append(i)
+        if keep:
+            batch = [sessions[i] for i in keep]
+            if lost is not None or outs is None:
+                log.warning("%s; recomputing the batch's sessions", lost)
+                done = self._recompute(batch)
+            else:
+                done = self._answer(batch, [outs[i] for i in keep])
+            for i, token in zip(keep, done, strict=True):
+                answers[i] = token
+        return answers  # type: ignore[return-value]
+
+    @staticmethod
+    def _settle(deferred: dict[str, list[Future]] | None) -> dict[str, _WriteFailed]:
+        """Wait for the batch's log writes; the sessions whose writes failed."""
+        failed: dict[str, _WriteFailed] = {}
+        for sid, writes in (deferred or {}).items():
+            for write in writes:
+                exc = write.exception()
+                if exc is not None and sid not in failed:
+                    log.info("session %r: overlapped log write failed: %r", sid, exc)
+                    failed[sid] = _WriteFailed(sid, exc)
+        return failed
 
     def _recompute(self, sessions: list[CloudSession]) -> list[CloudToken | Exception]:
         """The pool lost (some of) these sessions' KV, and the others in the batch may hold

@@ -78,6 +78,7 @@ class CloudSettings:
     tls: TlsConfig | None = None  # TANDEM_TLS_*: TLS on its gRPC server and to the pool
     attention_pool: tuple[str, ...] = ()  # offload mode: the pool workers' addresses
     micro_batches: int = 2
+    serial_log: bool = False  # --serial-log: log writes in line, not beside the forward
     device: str = "cpu"  # --device / TANDEM_DEVICE, resolved: cpu or cuda:N
 
 
@@ -142,6 +143,12 @@ def parse_settings(registry: ModelRegistry, argv: list[str] | None = None) -> Cl
         "--micro-batches", type=int, default=int(fenv("TANDEM_MICRO_BATCHES", "micro_batches", "2"))
     )
     p.add_argument("--device", default=fenv("TANDEM_DEVICE", "device", "auto"))
+    p.add_argument(
+        "--serial-log",
+        action="store_true",
+        help="write the session log in line instead of beside the catch-up forward "
+        "(the old path; for benchmarks)",
+    )
     a = p.parse_args(argv)
     unknown = file_cfg.unknown([act.dest for act in p._actions])
     if unknown:
@@ -173,6 +180,7 @@ def parse_settings(registry: ModelRegistry, argv: list[str] | None = None) -> Cl
         tls=tls_from_env_or(p.error),
         attention_pool=tuple(x.strip() for x in a.attention_pool.split(",") if x.strip()),
         micro_batches=a.micro_batches,
+        serial_log=a.serial_log,
         device=device,
     )
 
@@ -257,7 +265,9 @@ async def serve(
         session_log = SessionLog(
             client, replica_id=settings.replica_id, ttl_s=settings.limits.ttl_s, prefix=prefix
         )
-    manager = CloudContextManager(model, split, store, session_log, runner)
+    manager = CloudContextManager(
+        model, split, store, session_log, runner, overlap_log=not settings.serial_log
+    )
     registry = CollectorRegistry()
     metrics = CloudMetrics(registry, model_name=settings.model)
     metrics.bind_manager(manager)
@@ -308,6 +318,7 @@ async def serve(
         log.info("stopping: %.0f s grace for in-flight calls", settings.grace_s)
     finally:
         await server.stop(settings.grace_s)
+        manager.close()
         monitor.stop()
 
 
