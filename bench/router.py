@@ -999,6 +999,16 @@ def served_sections(
         )
         sections.append(("Token mixture (served) against top-1", text))
         extra["token_mixture"] = mix
+    # k > 1 across tokenizers (bench.router_self_score, when run on this very data).
+    own = out / "router_self_score.json"
+    blob = json.loads(own.read_text()) if own.exists() else {}
+    if blob.get("data", {}).get("mtime") == data.stat().st_mtime and "markdown" in blob:
+        sections.append(
+            (
+                "k > 1 across tokenizers: the pick by prompt scores, leave one domain out",
+                blob["markdown"],
+            )
+        )
     (out / "router_served.json").write_text(json.dumps(extra, indent=1) + "\n")
     return sections
 

@@ -26,10 +26,11 @@ import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 
+from services.edge_node.prompt_score import ModelPromptScorer
 from tandem.api.limits import ApiLimits
 from tandem.runtime.engine_api import (
     ChatMessage,
@@ -113,6 +114,8 @@ def chunks_to_proto(chunks: Sequence[GenerationChunk]) -> edge_pb2.GenerateChunk
     if "energy_joules" in report:  # the engine's meter (usage.tandem over HTTP)
         msg.energy_joules = float(report["energy_joules"])
         msg.energy_source = str(report.get("energy_source", "modelled"))
+    if "prompt_score" in report:  # asked for with score_prompt (see Generate)
+        msg.prompt_score.CopyFrom(edge_pb2.PromptScore(**report["prompt_score"]))
     return msg
 
 
@@ -181,12 +184,45 @@ async def _aclose(iterator: AsyncIterator[GenerationChunk]) -> None:
         await aclose()
 
 
-class EdgeServicer(edge_pb2_grpc.EdgeNodeServicer):
-    """Implements tandem.edge.v1.EdgeNode with grpc.aio on top of one engine."""
+async def _with_prompt_score(
+    stream: AsyncIterator[GenerationChunk], score: asyncio.Future
+) -> AsyncIterator[GenerationChunk]:
+    """``stream`` with the prompt's score (`prompt_score.PromptScore`) in its last chunk's
+    report; a scoring that failed leaves it out (logged). Closing it closes ``stream`` (the
+    engine then aborts the request)."""
+    async with contextlib.aclosing(stream):
+        async for chunk in stream:
+            if chunk.finish_reason is not None:
+                try:
+                    value = await score
+                except Exception:
+                    log.exception("scoring the prompt failed")
+                else:
+                    report = {**(chunk.report or {}), "prompt_score": value}
+                    chunk = replace(chunk, report=report)
+            yield chunk
 
-    def __init__(self, engine: Engine) -> None:
+
+def _score_text(request: edge_pb2.GenerateRequest) -> str | None:
+    """The text a prompt score is computed on: the raw prompt, or the chat messages'
+    contents joined by newlines (the router's gate text); None for token ids."""
+    kind = request.WhichOneof("input")
+    if kind == "prompt":
+        return request.prompt
+    if kind == "chat":
+        return "\n".join(m.content for m in request.chat.messages)
+    return None
+
+
+class EdgeServicer(edge_pb2_grpc.EdgeNodeServicer):
+    """Implements tandem.edge.v1.EdgeNode with grpc.aio on top of one engine. ``scorer``
+    scores prompts for requests with ``score_prompt`` (default: one on the engine's model
+    where it has a full-depth decoder; None: such requests get no score)."""
+
+    def __init__(self, engine: Engine, scorer: ModelPromptScorer | None = None) -> None:
         self._engine = engine
         self._serving = True
+        self._scorer = scorer if scorer is not None else ModelPromptScorer.of_engine(engine)
 
     def set_serving(self, serving: bool) -> None:
         """False while draining for shutdown: Health answers NOT_SERVING."""
@@ -244,6 +280,15 @@ class EdgeServicer(edge_pb2_grpc.EdgeNodeServicer):
         try:
             # generate() may raise right away or on the first __anext__; both are handled.
             stream = self._engine.generate(engine_request)
+            text = _score_text(request) if request.score_prompt else None
+            if text and self._scorer is not None:
+                scorer = self._scorer
+                score = asyncio.ensure_future(
+                    asyncio.to_thread(lambda: scorer.score(text).as_dict())
+                )
+                # A stream that ends early never awaits it: retrieve its outcome anyway.
+                score.add_done_callback(lambda f: f.cancelled() or f.exception())
+                stream = _with_prompt_score(stream, score)
             if request.whole_answer:
                 chunks = [chunk async for chunk in stream]
                 if chunks:

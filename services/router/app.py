@@ -55,6 +55,7 @@ from services.router.predictor import Predictor
 from services.router.replicas import HealthMonitor, ReplicaTable
 from services.router.report import EXPERT_HEADER
 from services.router.routed_engine import RouteContext, RoutedEngine, route_context
+from services.router.self_score import SelfScorePicks
 from services.router.token_mixture import TokenMixer
 from tandem.api.app import build_app
 from tandem.api.auth import check_api_key
@@ -427,6 +428,7 @@ def build_router_app(
     registry: CollectorRegistry | None = None,
     monitor: HealthMonitor | None = None,
     admission: AdmissionLimits | None = None,
+    picks: SelfScorePicks | None = None,
 ) -> FastAPI:
     """The router's HTTP app over `experts` (expert id -> Engine, e.g. `ExpertEngine`), with
     MoE² as model "auto" when `selector` (and the `featurizer` its gate needs) is given.
@@ -450,6 +452,7 @@ def build_router_app(
             selector=selector,
             featurizer=featurizer,
             mixer=TokenMixer.from_registry(list(experts)),  # k > 1 on one tokenizer
+            picks=picks,  # k > 1 across tokenizers: the experts' prompt scores pick
             **common,
         )
     gate = Admission(admission or AdmissionLimits())

@@ -54,6 +54,13 @@ whole_answer: contextvars.ContextVar[bool] = contextvars.ContextVar(
 )
 
 
+# True while the router collects answers it picks among by the experts' prompt scores
+# (self_score.SelfScoreTop1): the edge node then returns its PromptScore on the last chunk.
+score_prompt: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "tandem_router_score_prompt", default=False
+)
+
+
 class ExpertUnavailable(EngineOverloaded):
     """No healthy replica of the expert could take the request; retry shortly."""
 
@@ -174,6 +181,7 @@ class ExpertEngine(RemoteExpert):
             request_id=request.request_id,
             timeout=self.timeout_s,
             whole_answer=whole_answer.get(),
+            score_prompt=score_prompt.get(),
         )
 
     def open_mix(self, request: GenerationRequest, top_k: int) -> GrpcMixStream:

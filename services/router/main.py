@@ -33,6 +33,7 @@ from services.router.planner import SubsetLossTable
 from services.router.predictor import Predictor
 from services.router.profiles import DEVICE_PROFILES, ExpertSpec
 from services.router.replicas import HealthMonitor, ReplicaTable, default_prober
+from services.router.self_score import DEFAULT_PICKS, SelfScorePicks
 from services.router.telemetry import LatencyTelemetry
 from tandem.runtime.engine_api import Engine
 from tandem.transport.grpc_tls import TlsConfig, tls_from_env_or
@@ -86,7 +87,7 @@ def build(
         alpha=config.telemetry.alpha, resolve_ratio=config.telemetry.resolve_ratio
     )
     predictor = Predictor(expert_specs(config), telemetry)
-    selector = featurizer = None
+    selector = featurizer = picks = None
     if config.gate is not None:
         for path in (config.gate.path, config.gate.subset_losses):
             if not path.exists():
@@ -97,6 +98,11 @@ def build(
         )
         log.info("router: MoE² over %s (gate experts %s)", selector.experts, gate.experts)
         featurizer = ModelFeaturizer.load(config.gate.feature_model)
+        # k > 1 across tokenizers: the pick by prompt scores, where fitted beside the gate
+        # (python -m services.router.self_score); without it, the plurality vote.
+        picks_path = config.gate.path.with_name(DEFAULT_PICKS.name)
+        if picks_path.exists():
+            picks = SelfScorePicks.load(picks_path)
     monitor = HealthMonitor(
         table,
         default_prober(timeout_s=config.health.timeout_s, tls=tls),
@@ -116,6 +122,7 @@ def build(
         registry=registry,
         monitor=monitor,
         admission=config.admission,
+        picks=picks,
     )
 
 

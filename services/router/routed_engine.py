@@ -13,6 +13,10 @@ Running the chosen experts:
   failover order. An expert that fails after its first chunk ends the stream with an error.
 - non-streaming: the top k run in parallel and `aggregate.weighted_vote` picks the answer;
   an expert that fails (even half-way: nothing was sent yet) is replaced by the next in S.
+  Where `picks` holds a pick for the k experts (`self_score.SelfScorePicks`: experts that
+  cannot be token-mixed), each expert also returns its score of the prompt and the pick
+  (`SelfScoreTop1.choose`) chooses the answer; the vote decides only when that is not
+  possible (an expert of the k sent no score and the pick's prior did not answer).
 
 Failover order: S by gate weight, then the healthy experts outside S that meet the budgets on
 their own (best single-expert validation loss first), so a request whose S is one expert still
@@ -34,12 +38,14 @@ from dataclasses import dataclass, replace
 
 from services.router.aggregate import RULE, Answer, weighted_vote
 from services.router.budget import ENERGY_FIELD, LATENCY_FIELD, BudgetDefaults, RequestBudget
-from services.router.expert_engine import ExpertUnavailable, whole_answer
+from services.router.expert_engine import ExpertUnavailable, score_prompt, whole_answer
 from services.router.features import Featurizer, gate_text
 from services.router.metrics import RouterMetrics
 from services.router.moe2 import BudgetInfeasible, Moe2Selector
 from services.router.predictor import Predictor, Shape
 from services.router.report import RouteReport
+from services.router.self_score import AGGREGATION as SELF_SCORE
+from services.router.self_score import PromptScore, SelfScorePicks
 from services.router.token_mixture import AGGREGATION as TOKEN_MIXTURE
 from services.router.token_mixture import TokenMixer, mix_generate
 from tandem.runtime.engine_api import ChatMessage, Engine, GenerationChunk, GenerationRequest
@@ -72,6 +78,7 @@ class RoutedEngine:
         defaults: BudgetDefaults | None = None,
         metrics: RouterMetrics | None = None,
         mixer: TokenMixer | None = None,
+        picks: SelfScorePicks | None = None,
     ) -> None:
         if selector is None and model_id not in experts:
             raise ValueError(f"no expert {model_id!r} to route to")
@@ -82,6 +89,7 @@ class RoutedEngine:
         self.predictor = predictor
         self.selector = selector
         self.mixer = mixer  # token-level mixing of the top k where their tokenizers match
+        self.picks = picks  # k > 1 elsewhere: the pick by the experts' prompt scores
         self.featurizer = featurizer
         self.defaults = defaults or BudgetDefaults()
         self.metrics = metrics
@@ -153,6 +161,8 @@ class RoutedEngine:
         )
         if k > 1 and self.mixer is not None and self.mixer.mixable(chosen, self.experts):
             report.aggregation = TOKEN_MIXTURE
+        elif report.aggregation == RULE and self.picks is not None and self.picks.get(chosen):
+            report.aggregation = SELF_SCORE
         ctx.report = report
         return report, [e for e, _ in ranked] + list(fallbacks)
 
@@ -287,6 +297,9 @@ class RoutedEngine:
                 ran.append(expert)
                 tasks[asyncio.create_task(self._collect(expert, request))] = expert
 
+        pick = self.picks.get(report.experts) if report.aggregation == SELF_SCORE else None
+        # Tasks copy the context when created: every expert launched below scores the prompt.
+        scoring = score_prompt.set(pick is not None)
         if k == 1:  # one expert at a time, in this task (no task and wait per request)
             for expert in pending:
                 ran.append(expert)
@@ -313,6 +326,7 @@ class RoutedEngine:
                         self._failed(report, expert, exc)
                 launch()
         finally:
+            score_prompt.reset(scoring)
             for task in tasks:
                 task.cancel()
             if tasks:
@@ -325,7 +339,12 @@ class RoutedEngine:
             for e in order
             if e in results
         ]
-        winner = weighted_vote(answers).expert_id
+        winner = None
+        if pick is not None:
+            scores = {e: _prompt_score(results.get(e)) for e in pick.experts}
+            winner = pick.choose(scores, len(gate_text(request)))
+        if winner not in results:  # no pick, or its expert did not answer: the vote
+            winner = weighted_vote(answers).expert_id
         # Energy of every expert that answered, for its actual tokens: measured where its
         # usage reports measured joules, else modelled (an expert that failed half-way is
         # not charged: its work is unknown).
@@ -390,6 +409,13 @@ def _unavailable(report: RouteReport) -> ExpertUnavailable:
     return ExpertUnavailable(
         f"every expert tried failed ({', '.join(report.failed)}); retry shortly"
     )
+
+
+def _prompt_score(chunks: Sequence[GenerationChunk] | None) -> PromptScore | None:
+    """The expert's score of the prompt, from its last chunk (None: it sent none)."""
+    report = chunks[-1].report if chunks else None
+    score = (report or {}).get("prompt_score")
+    return None if score is None else PromptScore(**score)
 
 
 def _shape_of(chunks: Sequence[GenerationChunk]) -> Shape:

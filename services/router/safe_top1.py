@@ -195,9 +195,12 @@ def fit_threshold(
     cfg: SafeTop1Config,
     fitter: Fitter | None = None,
     experts: tuple[str, ...] = (),
+    support_fit: Callable[[np.ndarray], Support] | None = None,
 ) -> tuple[float, dict]:
     """tau for one subset (columns of ``nll``) by inner leave-one-domain-out; returns it and
-    what the check saw (per-domain change in bits/char at tau)."""
+    what the check saw (per-domain change in bits/char at tau). ``support_fit``: how each
+    inner fold's support is fitted on its training rows (default `Support.fit`; anything
+    with ``covers``)."""
     fitter = fitter or ridge_fitter(cfg)
     experts = experts or tuple(str(i) for i in range(nll.shape[1]))
     doms = np.asarray(domains)
@@ -207,7 +210,7 @@ def fit_threshold(
     gains, covered, rows = [], [], []
     for d in names:
         held = doms == d
-        support = Support.fit(features[~held], cfg)
+        support = (support_fit or (lambda x: Support.fit(x, cfg)))(features[~held])
         costs = fitter(
             experts, features[~held], nll[~held], chars[~held], list(doms[~held]), support
         )

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import grpc
 
@@ -151,6 +151,7 @@ def build_generate_request(
     params: SamplingParams | None = None,
     request_id: str = "",
     whole_answer: bool = False,
+    score_prompt: bool = False,
 ) -> edge_pb2.GenerateRequest:
     """Exactly one of prompt, messages, token_ids. Raises ValueError otherwise."""
     if sum(x is not None for x in (prompt, messages, token_ids)) != 1:
@@ -159,6 +160,7 @@ def build_generate_request(
         request_id=request_id,
         sampling=sampling_to_proto(params or SamplingParams()),
         whole_answer=whole_answer,
+        score_prompt=score_prompt,
     )
     if prompt is not None:
         req.prompt = prompt
@@ -175,7 +177,20 @@ def build_generate_request(
 
 
 def chunk_from_proto(msg: edge_pb2.GenerateChunk) -> GenerationChunk:
-    """One engine chunk per message (it may hold several tokens)."""
+    """One engine chunk per message (it may hold several tokens). The node's energy and
+    prompt score, where it sent them, go in ``report``."""
+    report: dict[str, Any] = {}
+    if msg.HasField("energy_joules"):
+        report.update(energy_joules=msg.energy_joules, energy_source=msg.energy_source)
+    if msg.HasField("prompt_score"):
+        p = msg.prompt_score
+        report["prompt_score"] = {
+            "prompt_nll": p.prompt_nll,
+            "prompt_tokens": p.prompt_tokens,
+            "mean_entropy": p.mean_entropy,
+            "last_entropy": p.last_entropy,
+            "last_top1": p.last_top1,
+        }
     return GenerationChunk(
         text=msg.text,
         token_ids=tuple(msg.token_ids),
@@ -184,11 +199,7 @@ def chunk_from_proto(msg: edge_pb2.GenerateChunk) -> GenerationChunk:
         completion_tokens=msg.completion_tokens,
         finish_reason=_FINISH.get(msg.finish_reason),
         sources=tuple(_SOURCES.get(s, "edge") for s in msg.sources),
-        report=(
-            {"energy_joules": msg.energy_joules, "energy_source": msg.energy_source}
-            if msg.HasField("energy_joules")
-            else None
-        ),
+        report=report or None,
     )
 
 
@@ -233,10 +244,13 @@ class EdgeClient:
         request_id: str = "",
         timeout: float | None = None,
         whole_answer: bool = False,
+        score_prompt: bool = False,
     ) -> AsyncIterator[GenerationChunk]:
         """Stream chunks for one request (exactly one of prompt, messages, token_ids).
         `timeout` bounds the whole stream (a gRPC deadline). `whole_answer`: the caller
-        waits for the end anyway, so the node may send everything in one chunk."""
+        waits for the end anyway, so the node may send everything in one chunk.
+        `score_prompt`: the last chunk's report carries the node's "prompt_score" (a dict of
+        edge.proto PromptScore's fields) where the node can score."""
         request = build_generate_request(
             prompt=prompt,
             messages=messages,
@@ -244,6 +258,7 @@ class EdgeClient:
             params=params,
             request_id=request_id,
             whole_answer=whole_answer,
+            score_prompt=score_prompt,
         )
         call = self._get_stub().Generate(request, timeout=timeout, metadata=self._metadata)
         try:
