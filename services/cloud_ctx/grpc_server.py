@@ -97,12 +97,19 @@ class CloudServicer(cloud_pb2_grpc.CloudContextServicer):
         return result
 
     async def _abort(self, context: grpc.aio.ServicerContext, rpc: str, exc: Exception):
-        code, detail = grpc.StatusCode.INTERNAL, "internal error"
+        code, detail, expected = self._status(rpc, exc)
+        if expected is not None:
+            context.set_trailing_metadata(((EXPECTED_POSITION_KEY, str(expected)),))
+        await context.abort(code, detail)
+
+    def _status(self, rpc: str, exc: Exception) -> tuple[grpc.StatusCode, str, int | None]:
+        """The status code, detail and (FAILED_PRECONDITION) expected position for a
+        failed call; counted."""
+        code, detail, expected = grpc.StatusCode.INTERNAL, "internal error", None
         if isinstance(exc, UnknownSession):
             code, detail = grpc.StatusCode.NOT_FOUND, f"unknown session {exc}; re-upload"
         elif isinstance(exc, PositionMismatch):
-            context.set_trailing_metadata(((EXPECTED_POSITION_KEY, str(exc.expected)),))
-            code, detail = grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+            code, detail, expected = grpc.StatusCode.FAILED_PRECONDITION, str(exc), exc.expected
         elif isinstance(exc, SessionTooLarge):
             code, detail = grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
         elif isinstance(exc, LogUnavailable):
@@ -114,7 +121,7 @@ class CloudServicer(cloud_pb2_grpc.CloudContextServicer):
         else:
             log.error("%s failed", rpc, exc_info=exc)
         self._count(rpc, code.name)
-        await context.abort(code, detail)
+        return code, detail, expected
 
     def _count(self, rpc: str, code: str) -> None:
         if self.metrics is not None:
@@ -168,18 +175,43 @@ class CloudServicer(cloud_pb2_grpc.CloudContextServicer):
         )
 
     async def NextToken(self, request, context):
-        queued = time.perf_counter()
-        waiter = _Waiter(request, queued, asyncio.get_running_loop().create_future())
-        self._queue.append(waiter)
-        if self._batcher is None or self._batcher.done():
-            self._batcher = asyncio.create_task(self._answer_batches())
+        waiter = self._enqueue(request)
         try:
             result = await waiter.answer
         except Exception as exc:
-            self._time("NextToken", queued, waiter.started or queued)
+            self._time("NextToken", waiter.queued, waiter.started or waiter.queued)
             await self._abort(context, "NextToken", exc)
-        self._time("NextToken", queued, waiter.started)
-        self._count("NextToken", "OK")
+        return self._reply("NextToken", waiter, result)
+
+    async def NextTokens(self, request, context):
+        """A step's token requests in one message: all queued at once, so they share a
+        batch (one per session per forward), each answered or failed in its place."""
+        waiters = [self._enqueue(r) for r in request.requests]
+        reply = cloud_pb2.TokenBatchReply()
+        for w in waiters:
+            out = reply.results.add()
+            try:
+                result = await w.answer
+            except Exception as exc:
+                self._time("NextToken", w.queued, w.started or w.queued)
+                code, detail, expected = self._status("NextToken", exc)
+                out.error.code, out.error.detail = code.value[0], detail
+                if expected is not None:
+                    out.error.expected_position = expected
+                continue
+            out.reply.CopyFrom(self._reply("NextToken", w, result))
+        return reply
+
+    def _enqueue(self, request: cloud_pb2.TokenRequest) -> _Waiter:
+        waiter = _Waiter(request, time.perf_counter(), asyncio.get_running_loop().create_future())
+        self._queue.append(waiter)
+        if self._batcher is None or self._batcher.done():
+            self._batcher = asyncio.create_task(self._answer_batches())
+        return waiter
+
+    def _reply(self, rpc: str, waiter: _Waiter, result: CloudToken) -> cloud_pb2.TokenReply:
+        self._time(rpc, waiter.queued, waiter.started)
+        self._count(rpc, "OK")
         if self.metrics is not None:
             self.metrics.record_token(result.catch_up_rows)
         reply = cloud_pb2.TokenReply(
@@ -187,7 +219,7 @@ class CloudServicer(cloud_pb2_grpc.CloudContextServicer):
             prob=result.prob,
             catch_up_rows=result.catch_up_rows,
             compute_ms=(waiter.finished - waiter.started) * 1e3,
-            queue_ms=(waiter.started - queued) * 1e3,
+            queue_ms=(waiter.started - waiter.queued) * 1e3,
             load=len(self._queue) + 1,
         )
         if result.verdict is not None:

@@ -58,6 +58,8 @@ from tandem.transport.network import EmulatedLink, LinkProfile
 from tandem_proto.cloud.v1 import cloud_pb2, cloud_pb2_grpc
 
 log = logging.getLogger(__name__)
+_GATHER_TURNS = 2  # event-loop turns a token request waits for others of its step
+_CODES = {c.value[0]: c for c in grpc.StatusCode}
 _TRIPPING = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -80,6 +82,9 @@ class CloudLinkConfig:
     client_id: str = "edge"  # prefix of this edge's cloud session ids
     token: str | None = None  # internal bearer token, sent as `authorization` metadata
     tls: TlsConfig | None = None  # TLS to cloud_ctx (None: plaintext)
+    # the token requests made while one is being sent go out together, in one message
+    # (one step's requests of several sessions); False: one message per request
+    batch_asks: bool = True
 
 
 @dataclass(frozen=True)
@@ -92,6 +97,8 @@ class CloudAnswer:
     catch_up_rows: int  # rows the cloud ran for this answer (its pending + this request's)
     bytes_up: int
     verdict: Verdict | None = None  # speculative sessions
+    queue_s: float = 0.0  # of the last attempt: waiting for the cloud's model thread
+    link_s: float = 0.0  # of the last attempt: the emulated link's delay, up and down
 
 
 class CloudUnavailable(Exception):
@@ -107,6 +114,8 @@ class LinkCounters:
     skipped_circuit_open: int = 0
     uploads: int = 0
     upload_failures: int = 0
+    token_messages: int = 0  # messages that carried token requests (several per message
+    # with `batch_asks`)
     bytes_up: int = 0  # every message the edge sent (uploads + token requests)
     bytes_down: int = 0
     positions_sent: int = 0  # split-layer states sent (resends included)
@@ -178,6 +187,9 @@ class CloudLink:
         self._thread.daemon = True
         self._channel: grpc.aio.Channel | None = None
         self._stub: cloud_pb2_grpc.CloudContextStub | None = None
+        # token requests waiting to share a message (loop thread)
+        self._outbox: list[tuple[cloud_pb2.TokenRequest, asyncio.Future]] = []
+        self._sender: asyncio.Task | None = None
 
     # -- lifecycle (any thread) --------------------------------------------------------
 
@@ -306,13 +318,15 @@ class CloudLink:
     def _hidden(self, s: _Session, start: int, end: int) -> cloud_pb2.HiddenStates:
         return hidden_to_proto(s.rows(start, end), self.config.encoding)
 
-    async def _cross(self, nbytes: int, direction: Literal["up", "down"]) -> None:
+    async def _cross(self, nbytes: int, direction: Literal["up", "down"]) -> float:
+        """Count a message's bytes and let it cross the emulated link; its delay there."""
         if direction == "up":
             self.counters.bytes_up += nbytes
         else:
             self.counters.bytes_down += nbytes
         if self.emulated is not None:
-            await self.emulated.send(nbytes, direction)
+            return await self.emulated.send(nbytes, direction)
+        return 0.0
 
     async def _upload(self, s: _Session) -> None:
         try:
@@ -390,10 +404,9 @@ class CloudLink:
             spec = s.speculation_for(start, position + 1)
             if spec is not None:
                 req.speculation.CopyFrom(speculation_to_proto(spec))
-            await self._cross(req.ByteSize(), "up")
             self.counters.positions_sent += position + 1 - start
             try:
-                reply = await self._stub.NextToken(req, metadata=self._metadata)
+                reply, link_s = await self._token(req)
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
                 if attempt < 2 and code == grpc.StatusCode.NOT_FOUND:
@@ -404,7 +417,6 @@ class CloudLink:
                     raise
                 self.counters.recoveries += 1
                 continue
-            await self._cross(reply.ByteSize(), "down")
             verdict = None
             if spec is not None:
                 verdict = verdict_from_proto(reply.verdict)
@@ -426,8 +438,69 @@ class CloudLink:
                 catch_up_rows=reply.catch_up_rows,
                 bytes_up=req.ByteSize(),
                 verdict=verdict,
+                queue_s=reply.queue_ms / 1e3,
+                link_s=link_s,
             )
         raise AssertionError("unreachable")
+
+    async def _token(self, req: cloud_pb2.TokenRequest) -> tuple[cloud_pb2.TokenReply, float]:
+        """Send one token request; its reply and the emulated link's delay (up + down).
+        With `batch_asks` the requests made together (one engine step's, submitted back to
+        back) go out in one NextTokens message."""
+        if not self.config.batch_asks:
+            return await self._token_alone(req)
+        answer = self._loop.create_future()
+        self._outbox.append((req, answer))
+        if self._sender is None or self._sender.done():
+            self._sender = self._loop.create_task(self._send_outbox())
+        return await answer
+
+    async def _token_alone(self, req: cloud_pb2.TokenRequest) -> tuple[cloud_pb2.TokenReply, float]:
+        link_s = await self._cross(req.ByteSize(), "up")
+        self.counters.token_messages += 1
+        reply = await self._stub.NextToken(req, metadata=self._metadata)
+        return reply, link_s + await self._cross(reply.ByteSize(), "down")
+
+    async def _send_outbox(self) -> None:
+        """Gather the token requests queued by now and send them as one message; again
+        while more come. The engine submits a step's asks back to back from its thread:
+        two loop turns let them all arrive."""
+        for _ in range(_GATHER_TURNS):
+            await asyncio.sleep(0)
+        while self._outbox:
+            batch, self._outbox = self._outbox, []
+            batch = [(r, f) for r, f in batch if not f.done()]  # timed out meanwhile
+            if batch:
+                self._loop.create_task(self._send_batch(batch))
+            await asyncio.sleep(0)
+
+    async def _send_batch(self, batch: list[tuple[cloud_pb2.TokenRequest, asyncio.Future]]) -> None:
+        try:
+            if len(batch) == 1:
+                result: object = await self._token_alone(batch[0][0])
+                answers = [result]
+            else:
+                msg = cloud_pb2.TokenBatch(requests=[r for r, _ in batch])
+                link_s = await self._cross(msg.ByteSize(), "up")
+                self.counters.token_messages += 1
+                reply = await self._stub.NextTokens(
+                    msg, timeout=self.config.timeout_s, metadata=self._metadata
+                )
+                link_s += await self._cross(reply.ByteSize(), "down")
+                if len(reply.results) != len(batch):
+                    raise RuntimeError(
+                        f"{len(reply.results)} results for {len(batch)} token requests"
+                    )
+                answers = [_result(r, link_s) for r in reply.results]
+        except Exception as exc:  # the whole message failed: every request in it
+            answers = [exc] * len(batch)
+        for (_, future), answer in zip(batch, answers, strict=True):
+            if future.done():
+                continue
+            if isinstance(answer, BaseException):
+                future.set_exception(answer)
+            else:
+                future.set_result(answer)
 
     def _judged(self, s: _Session, verdict: Verdict | None) -> bool:
         """Take a reply's verdict (speculative sessions); False if the reply belongs to an
@@ -468,6 +541,19 @@ class CloudLink:
         self._down_until = time.monotonic() + self._backoff
         log.warning("cloud unreachable or slow; edge-standalone for %.1f s", self._backoff)
         self._backoff = min(self._backoff * 2, self.config.max_backoff_s)
+
+
+def _result(
+    r: cloud_pb2.TokenResult, link_s: float
+) -> tuple[cloud_pb2.TokenReply, float] | grpc.aio.AioRpcError:
+    """A batched request's reply, or its failure as the error NextToken would raise."""
+    if not r.HasField("error"):
+        return r.reply, link_s
+    trailing = grpc.aio.Metadata()
+    if r.error.HasField("expected_position"):
+        trailing.add(EXPECTED_POSITION_KEY, str(r.error.expected_position))
+    code = _CODES.get(r.error.code, grpc.StatusCode.UNKNOWN)
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), trailing, r.error.detail)
 
 
 def _expected(exc: grpc.aio.AioRpcError, default: int) -> int:
