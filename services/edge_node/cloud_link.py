@@ -98,7 +98,7 @@ class CloudAnswer:
     bytes_up: int
     verdict: Verdict | None = None  # speculative sessions
     queue_s: float = 0.0  # of the last attempt: waiting for the cloud's model thread
-    link_s: float = 0.0  # of the last attempt: the emulated link's delay, up and down
+    link_s: float = 0.0  # of the last attempt: time in the emulated link, up and down
 
 
 class CloudUnavailable(Exception):
@@ -319,14 +319,17 @@ class CloudLink:
         return hidden_to_proto(s.rows(start, end), self.config.encoding)
 
     async def _cross(self, nbytes: int, direction: Literal["up", "down"]) -> float:
-        """Count a message's bytes and let it cross the emulated link; its delay there."""
+        """Count a message's bytes and let it cross the emulated link; the time it spent
+        there (the link's delay, plus the event loop's lateness in waking it)."""
         if direction == "up":
             self.counters.bytes_up += nbytes
         else:
             self.counters.bytes_down += nbytes
-        if self.emulated is not None:
-            return await self.emulated.send(nbytes, direction)
-        return 0.0
+        if self.emulated is None:
+            return 0.0
+        t0 = time.perf_counter()
+        await self.emulated.send(nbytes, direction)
+        return time.perf_counter() - t0
 
     async def _upload(self, s: _Session) -> None:
         try:

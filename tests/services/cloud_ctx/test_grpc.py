@@ -124,3 +124,63 @@ def test_concurrent_sessions_are_batched_and_stay_exact():
     total = registry.get_sample_value("tandem_cloud_token_batch_size_sum", {"model": "tiny"})
     assert total == len(prompts) * GREEDY.max_tokens
     assert count < total  # some forwards answered several sessions
+
+
+def test_one_message_answers_each_session_in_its_place():
+    """NextTokens: the token requests of several sessions in one message share a batch;
+    each gets the token NextToken would give it, a failing one its own status."""
+    model = tiny_model("llama")
+    expected = list(generate(ExitDecoder(model), PROMPT, GREEDY).token_ids)
+    manager = CloudContextManager(
+        model, SPLIT, SessionStore(lambda: model.new_kv(first_layer=SPLIT), StoreLimits())
+    )
+    sids = ["a", "b", "c"]
+
+    async def main():
+        server = await start_cloud_server(manager)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+                stub = cloud_pb2_grpc.CloudContextStub(ch)
+                edges = {sid: EdgeHalf(model, SPLIT) for sid in sids}
+                hidden = {sid: e.hidden(PROMPT) for sid, e in edges.items()}
+                outs: dict[str, list[int]] = {sid: [] for sid in sids}
+                pos = len(PROMPT) - 1
+                while len(outs["a"]) < GREEDY.max_tokens:
+                    batch = cloud_pb2.TokenBatch(
+                        requests=[
+                            cloud_pb2.TokenRequest(
+                                session_id=sid, position=pos, hidden=hidden_to_proto(hidden[sid])
+                            )
+                            for sid in sids
+                        ]
+                    )
+                    reply = await stub.NextTokens(batch)
+                    assert len(reply.results) == len(sids)
+                    for sid, r in zip(sids, reply.results, strict=True):
+                        assert not r.HasField("error")
+                        outs[sid].append(r.reply.token_id)
+                        hidden[sid] = edges[sid].hidden([r.reply.token_id])
+                    pos += 1
+                # a gap in one request fails only that one, with where the session ends
+                reply = await stub.NextTokens(
+                    cloud_pb2.TokenBatch(
+                        requests=[
+                            cloud_pb2.TokenRequest(session_id="a", position=pos + 5),
+                            cloud_pb2.TokenRequest(
+                                session_id="b", position=pos, hidden=hidden_to_proto(hidden["b"])
+                            ),
+                            cloud_pb2.TokenRequest(session_id="nobody", position=0),
+                        ]
+                    )
+                )
+                gap, fine, unknown = reply.results
+                assert gap.error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+                assert gap.error.expected_position == pos - 1
+                assert not fine.HasField("error") and fine.reply.catch_up_rows == 1
+                assert unknown.error.code == grpc.StatusCode.NOT_FOUND.value[0]
+                return outs
+        finally:
+            await server.stop()
+
+    outs = asyncio.run(asyncio.wait_for(main(), 60))
+    assert all(out == expected for out in outs.values())

@@ -215,3 +215,61 @@ def test_a_cloud_slower_than_the_budget_lowers_tau():
                 link.close()
             assert link.expected_ms() is not None and link.expected_ms() > 0
             assert (eng.tau_now < 0.51) if low else (eng.tau_now == 0.9)
+
+
+def test_a_steps_token_requests_share_messages_and_equal_the_full_model():
+    model = tiny_model("llama")
+    full = ExitDecoder(model)
+    expected = [list(generate(full, ByteCodec().encode(p), GREEDY).token_ids) for p in PROMPTS]
+    counters = {}
+    for batch in (True, False):
+        manager = cloud_manager(model, SPLIT)
+        with (
+            cloud_server(manager) as port,
+            collab_engine(model, f"127.0.0.1:{port}", batch_asks=batch) as (eng, link),
+        ):
+            got = _run(eng, PROMPTS)
+        assert [ids for ids, _ in got] == expected
+        counters[batch] = link.counters
+    shared, alone = counters[True], counters[False]
+    assert alone.token_messages == alone.token_requests
+    # three requests per step while all three prompts run: fewer messages than requests
+    assert shared.token_requests == alone.token_requests
+    assert shared.token_messages < shared.token_requests
+    assert shared.token_failures == 0
+
+
+def test_a_session_lost_inside_a_shared_message_is_rebuilt_the_others_answered():
+    """The cloud forgets one session mid-generation: its request in the step's shared
+    message fails with NOT_FOUND alone, the edge resends its context, and every output
+    still equals the full model."""
+    model = tiny_model("llama")
+    full = ExitDecoder(model)
+    expected = [list(generate(full, ByteCodec().encode(p), GREEDY).token_ids) for p in PROMPTS]
+    manager = cloud_manager(model, SPLIT)
+    forgotten = []
+
+    class Forgetful(EdgeEngine):
+        def _step(self):
+            if not forgotten and self._running and len(self._running[0].ids) == 5:
+                sid = sorted(manager.store._sessions)[0]
+                manager.release(sid)
+                forgotten.append(sid)
+            super()._step()
+
+    with cloud_server(manager) as port:
+        link = CloudLink(CloudLinkConfig(target=f"127.0.0.1:{port}"))
+        link.start()
+        eng = Forgetful(
+            "tiny", ExitDecoder(model, depth=SPLIT), ByteCodec(), EngineConfig(max_batch=4), link
+        )
+        eng.start()
+        try:
+            got = _run(eng, PROMPTS)
+        finally:
+            eng.stop()
+            link.close()
+    assert [ids for ids, _ in got] == expected
+    assert all(set(s) == {"cloud"} for _, s in got)
+    assert forgotten and link.counters.recoveries >= 1
+    assert link.counters.token_messages < link.counters.token_requests

@@ -1,0 +1,334 @@
+"""The fixed cost of a cloud answer in CE-CoLLM: where one cloud token's time goes.
+
+A real cloud context manager (`python -m services.cloud_ctx.main`, separate process pinned to
+core 1, one torch thread, gRPC on loopback, with or without its Redis log) answers token
+requests from `CloudLink`s in this process (core 0) over the emulated link. Each session
+uploads a prompt's split-layer states, then asks for T tokens one after another, each
+request carrying one new position's state (every token goes to the cloud: the fixed cost,
+not the exit rate, is measured). The states are random rows of the model's hidden size:
+the cloud's work does not depend on their values.
+
+Per cloud token:
+
+- *round trip*: from `ask` to the answer on the edge;
+- *compute*: the cloud's model-thread time for the request (`TokenReply.compute_ms`:
+  decode, catch-up forward, logits, sampling, log writes);
+- *link*: the emulated link's own delay for the request and the reply (rtt + bytes /
+  bandwidth, queueing behind the step's other messages included);
+- *fixed cost* = round trip - compute - link: queueing on the cloud, gRPC, Python,
+  thread hops, serialisation.
+
+Workloads: 1 client (one edge, one session); 4 clients as 4 edges (each its own link and
+channel, stepping independently); 4 sessions on one edge (one link; the 4 token requests
+of a step go out together, sharing one message when the link batches).
+
+Before/after in one run: `--variants` picks the link's and the cloud's settings
+(`CloudLinkConfig.batch_asks`; cloud_ctx `--serial-log`), so the old path is measured
+beside the new one on the same warm processes' machine.
+
+    python -m bench.collab_fixed_cost --model qwen15 --tokens 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from bench.machine import cpu_name
+from services.edge_node.cloud_link import CloudLink, CloudLinkConfig, CloudUnavailable
+from tandem.launch import ServiceProcess, free_port
+from tandem.models.registry import ModelRegistry
+from tandem.runtime.decoder import Reached
+from tandem.runtime.sampling import SamplingParams
+from tandem.transport.network import LinkProfile
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "docs" / "bench"
+
+
+@dataclass
+class Sample:
+    round_trip_ms: float
+    compute_ms: float
+    queue_ms: float
+    link_ms: float
+
+
+@dataclass
+class Result:
+    variant: str
+    redis: bool
+    workload: str
+    tokens: int = 0
+    round_trip_ms: float = 0.0
+    compute_ms: float = 0.0
+    queue_ms: float = 0.0
+    link_ms: float = 0.0
+    fixed_ms: float = 0.0
+    step_ms: float = 0.0  # median wall time of one decode step (edge half + its answers)
+    requests_per_message: float = 1.0  # token requests per message sent
+    samples: list[float] = field(default_factory=list)  # fixed cost per token
+
+    @staticmethod
+    def of(
+        variant: str,
+        redis: bool,
+        workload: str,
+        xs: list[Sample],
+        step_s: float,
+        per_message: float,
+    ) -> Result:
+        r = Result(variant, redis, workload, len(xs), requests_per_message=per_message)
+        r.round_trip_ms = statistics.median(x.round_trip_ms for x in xs)
+        r.compute_ms = statistics.median(x.compute_ms for x in xs)
+        r.queue_ms = statistics.median(x.queue_ms for x in xs)
+        r.link_ms = statistics.median(x.link_ms for x in xs)
+        r.samples = [x.round_trip_ms - x.compute_ms - x.link_ms for x in xs]
+        r.fixed_ms = statistics.median(r.samples)
+        r.step_ms = step_s * 1e3
+        return r
+
+
+def start_cloud(
+    model: str, split: int, quant: str, redis_url: str | None, serial_log: bool, log_dir: Path
+) -> tuple[ServiceProcess, str]:
+    port = free_port()
+    args = [
+        "services.cloud_ctx.main",
+        f"--model={model}",
+        f"--split={split}",
+        f"--quant={quant}",
+        f"--grpc-port={port}",
+        "--metrics-port=0",
+    ]
+    if redis_url is None:
+        args.append("--no-redis")
+    else:
+        args += [f"--redis-url={redis_url}", f"--redis-prefix=bench:fixed:{time.time_ns()}:"]
+    if serial_log:
+        args.append("--serial-log")
+    env = {"TANDEM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    proc = ServiceProcess.start("cloud_ctx", args, log_dir, env, cores={1})
+    target = f"127.0.0.1:{port}"
+    proc.wait_grpc(target, timeout=600)
+    return proc, target
+
+
+class Edge:
+    """One edge's link and its sessions' states (random rows of the model's width)."""
+
+    def __init__(self, target: str, link: str, batch: bool, name: str, hidden: int) -> None:
+        self.link = CloudLink(
+            CloudLinkConfig(
+                target=target,
+                timeout_s=60.0,
+                link=LinkProfile.parse(link),
+                client_id=name,
+                batch_asks=batch,
+            )
+        )
+        self.link.start()
+        self.hidden = hidden
+        self.gen = torch.Generator().manual_seed(hash(name) & 0xFFFF)
+
+    def rows(self, n: int) -> torch.Tensor:
+        return torch.randn(n, self.hidden, generator=self.gen, dtype=torch.float32).to(
+            torch.bfloat16
+        )
+
+    def step(self, sids: list[str], pos: int, params: SamplingParams) -> list[Sample]:
+        """One decode step: a new position's state for each session, and its token."""
+        futures = []
+        rows = [self.rows(1) for _ in sids]
+        for sid, r in zip(sids, rows, strict=True):  # as EdgeEngine does it
+            self.link.append(sid, Reached(pos, r), upload=False)
+            futures.append(self.link.ask(sid, pos, params))
+        try:
+            answers = [f.result(120) for f in futures]
+        except CloudUnavailable:  # e.g. the bench was paused (SIGSTOP) past the timeout
+            return []
+        return [
+            Sample(
+                a.round_trip_s * 1e3,
+                a.compute_s * 1e3,
+                a.queue_s * 1e3,
+                a.link_s * 1e3,
+            )
+            for a in answers
+        ]
+
+    def prompt(self, sids: list[str], n: int, params: SamplingParams) -> None:
+        for sid in sids:
+            self.link.append(sid, Reached(0, self.rows(n)), upload=False)
+        for f in [self.link.ask(sid, n - 1, params) for sid in sids]:
+            f.result(120)
+
+    def close(self, sids: list[str]) -> None:
+        for sid in sids:
+            self.link.release(sid)
+        self.link.close()
+
+
+def run_workload(
+    target: str, link: str, batch: bool, edges: int, per_edge: int, a: argparse.Namespace
+) -> tuple[list[Sample], float, float]:
+    hidden = json.loads((ROOT / "model_cache/converted" / a.model / "config.json").read_text())[
+        "hidden_size"
+    ]
+    params = SamplingParams()
+    stamp = time.time_ns()
+    made = [Edge(target, link, batch, f"fc{stamp}-{k}", hidden) for k in range(edges)]
+    sids = [[f"s{j}" for j in range(per_edge)] for _ in range(edges)]
+    samples: list[Sample] = []
+    step_s: list[float] = []
+    lock = threading.Lock()
+
+    def client(k: int) -> None:
+        e = made[k]
+        e.prompt(sids[k], a.prompt_len, params)
+        time.sleep(0.05 * k)  # edges are not in lockstep
+        for t in range(a.tokens):
+            t0 = time.perf_counter()
+            time.sleep(a.edge_ms / 1e3)  # the edge's half of the step
+            xs = e.step(sids[k], a.prompt_len + t, params)
+            if t >= a.warmup and xs:
+                with lock:
+                    samples.extend(xs)
+                    step_s.append(time.perf_counter() - t0)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(edges)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    requests = sum(e.link.counters.token_requests for e in made)
+    messages = sum(e.link.counters.token_messages for e in made)
+    for k, e in enumerate(made):
+        e.close(sids[k])
+    return samples, statistics.median(step_s), requests / max(1, messages)
+
+
+WORKLOADS = {"1 client": (1, 1), "4 edges": (4, 1), "4 sessions on 1 edge": (1, 4)}
+VARIANTS = {  # name: (link batches a step's asks, cloud writes its log serially)
+    "before": (False, True),
+    "after": (True, False),
+}
+
+
+def render(results: list[Result], meta: dict) -> str:
+    lines = [
+        "# The fixed cost of a cloud answer (CE-CoLLM, `bench/collab_fixed_cost.py`)",
+        "",
+        f"Machine: {meta['machine']}, {meta['cores']} cores (noisy: other agents share it). "
+        f"Model `{meta['model']}` split at {meta['split']}, {meta['quant']} weights; cloud "
+        f"context manager in its own process pinned to core 1 (one torch thread), edge links "
+        f"in the bench process on core 0; emulated link {meta['link']}; prompt "
+        f"{meta['prompt_len']} positions, then {meta['tokens']} cloud tokens per session "
+        f"(first {meta['warmup']} not counted), an edge half of {meta['edge_ms']:g} ms "
+        f"between steps. Medians per cloud token.",
+        "",
+        "*fixed* = round trip - cloud compute - emulated link delay (rtt + bytes/bandwidth, "
+        "queueing behind the step's other messages included): cloud queueing, gRPC, Python, "
+        "thread hops, serialisation. *before* = one message per token request, log writes "
+        "in line; *after* = a step's token requests in one message, the log write "
+        "overlapped with the catch-up forward (durable before the answer).",
+        "",
+        "| workload | Redis log | variant | round trip ms | compute ms | queue ms | link ms "
+        "| fixed ms | step ms |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.workload} | {'on' if r.redis else 'off'} | {r.variant} | "
+            f"{r.round_trip_ms:.1f} | {r.compute_ms:.1f} | {r.queue_ms:.1f} | {r.link_ms:.1f} "
+            f"| {r.fixed_ms:.1f} | {r.step_ms:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="qwen15")
+    p.add_argument("--split", type=int, default=14)
+    p.add_argument("--quant", help="default: the model's serving default")
+    p.add_argument("--link", default="10mbit/20ms")
+    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--edge-ms", type=float, default=40.0)
+    p.add_argument("--workloads", default=",".join(WORKLOADS))
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--redis", default="off,on", help="off, on or both")
+    p.add_argument("--redis-url", help="default: scripts/redis.sh url")
+    p.add_argument("--out", default=str(OUT / "collab_fixed_cost"))
+    a = p.parse_args(argv)
+    spec = ModelRegistry().get(a.model)
+    quant = a.quant or spec.default_quant
+    redis_url = a.redis_url
+    if "on" in a.redis and redis_url is None:
+        subprocess.run(["bash", str(ROOT / "scripts/redis.sh"), "start"], check=True)
+        redis_url = subprocess.run(
+            ["bash", str(ROOT / "scripts/redis.sh"), "url"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    log_dir = Path(tempfile.mkdtemp(prefix="bench-fixed-"))
+    results: list[Result] = []
+    t_start = time.time()
+    for redis_on in [r == "on" for r in a.redis.split(",")]:
+        for variant in a.variants.split(","):
+            batch, serial = VARIANTS[variant]
+            proc, target = start_cloud(
+                a.model, a.split, quant, redis_url if redis_on else None, serial, log_dir
+            )
+            try:
+                for w in a.workloads.split(","):
+                    edges, per_edge = WORKLOADS[w]
+                    xs, step_s, per_msg = run_workload(target, a.link, batch, edges, per_edge, a)
+                    r = Result.of(variant, redis_on, w, xs, step_s, per_msg)
+                    results.append(r)
+                    print(
+                        f"{w:20s} redis={'on ' if redis_on else 'off'} {variant:6s} "
+                        f"rt {r.round_trip_ms:6.1f} compute {r.compute_ms:6.1f} "
+                        f"queue {r.queue_ms:5.1f} link {r.link_ms:5.1f} "
+                        f"fixed {r.fixed_ms:5.1f} step {r.step_ms:6.1f} ms "
+                        f"asks/msg {r.requests_per_message:.2f}",
+                        flush=True,
+                    )
+            finally:
+                proc.stop(grace_s=10)
+    order = {w: i for i, w in enumerate(WORKLOADS)}
+    results.sort(key=lambda r: (order[r.workload], r.redis, r.variant != "before"))
+    meta = {
+        "machine": cpu_name(),
+        "cores": len(__import__("os").sched_getaffinity(0)),
+        "model": a.model,
+        "split": a.split,
+        "quant": quant,
+        "link": a.link,
+        "tokens": a.tokens,
+        "warmup": a.warmup,
+        "prompt_len": a.prompt_len,
+        "edge_ms": a.edge_ms,
+        "minutes": round((time.time() - t_start) / 60, 1),
+    }
+    out = Path(a.out)
+    out.with_suffix(".json").write_text(
+        json.dumps({"meta": meta, "results": [asdict(r) for r in results]}, indent=1)
+    )
+    out.with_suffix(".md").write_text(render(results, meta))
+    print(f"wrote {out.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
