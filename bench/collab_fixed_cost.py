@@ -33,11 +33,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import tempfile
 import threading
 import time
+import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -76,6 +78,7 @@ class Result:
     fixed_ms: float = 0.0
     step_ms: float = 0.0  # median wall time of one decode step (edge half + its answers)
     requests_per_message: float = 1.0  # token requests per message sent
+    log_wait_ms: float = 0.0  # per token request: the model thread blocked on the log
     samples: list[float] = field(default_factory=list)  # fixed cost per token
 
     @staticmethod
@@ -84,7 +87,7 @@ class Result:
         redis: bool,
         workload: str,
         xs: list[Sample],
-        step_s: float,
+        step_s: list[float],
         per_message: float,
     ) -> Result:
         r = Result(variant, redis, workload, len(xs), requests_per_message=per_message)
@@ -94,21 +97,36 @@ class Result:
         r.link_ms = statistics.median(x.link_ms for x in xs)
         r.samples = [x.round_trip_ms - x.compute_ms - x.link_ms for x in xs]
         r.fixed_ms = statistics.median(r.samples)
-        r.step_ms = step_s * 1e3
+        r.step_ms = statistics.median(step_s) * 1e3
         return r
+
+
+@dataclass
+class Cloud:
+    proc: ServiceProcess
+    target: str
+    metrics_url: str
+
+    def log_wait_s(self) -> float:
+        """The cloud's model thread's time blocked on the Redis log so far."""
+        with urllib.request.urlopen(self.metrics_url, timeout=10) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith("tandem_cloud_log_wait_seconds_total"):
+                    return float(line.rsplit(" ", 1)[1])
+        return 0.0
 
 
 def start_cloud(
     model: str, split: int, quant: str, redis_url: str | None, serial_log: bool, log_dir: Path
-) -> tuple[ServiceProcess, str]:
-    port = free_port()
+) -> Cloud:
+    port, metrics_port = free_port(), free_port()
     args = [
         "services.cloud_ctx.main",
         f"--model={model}",
         f"--split={split}",
         f"--quant={quant}",
         f"--grpc-port={port}",
-        "--metrics-port=0",
+        f"--metrics-port={metrics_port}",
     ]
     if redis_url is None:
         args.append("--no-redis")
@@ -120,7 +138,7 @@ def start_cloud(
     proc = ServiceProcess.start("cloud_ctx", args, log_dir, env, cores={1})
     target = f"127.0.0.1:{port}"
     proc.wait_grpc(target, timeout=600)
-    return proc, target
+    return Cloud(proc, target, f"http://127.0.0.1:{metrics_port}/metrics")
 
 
 class Edge:
@@ -180,11 +198,11 @@ class Edge:
 
 def run_workload(
     target: str, link: str, batch: bool, edges: int, per_edge: int, a: argparse.Namespace
-) -> tuple[list[Sample], float, float]:
+) -> tuple[list[Sample], list[float], float, int]:
     hidden = json.loads((ROOT / "model_cache/converted" / a.model / "config.json").read_text())[
         "hidden_size"
     ]
-    params = SamplingParams()
+    params = SamplingParams(temperature=0.0)  # greedy, as bench.collab
     stamp = time.time_ns()
     made = [Edge(target, link, batch, f"fc{stamp}-{k}", hidden) for k in range(edges)]
     sids = [[f"s{j}" for j in range(per_edge)] for _ in range(edges)]
@@ -214,7 +232,7 @@ def run_workload(
     messages = sum(e.link.counters.token_messages for e in made)
     for k, e in enumerate(made):
         e.close(sids[k])
-    return samples, statistics.median(step_s), requests / max(1, messages)
+    return samples, step_s, requests / max(1, messages), requests
 
 
 WORKLOADS = {"1 client": (1, 1), "4 edges": (4, 1), "4 sessions on 1 edge": (1, 4)}
@@ -228,30 +246,70 @@ def render(results: list[Result], meta: dict) -> str:
     lines = [
         "# The fixed cost of a cloud answer (CE-CoLLM, `bench/collab_fixed_cost.py`)",
         "",
-        f"Machine: {meta['machine']}, {meta['cores']} cores (noisy: other agents share it). "
-        f"Model `{meta['model']}` split at {meta['split']}, {meta['quant']} weights; cloud "
-        f"context manager in its own process pinned to core 1 (one torch thread), edge links "
-        f"in the bench process on core 0; emulated link {meta['link']}; prompt "
-        f"{meta['prompt_len']} positions, then {meta['tokens']} cloud tokens per session "
-        f"(first {meta['warmup']} not counted), an edge half of {meta['edge_ms']:g} ms "
-        f"between steps. Medians per cloud token.",
+        f"Machine: {meta['machine']}, {meta['cores']} cores, shared with other agents' jobs "
+        f"(noisy: compare rows of one run only). Model `{meta['model']}` split at "
+        f"{meta['split']}, {meta['quant']} weights; the cloud context manager "
+        f"(`python -m services.cloud_ctx.main`) in its own process pinned to core 1 (one "
+        f"torch thread), real gRPC on loopback, with or without its Redis log; the edge links "
+        f"(`CloudLink`) in the bench process on core 0. Emulated link {meta['link']}. Each "
+        f"session uploads a {meta['prompt_len']}-position prompt, then asks for "
+        f"{meta['tokens']} tokens, one step after another, each request carrying its new "
+        f"position's state (random rows: the cloud's work does not depend on the values); "
+        f"an edge half of {meta['edge_ms']:g} ms (a sleep) between steps; the first "
+        f"{meta['warmup']} steps are not counted. Every variant ran {meta['repeats']} times, "
+        f"interleaved (a fresh cloud process each), samples pooled. Medians per cloud "
+        f"token; run took "
+        f"{meta['minutes']} min. Rerun: `python -m bench.collab_fixed_cost`.",
         "",
-        "*fixed* = round trip - cloud compute - emulated link delay (rtt + bytes/bandwidth, "
-        "queueing behind the step's other messages included): cloud queueing, gRPC, Python, "
-        "thread hops, serialisation. *before* = one message per token request, log writes "
-        "in line; *after* = a step's token requests in one message, the log write "
-        "overlapped with the catch-up forward (durable before the answer).",
+        "- *round trip*: from `CloudLink.ask` to the answer on the edge.",
+        "- *compute*: the cloud's model-thread time for the request (`TokenReply.compute_ms`: "
+        "decode, catch-up forward, logits, sampling, log writes); *queue*: waiting for the "
+        "model thread.",
+        "- *link*: time the request and its reply spent in the link emulator (rtt + bytes / "
+        "bandwidth, queued behind the step's other messages, plus the event loop's lateness "
+        "in waking them, about 2 ms here).",
+        "- **fixed** = round trip - compute - link: queueing, gRPC, Python, thread hops.",
+        "- *step*: one decode step on the edge (edge half + waiting for its answers).",
+        "- *asks/msg*: token requests per message; *log wait*: time the cloud's model thread "
+        "was blocked on Redis per token request (`tandem_cloud_log_wait_seconds_total`).",
+        "- *before*: one message per token request, log append in line before the forward "
+        "(`CloudLinkConfig(batch_asks=False)`, cloud_ctx `--serial-log`); *after*: a step's "
+        "token requests in one `NextTokens` message, the append on a log thread beside the "
+        "forward, waited for before the answer is recorded and sent.",
         "",
         "| workload | Redis log | variant | round trip ms | compute ms | queue ms | link ms "
-        "| fixed ms | step ms |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| **fixed ms** | step ms | asks/msg | log wait ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
             f"| {r.workload} | {'on' if r.redis else 'off'} | {r.variant} | "
             f"{r.round_trip_ms:.1f} | {r.compute_ms:.1f} | {r.queue_ms:.1f} | {r.link_ms:.1f} "
-            f"| {r.fixed_ms:.1f} | {r.step_ms:.1f} |"
+            f"| **{r.fixed_ms:.1f}** | {r.step_ms:.1f} | {r.requests_per_message:.2f} "
+            f"| {r.log_wait_ms:.2f} |"
         )
+    pairs = {}
+    for r in results:
+        pairs.setdefault((r.workload, r.redis), {})[r.variant] = r
+    ratios = []
+    for (w, redis_on), v in pairs.items():
+        if "before" in v and "after" in v:
+            b, a = v["before"], v["after"]
+            ratios.append(
+                f"| {w} | {'on' if redis_on else 'off'} | {a.round_trip_ms / b.round_trip_ms:.2f}"
+                f" | {a.fixed_ms - b.fixed_ms:+.1f} | {a.step_ms / b.step_ms:.2f} "
+                f"| {a.log_wait_ms - b.log_wait_ms:+.2f} |"
+            )
+    if ratios:
+        lines += [
+            "",
+            "After against before (same run):",
+            "",
+            "| workload | Redis log | round trip (after / before) | fixed ms (after - before) "
+            "| step (after / before) | log wait ms (after - before) |",
+            "|---|---|---|---|---|---|",
+            *ratios,
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -269,6 +327,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--redis", default="off,on", help="off, on or both")
     p.add_argument("--redis-url", help="default: scripts/redis.sh url")
+    p.add_argument(
+        "--repeats", type=int, default=2, help="interleaved runs of every variant, pooled"
+    )
     p.add_argument("--out", default=str(OUT / "collab_fixed_cost"))
     a = p.parse_args(argv)
     spec = ModelRegistry().get(a.model)
@@ -283,35 +344,54 @@ def main(argv: list[str] | None = None) -> None:
             text=True,
         ).stdout.strip()
     log_dir = Path(tempfile.mkdtemp(prefix="bench-fixed-"))
-    results: list[Result] = []
+    waits: dict[tuple[str, bool, str], float] = {}
     t_start = time.time()
-    for redis_on in [r == "on" for r in a.redis.split(",")]:
-        for variant in a.variants.split(","):
-            batch, serial = VARIANTS[variant]
-            proc, target = start_cloud(
-                a.model, a.split, quant, redis_url if redis_on else None, serial, log_dir
-            )
-            try:
-                for w in a.workloads.split(","):
-                    edges, per_edge = WORKLOADS[w]
-                    xs, step_s, per_msg = run_workload(target, a.link, batch, edges, per_edge, a)
-                    r = Result.of(variant, redis_on, w, xs, step_s, per_msg)
-                    results.append(r)
-                    print(
-                        f"{w:20s} redis={'on ' if redis_on else 'off'} {variant:6s} "
-                        f"rt {r.round_trip_ms:6.1f} compute {r.compute_ms:6.1f} "
-                        f"queue {r.queue_ms:5.1f} link {r.link_ms:5.1f} "
-                        f"fixed {r.fixed_ms:5.1f} step {r.step_ms:6.1f} ms "
-                        f"asks/msg {r.requests_per_message:.2f}",
-                        flush=True,
-                    )
-            finally:
-                proc.stop(grace_s=10)
+    runs = [
+        (redis_on, variant)
+        for _ in range(a.repeats)
+        for redis_on in [r == "on" for r in a.redis.split(",")]
+        for variant in a.variants.split(",")
+    ]
+    pooled: dict[tuple[str, bool, str], tuple[list[Sample], list[float], list[float], int]] = {}
+    for redis_on, variant in runs:
+        batch, serial = VARIANTS[variant]
+        cloud = start_cloud(
+            a.model, a.split, quant, redis_url if redis_on else None, serial, log_dir
+        )
+        try:
+            for w in a.workloads.split(","):
+                edges, per_edge = WORKLOADS[w]
+                w0 = cloud.log_wait_s()
+                xs, steps, per_msg, asked = run_workload(
+                    cloud.target, a.link, batch, edges, per_edge, a
+                )
+                waited = cloud.log_wait_s() - w0
+                key = (variant, redis_on, w)
+                old = pooled.get(key, ([], [], [], 0))
+                pooled[key] = (old[0] + xs, old[1] + steps, old[2] + [per_msg], old[3] + asked)
+                waits[key] = waits.get(key, 0.0) + waited
+                r = Result.of(variant, redis_on, w, xs, steps, per_msg)
+                r.log_wait_ms = waited / max(1, asked) * 1e3
+                print(
+                    f"{w:20s} redis={'on ' if redis_on else 'off'} {variant:6s} "
+                    f"rt {r.round_trip_ms:6.1f} compute {r.compute_ms:6.1f} "
+                    f"queue {r.queue_ms:5.1f} link {r.link_ms:5.1f} "
+                    f"fixed {r.fixed_ms:5.1f} step {r.step_ms:6.1f} ms "
+                    f"asks/msg {r.requests_per_message:.2f} log wait {r.log_wait_ms:.2f}",
+                    flush=True,
+                )
+        finally:
+            cloud.proc.stop(grace_s=10)
+    results = []
+    for (variant, redis_on, w), (xs, steps, per_msg, asked) in pooled.items():
+        r = Result.of(variant, redis_on, w, xs, steps, statistics.mean(per_msg))
+        r.log_wait_ms = waits[(variant, redis_on, w)] / max(1, asked) * 1e3
+        results.append(r)
     order = {w: i for i, w in enumerate(WORKLOADS)}
     results.sort(key=lambda r: (order[r.workload], r.redis, r.variant != "before"))
     meta = {
         "machine": cpu_name(),
-        "cores": len(__import__("os").sched_getaffinity(0)),
+        "cores": len(os.sched_getaffinity(0)),
         "model": a.model,
         "split": a.split,
         "quant": quant,
@@ -320,6 +400,7 @@ def main(argv: list[str] | None = None) -> None:
         "warmup": a.warmup,
         "prompt_len": a.prompt_len,
         "edge_ms": a.edge_ms,
+        "repeats": a.repeats,
         "minutes": round((time.time() - t_start) / 60, 1),
     }
     out = Path(a.out)

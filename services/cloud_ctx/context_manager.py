@@ -27,6 +27,7 @@ the context again (NOT_FOUND).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -114,6 +115,7 @@ class CloudContextManager:
         self.rebuilds = 0  # sessions rebuilt from the log
         self.kv_rebuilds = 0  # sessions recomputed after the attention pool lost their KV
         self.overlap_retries = 0  # token requests run again after their overlapped write failed
+        self.log_wait_s = 0.0  # time the caller (the model thread) spent blocked on the log
         self._log_thread = (
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="cloud-log")
             if log is not None and overlap_log
@@ -349,9 +351,16 @@ class CloudContextManager:
                 answers[i] = token
         return answers  # type: ignore[return-value]
 
-    @staticmethod
-    def _settle(deferred: dict[str, list[Future]] | None) -> dict[str, _WriteFailed]:
+    def _settle(self, deferred: dict[str, list[Future]] | None) -> dict[str, _WriteFailed]:
         """Wait for the batch's log writes; the sessions whose writes failed."""
+        t0 = time.perf_counter()
+        try:
+            return self._settled(deferred)
+        finally:
+            self.log_wait_s += time.perf_counter() - t0
+
+    @staticmethod
+    def _settled(deferred: dict[str, list[Future]] | None) -> dict[str, _WriteFailed]:
         failed: dict[str, _WriteFailed] = {}
         for sid, writes in (deferred or {}).items():
             for write in writes:
@@ -565,11 +574,14 @@ class CloudContextManager:
         if session.speculative:
             drafts = tuple(session.drafts[p] for p in sorted(session.drafts))
             spec = SpeculativeState(session.epoch, drafts, session.rollback)
+        t0 = time.perf_counter()
         try:
             self.log.record_token(session.session_id, session.last, params, state, spec)
         except (OwnershipLost, LogLost) as exc:
             log.warning("dropping session %r from memory: %s", session.session_id, exc)
             self.store.release(session.session_id, "stale")
+        finally:
+            self.log_wait_s += time.perf_counter() - t0
 
     def _session(self, session_id: str, create: bool) -> CloudSession:
         """From memory; else rebuilt from the log; else new (create) or UnknownSession."""
@@ -622,11 +634,14 @@ class CloudContextManager:
 
     def _durable(self, session_id: str, write: Callable[[], T]) -> T:
         """A log write; a session whose log is gone is not durable any more: drop it."""
+        t0 = time.perf_counter()
         try:
             return write()
         except LogLost:
             self.store.release(session_id, "stale")
             raise UnknownSession(session_id) from None
+        finally:
+            self.log_wait_s += time.perf_counter() - t0
 
     def _fenced(self, session_id: str, fn: Callable[[], T]) -> T:
         """Run fn; if another replica took the session over, drop the memory copy and run

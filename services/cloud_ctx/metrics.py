@@ -169,6 +169,23 @@ class _ManagerCollector(Collector):
         )
         kv.add_metric([self.model], self.manager.kv_rebuilds)
         yield kv
+        for name, doc, value in (
+            (
+                "log_wait_seconds",
+                "Time the model thread spent blocked on Redis log writes (in line, or "
+                "waiting for an overlapped append after the forward).",
+                self.manager.log_wait_s,
+            ),
+            (
+                "overlap_retries",
+                "Token requests run again with in-line log writes after their overlapped "
+                "append failed.",
+                self.manager.overlap_retries,
+            ),
+        ):
+            c = CounterMetricFamily(f"{self.ns}_{name}", doc, labels=["model"])
+            c.add_metric([self.model], value)
+            yield c
         traffic = getattr(getattr(self.manager.runner, "pool", None), "traffic", None)
         if traffic is None:  # local attention
             return
