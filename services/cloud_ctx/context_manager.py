@@ -220,23 +220,45 @@ class CloudContextManager:
         """A speculative upload: append the rows, then run them and judge their drafts.
         Returns the positions held and the verdict."""
 
-        def run() -> tuple[int, Verdict]:
+        def run(overlap: bool) -> tuple[int, Verdict]:
             session = self._session(session_id, create=True)
             if self._stale(session, speculation):
                 return session.uploaded, self._verdict(session)
-            session, _ = self._upload(session_id, start_pos, hidden)
-            self._adopt(session, speculation)
-            if session.pending:
-                try:
-                    self._run_drafted_rows(session)
-                except PoolKVLost as exc:  # nothing judged yet: run it all again, rebuilt
-                    log.warning("%s; recomputing session %r", exc, session_id)
-                    session = self._rebuilt_after_kv_loss(session)
-                    self._run_drafted_rows(session)
+            deferred = self._deferred = {} if overlap else None
+            try:
+                session, _ = self._upload(session_id, start_pos, hidden)
+                self._deferred = None
+                self._adopt(session, speculation)
+                if session.pending:
+                    try:  # the append is waited for before any draft is judged
+                        self._run_drafted_rows(session, lambda: self._durable_now(deferred))
+                    except PoolKVLost as exc:  # nothing judged yet: run it all again, rebuilt
+                        log.warning("%s; recomputing session %r", exc, session_id)
+                        self._durable_now(deferred)  # the rebuild reads these rows
+                        session = self._rebuilt_after_kv_loss(session)
+                        self._run_drafted_rows(session, None)
+            finally:
+                self._deferred = None
+                self._durable_now(deferred)
             self._record(session)  # drafts, RNG state and epoch survive a rebuild
             return session.uploaded, self._verdict(session)
 
-        return self._fenced(session_id, run)
+        try:
+            return self._fenced(session_id, lambda: run(self._log_thread is not None))
+        except _WriteFailed:  # durable first: drop what ran on the rows, run it in line
+            self.store.release(session_id, "stale")
+            self.overlap_retries += 1
+            return self._fenced(session_id, lambda: run(False))
+
+    def _durable_now(self, deferred: dict[str, list[Future]] | None) -> None:
+        """Wait for (and forget) overlapped log writes; _WriteFailed if one failed."""
+        if not deferred:
+            return
+        pending = dict(deferred)
+        deferred.clear()
+        failed = self._settle(pending)
+        if failed:
+            raise next(iter(failed.values()))
 
     def release(self, session_id: str) -> bool:
         logged = self.log.release(session_id) if self.log is not None else False
@@ -443,15 +465,21 @@ class CloudContextManager:
         return self._answered(session, token, prob, h.shape[0])
 
     @torch.inference_mode()
-    def _run_drafted_rows(self, session: CloudSession) -> None:
+    def _run_drafted_rows(
+        self, session: CloudSession, before_judging: Callable[[], None] | None
+    ) -> None:
         """Speculative upload: run the pending rows now and judge their drafts. The newest
-        row waits when it has no draft: the edge will ask for its token (or send a draft)."""
+        row waits when it has no draft: the edge will ask for its token (or send a draft).
+        `before_judging` runs after the forward (waits for the upload's overlapped log
+        write: a judgement may roll the log back)."""
         rows = torch.cat(session.pending)
         n = rows.shape[0] - (0 if session.uploaded - 1 in session.drafts else 1)
         if n <= 0:
             return
         first = session.computed
         [h] = self.runner.run([(session, rows[:n])])
+        if before_judging is not None:
+            before_judging()
         session.pending = [rows[n:]] if n < rows.shape[0] else []
         session.computed += n
         self._judge(session, h, first)

@@ -14,7 +14,10 @@ from services.cloud_ctx.context_manager import CloudContextManager, TokenAsk
 from services.cloud_ctx.runner import LocalRunner
 from services.cloud_ctx.session_log import LogUnavailable, SessionLog
 from services.cloud_ctx.session_store import SessionStore, StoreLimits
+from tandem.runtime.decoder import ExitDecoder
+from tandem.runtime.generate import generate
 from tandem.runtime.sampling import SamplingParams
+from tandem.runtime.speculative import Draft, Speculation
 from tandem.transport.hidden import encode_hidden
 from tests.services.cloud_ctx.edge_half import EdgeHalf
 from tests.tiny import tiny_model
@@ -209,3 +212,32 @@ def test_a_batch_answers_the_others_when_one_sessions_log_is_down(
     assert cloud.overlap_retries == 1
     assert not isinstance(y, Exception) and cloud.store.get("y").uploaded == pos + 1
     cloud.close()
+
+
+def test_a_speculative_upload_logs_beside_its_forward_and_before_judging(
+    model, redis_client, redis_prefix
+):
+    """A rejected draft truncates the log, so the overlapped append must land first; a
+    failed append reruns the upload in line, with the same verdict."""
+    want = list(generate(ExitDecoder(model), PROMPT, GREEDY).token_ids)
+    wrong = (want[0] + 1) % model.cfg.vocab_size
+    p = len(PROMPT)
+    verdicts = []
+    for fail in (False, True):
+        cloud, log, events = _cloud(model, redis_client, f"{redis_prefix}{fail}:", overlap=True)
+        if fail:
+            log.fail, log.fail_times = LogUnavailable("Redis blinked"), 1
+        rows = EdgeHalf(model, SPLIT).hidden([*PROMPT, wrong])
+        spec = Speculation(0, GREEDY, (Draft(p - 1, wrong), Draft(p, 3)))
+        held, verdict = cloud.speculate("s", 0, encode_hidden(rows, "fp16"), spec)
+        assert verdict.epoch == 1 and verdict.rollback.token == want[0]
+        assert held == verdict.checked == p
+        assert log.touch("s") == p  # appended, then truncated after the rejected draft
+        names = events.names()
+        if not fail:
+            assert names.index("append start") < names.index("forward start")
+            assert names.index("forward start") < names.index("append durable")
+        assert cloud.overlap_retries == int(fail)
+        verdicts.append((held, verdict.epoch, verdict.checked, verdict.rollback.token))
+        cloud.close()
+    assert verdicts[0] == verdicts[1]
