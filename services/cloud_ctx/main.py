@@ -12,7 +12,8 @@ int8 | int4), --host (HOST), --grpc-port (CLOUD_GRPC_PORT, 50061), --metrics-por
 (TANDEM_REPLICA_ID, default <hostname>-<pid>), --max-memory-mib (TANDEM_CLOUD_MAX_MEMORY_MIB),
 --ttl (TANDEM_CLOUD_TTL seconds), --max-sessions (TANDEM_CLOUD_MAX_SESSIONS),
 --max-context (TANDEM_MAX_CONTEXT), --cache-dir (TANDEM_CACHE), --device (TANDEM_DEVICE: auto |
-cpu | cuda[:N]; cuda without a GPU is a startup error). Port 0 picks a free port.
+cpu | cuda[:N]; cuda without a GPU is a startup error), --serial-log (log appends in line
+before the catch-up forward instead of beside it; for benchmarks). Port 0 picks a free port.
 Offload mode (Lamina): --attention-pool host:port,host:port (TANDEM_ATTENTION_POOL) sends
 every attention of the cloud layers to those pool workers (services.attention_pool) and keeps
 no KV here; --micro-batches (TANDEM_MICRO_BATCHES, default 2) ping-pongs the batch.
