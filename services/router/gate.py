@@ -565,6 +565,22 @@ def main(argv: list[str] | None = None) -> None:
             f"ms) over {cost['requests']} gate prompts one at a time on {cost['threads']} "
             "torch threads of this (shared, busy) machine.\n"
         )
+    # k > 1 across tokenizers: the pick by the experts' prompt scores, where they are cached
+    # (services.router.self_score_data), fitted on train + val like the safe top-1, and its
+    # held-out evaluation (bench.router_self_score) when it was run on this very data.
+    try:
+        from services.router.self_score import DEFAULT_PICKS, fit_picks
+
+        picks = fit_picks(args.data)
+        if picks.picks:
+            picks.save(args.out.with_name(DEFAULT_PICKS.name))
+    except FileNotFoundError:
+        pass
+    own = args.report.with_name("router_self_score.json")
+    blob = json.loads(own.read_text()) if own.exists() else {}
+    if blob.get("data", {}).get("mtime") == summary["data"]["mtime"] and "markdown" in blob:
+        text += "\n## k > 1 across tokenizers: the pick by prompt scores, leave one domain out\n\n"
+        text += blob["markdown"] + "\n"
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text(text)
     args.report.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")

@@ -9,8 +9,9 @@ model that never saw its domain). Per row it records the NLL of
 - ``safe top-1``: `safe_top1.SafeTop1` (abstains to the prior unless the gate's margin
   exceeds a threshold fitted by inner leave-one-domain-out);
 - ``softmax top-1``: the argmax of the softmax gate (`gate.train_gate`, today's recipe,
-  retrained on S); also what k > 1 serves today: the plurality vote (`aggregate`) returns
-  the top-weight expert's answer whenever the k answers differ, as free-form answers do;
+  retrained on S); also what k > 1 serves where neither token mixing nor a self-score pick
+  (`self_score`) applies: the plurality vote (`aggregate`) returns the top-weight expert's
+  answer whenever the k answers differ, as free-form answers do;
 - ``sequence mixture``: the softmax gate's sequence-level mixture over S (all of S runs;
   not served by the router);
 - references: the uniform mixture, the best single expert of S *in hindsight* on D, and
@@ -375,9 +376,11 @@ def lodo_report(
         "worse than the prior (point estimate; τ = ∞ if none). τ is in bits/char of "
         "predicted gain.",
         "- **softmax top-1**: the argmax of the mixture gate (today's recipe, retrained on S "
-        "without D). It is also what k > 1 serves today for any expert set that cannot be "
-        "token-mixed: the gate-weighted plurality vote (`aggregate.weighted_vote`) returns the "
-        "top-weight expert's answer whenever the k free-form answers differ.",
+        "without D). It is also what k > 1 serves for an expert set that can neither be "
+        "token-mixed nor has a self-score pick fitted: the gate-weighted plurality vote "
+        "(`aggregate.weighted_vote`) returns the top-weight expert's answer whenever the k "
+        "free-form answers differ. Where a pick is fitted (the edge experts' sets), k > 1 "
+        "serves the self-score pick instead (its own section below / in router.md).",
         "- **sequence mixture**: the mixture gate's sequence-level mixture over S (every member "
         "of S runs; the router does not serve it; the token mixture, served where tokenizers "
         "match, is in the next section).",

@@ -109,7 +109,9 @@ def summarise(res: SubsetResult, method: str, draws: int = 2000) -> dict:
             "share": {
                 e: float(np.mean([c == e for c, k in zip(res.choice[method], m, strict=True) if k]))
                 for e in res.subset
-            },
+            }
+            if method in res.choice
+            else {},
         }
     return {
         "bpc": mine,
@@ -119,6 +121,8 @@ def summarise(res: SubsetResult, method: str, draws: int = 2000) -> dict:
         "captured": (prior - mine) / prior,
         "captured_share_of_headroom": (prior - mine) / (prior - oracle) if prior > oracle else 0.0,
         "worse_domains": [d for d, v in per.items() if v["delta"][1] > 0],
-        "share": {e: res.choice[method].count(e) / len(res.chars) for e in res.subset},
+        "share": {e: res.choice[method].count(e) / len(res.chars) for e in res.subset}
+        if method in res.choice
+        else {},
         "per_domain": per,
     }
