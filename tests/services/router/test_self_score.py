@@ -254,3 +254,42 @@ def test_the_routed_k_gt_1_answer_is_the_offline_pick(models) -> None:
         want = picks.get(ran).choose_rows(None, raw, np.array([len(text)]))[0]
         assert report.answered_by == want
         assert served == answers[want]
+
+
+def test_without_scores_the_pick_serves_its_prior() -> None:
+    """Experts that send no prompt score (a node that cannot score): the pick answers with
+    its prior (when it ran), never a guess."""
+    from services.router.budget import RequestBudget
+    from services.router.routed_engine import RouteContext, RoutedEngine, route_context
+    from tests.api.fakes import FakeEngine
+    from tests.services.router.moe2_fixtures import ClusterFeaturizer, selector
+    from tests.services.router.test_routed_engine import request
+
+    names = tuple(EXPERT_SEEDS)
+    picks = SelfScorePicks(
+        {
+            frozenset(s): lowest_prompt_bpc(s[::-1])  # prior: the last of the gate's order
+            for r in (2, 3)
+            for s in itertools.combinations(names, r)
+        }
+    )
+    experts = {e: FakeEngine(reply=f"{e} says ", model_id=e) for e in names}
+    sel = selector()
+    routed = RoutedEngine(
+        "auto", experts, sel.predictor, selector=sel, featurizer=ClusterFeaturizer(), picks=picks
+    )
+
+    async def body(text: str):
+        ctx = RouteContext(RequestBudget(None, None, False, 3), stream=False)
+        token = route_context.set(ctx)
+        try:
+            chunks = [c async for c in routed.generate(request(text))]
+        finally:
+            route_context.reset(token)
+        return ctx.report, "".join(c.text for c in chunks)
+
+    for text in PROMPTS:
+        report, text_out = asyncio.run(body(text))
+        assert report.aggregation == AGGREGATION
+        prior = picks.get(report.experts).prior
+        assert report.answered_by == prior and text_out.startswith(f"{prior} says")
