@@ -298,8 +298,6 @@ class RoutedEngine:
                 tasks[asyncio.create_task(self._collect(expert, request))] = expert
 
         pick = self.picks.get(report.experts) if report.aggregation == SELF_SCORE else None
-        # Tasks copy the context when created: every expert launched below scores the prompt.
-        scoring = score_prompt.set(pick is not None)
         if k == 1:  # one expert at a time, in this task (no task and wait per request)
             for expert in pending:
                 ran.append(expert)
@@ -311,6 +309,8 @@ class RoutedEngine:
                 except Exception as exc:
                     self._failed(report, expert, exc)
             pending = []
+        # Tasks copy the context when created: every expert launched below scores the prompt.
+        scoring = score_prompt.set(pick is not None)
         try:
             launch()
             while tasks:
