@@ -9,8 +9,8 @@ sequence's KV slot and its position (`tandem.runtime.kv_slots`); inside the grap
 layer writes the rows' keys and values into the slot pool in place, then attends over the
 pool with a causal (and, for sliding-window layers, windowed) mask per row: grouped GQA
 as fused multiply-reduce loops that read the slots directly (no gather copy, no per-sequence
-loop). Inductor fuses norms, rotary, residuals and the MLP's activation into C++ loops
-around the weight-only matmul kernels.
+loop); Tandem's attention kernel does this on the CPU. Inductor fuses rotary, residuals and
+the MLP's activation into C++ loops around the weight-only matmul and RMSNorm kernels.
 
 Scope: rows of sequences whose caches are slots, at most `max_rows` per sequence (decode
 steps, with any pending rows of deferred exits; short prompts), in graph calls of at most
@@ -26,9 +26,13 @@ checks every weight tensor) runs until a range's dynamic graph exists, then is s
 within the sizes its guards cover (`CompiledDecode.run`). The LM head stays eager
 (compiling it measured no faster).
 
-Compiled and eager logits agree to bf16 rounding (the fused kernels round once where eager
-rounds after every op); tests/runtime/test_compiled.py checks that greedy tokens are the
-same on real models.
+Compiled and eager logits are equal bit for bit (CPU, Tandem's kernels built): the paths
+share the kernels of every op that reduces (the int4/int8 matmuls, RMSNorm and decode
+attention: tandem.runtime.kernels), and inductor keeps eager's bf16 rounding after each op
+it fuses (`emulate_precision_casts`). Before, the fused graph summed norms and attention in
+its own order and rounded once where eager rounds per op, and int8 activations turned such
+last-bit differences into other greedy tokens within a few steps on smollm2 and gemma3.
+tests/runtime/test_compiled.py checks the equality on real models.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import torch
 import torch._dynamo
 from torch import nn
 
+from tandem.runtime.kernels import attention as attention_kernel
 from tandem.runtime.kv_slots import SlotKV, SlotPool
 
 if TYPE_CHECKING:
@@ -48,6 +53,9 @@ if TYPE_CHECKING:
 # One graph per layer range and model: dynamo's default of 8 entries per code object is
 # too few once several models (tests) or several exits exist.
 _RECOMPILE_LIMIT = 256
+# Keep eager's bf16 roundings between fused ops (and eager's math functions), so the
+# compiled step computes what the eager reference computes, bit for bit.
+_INDUCTOR_OPTIONS = {"emulate_precision_casts": True}
 
 
 def slot_attention(
@@ -97,6 +105,8 @@ class _DecodeGraph(nn.Module):
         for layer in self.layers:
             self.register_buffer(f"k{layer.index}", pool.k[layer.index], persistent=False)
             self.register_buffer(f"v{layer.index}", pool.v[layer.index], persistent=False)
+        # Tandem's attention kernel where it runs (the eager path's too: the same bits).
+        self.kernel_attention = model.device.type == "cpu" and attention_kernel.available()
 
     def forward(
         self, h: torch.Tensor, slot: torch.Tensor, pos: torch.Tensor, length: int
@@ -115,7 +125,12 @@ class _DecodeGraph(nn.Module):
             kp[slot, :, pos] = k
             vp[slot, :, pos] = v
             cfg = layer.cfg
-            attn = slot_attention(q, kp, vp, slot, pos, length, cfg.attn_scale, layer.window)
+            if self.kernel_attention:
+                attn = attention_kernel.decode_attention(
+                    q, kp, vp, slot, pos, cfg.attn_scale, layer.window
+                )
+            else:
+                attn = slot_attention(q, kp, vp, slot, pos, length, cfg.attn_scale, layer.window)
             h = layer.after_attention(h, attn)
         return h
 
@@ -183,7 +198,9 @@ class CompiledDecode:
         graph = self._graphs.get((start, end))
         if graph is None:
             module = _DecodeGraph(self.model, self.pool, start, end)
-            graph = self._graphs[start, end] = torch.compile(module, dynamic=True)
+            graph = self._graphs[start, end] = torch.compile(
+                module, dynamic=True, options=_INDUCTOR_OPTIONS
+            )
         if h.shape[0] == 1:
             h, slot, pos = h.repeat(2, 1), slot.repeat(2), pos.repeat(2)
         # Once this range's dynamic graph exists, its guards (~50 us per layer: every weight

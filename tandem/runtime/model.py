@@ -17,7 +17,14 @@ from torch import nn
 
 from tandem.runtime.compiled import CompiledDecode
 from tandem.runtime.config import ArchConfig
+from tandem.runtime.kernels import attention as attention_kernel
+from tandem.runtime.kernels import norm as norm_kernel
 from tandem.runtime.kv_cache import SequenceKV
+
+# Attention for at most this many new rows of a sequence (decode steps, short prompts: what
+# the compiled step takes) runs on the kernel the compiled step runs, so the two paths give
+# the same bits; longer prompts (compute-bound) use SDPA on both paths.
+KERNEL_ATTENTION_ROWS = 16
 
 
 @dataclass
@@ -52,13 +59,19 @@ def _scatter(out: torch.Tensor, rows: torch.Tensor, segments: list[Segment]) -> 
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, unit_offset: bool) -> None:
+    """`kernel`: on the CPU, without autograd, run Tandem's kernel (tandem.runtime.kernels.norm),
+    which the compiled step and the eager path share, so both normalise to the same bits."""
+
+    def __init__(self, dim: int, eps: float, unit_offset: bool, kernel: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
         self.unit_offset = unit_offset
+        self.kernel = kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel and x.device.type == "cpu" and not torch.is_grad_enabled():
+            return norm_kernel.rms_norm(x, self.weight, self.eps, self.unit_offset)
         if x.dtype != torch.float32 and not self.unit_offset:  # one fused op (fp32 inside)
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         xf = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
@@ -123,7 +136,8 @@ class DecoderLayer(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * hd, d, bias=False)
         self.gate_up_proj = nn.Linear(d, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, d, bias=False)
-        norm = lambda dim: RMSNorm(dim, cfg.rms_eps, cfg.norm_unit_offset)  # noqa: E731
+        kernel = norm_kernel.available()
+        norm = lambda dim: RMSNorm(dim, cfg.rms_eps, cfg.norm_unit_offset, kernel)  # noqa: E731
         self.input_layernorm = norm(d)
         self.post_attention_layernorm = norm(d)
         if cfg.sandwich_norm:
@@ -195,6 +209,11 @@ def attention(
     """Causal attention of n new queries [n,H,hd] over a cache [KVH,L,hd] whose last n
     entries are those queries' own keys. Returns [n, H, hd]."""
     n, length = q.shape[0], k.shape[1]
+    if n <= KERNEL_ATTENTION_ROWS and q.device.type == "cpu" and attention_kernel.available():
+        pos = torch.arange(length - n, length)
+        return attention_kernel.decode_attention(
+            q, k[None], v[None], torch.zeros_like(pos), pos, scale, window
+        )
     mask = None
     if n > 1 or (window is not None and length > window):
         qpos = torch.arange(length - n, length, device=q.device)[:, None]
@@ -216,7 +235,9 @@ class DecoderModel(nn.Module):
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, cfg.norm_unit_offset)
+        self.norm = RMSNorm(
+            cfg.hidden_size, cfg.rms_eps, cfg.norm_unit_offset, norm_kernel.available()
+        )
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.max_context = min(max_context or cfg.max_position, cfg.max_position)
         self.rope = Rope(cfg.head_dim, cfg.rope_theta, self.max_context)

@@ -103,18 +103,16 @@ def test_slot_capacity_is_an_explicit_error():
     assert pool.free == 1
 
 
-def _teacher_forced_against_eager(model_id: str, steps: int = 24) -> None:
+def _compiled_equals_eager(model_id: str, steps: int = 24) -> None:
     """`model_id` as served (its default quantization), two prompts decoded together on the
-    eager and the compiled path, teacher-forced on the eager path's greedy tokens. At every
-    step the compiled logits are finite and within 10% of the logits' scale of the eager ones,
-    and the argmax agrees on at least 90% of the steps.
+    eager and the compiled path: every step's logits are equal bit for bit, so the greedy
+    tokens are the same.
 
-    Why not exact: the paths round differently (fused kernels round bf16 once, eager after
-    every op), and the int4 kernel quantizes activations to int8 per block of 32, which turns
-    a one-ulp difference into a different block scale. The eager path disagrees with itself
-    as much: smollm2's logits after prefilling p + t differ from prefill p then decode t by up
-    to 1.6 (of ~23). A wrong position, mask or slot gives differences of the logits' own size.
-    """
+    Both paths run the same kernels for everything that reduces (the int4/int8 matmuls,
+    RMSNorm, decode attention) and inductor keeps eager's bf16 roundings between the ops it
+    fuses (`emulate_precision_casts`). Any other arithmetic in the graph (a reduction of its
+    own, a fused op rounding once) parts them within a few steps, because int8 activations
+    turn a one-ulp difference into other tokens."""
     from tandem.models.loader import LoadOptions, load_model
     from tandem.models.registry import ModelRegistry
 
@@ -129,28 +127,23 @@ def _teacher_forced_against_eager(model_id: str, steps: int = 24) -> None:
     seqs = [[d.new_sequence() for _ in prompts] for d in decs]
     assert isinstance(seqs[1][0].kv, SlotKV)
     results = [d.prefill(s, prompts) for d, s in zip(decs, seqs, strict=True)]
-    agree = total = 0
-    for _ in range(steps):
+    for step in range(steps):
         toks = []
         for eager, fast in zip(*results, strict=True):
-            e, f = eager.logits.float(), fast.logits.float()
-            assert torch.isfinite(f).all()
-            assert (e - f).abs().max() <= 0.1 * e.abs().max()
-            agree += int(e.argmax()) == int(f.argmax())
-            total += 1
-            toks.append(int(e.argmax()))
+            diff = (eager.logits.float() - fast.logits.float()).abs().max()
+            assert torch.equal(eager.logits, fast.logits), f"step {step}: logits differ by {diff}"
+            toks.append(int(fast.logits.argmax()))
         results = [d.decode(s, toks) for d, s in zip(decs, seqs, strict=True)]
-    assert agree >= 0.9 * total, f"argmax agreed on {agree} of {total} steps"
 
 
 @pytest.mark.slow
 def test_compiled_follows_eager_on_smollm2():
-    _teacher_forced_against_eager("smollm2")
+    _compiled_equals_eager("smollm2")
 
 
 @pytest.mark.slow
 def test_compiled_follows_eager_on_qwen05():
-    _teacher_forced_against_eager("qwen05")
+    _compiled_equals_eager("qwen05")
 
 
 def test_a_sequence_takes_the_same_arithmetic_alone_or_batched(arch):

@@ -1,6 +1,7 @@
-"""Build and load Tandem's CPU kernel extension (int4_gemv.cpp + int8_gemv.cpp, one library).
+"""Build and load Tandem's CPU kernel extension (int4_gemv.cpp, int8_gemv.cpp, attention.cpp
+and norm.cpp, one library).
 
-Both sources register ops in the `tandem_kernels` namespace; `load` builds them once with
+The sources register ops in the `tandem_kernels` namespace; `load` builds them once with
 torch.utils.cpp_extension (cached on disk, see `build_dir`) and registers the fake
 implementations that let torch.compile treat the ops as opaque.
 """
@@ -8,14 +9,20 @@ implementations that let torch.compile treat the ops as opaque.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import platform
 from pathlib import Path
 
 import torch
 
+log = logging.getLogger(__name__)
+
 INT4_GROUP = 32
-_SOURCES = [Path(__file__).with_name(f) for f in ("int4_gemv.cpp", "int8_gemv.cpp")]
+_SOURCES = [
+    Path(__file__).with_name(f)
+    for f in ("int4_gemv.cpp", "int8_gemv.cpp", "attention.cpp", "norm.cpp")
+]
 # -fopenmp: at::parallel_for is a header template that runs serially without it. The link
 # resolves to the libgomp.so.1 torch has already loaded (same soname), so one thread pool.
 _CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
@@ -70,6 +77,26 @@ def load() -> None:
     @torch.library.register_fake("tandem_kernels::int8_dequant")
     def _int8_dequant_fake(qweight, scales, n):  # noqa: ANN001, ANN202
         return qweight.new_empty(n, qweight.shape[1] * 4, dtype=torch.float32)
+
+    @torch.library.register_fake("tandem_kernels::decode_attention")
+    def _decode_attention_fake(q, k, v, slot, pos, scale, window=-1):  # noqa: ANN001, ANN202
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("tandem_kernels::rms_norm")
+    def _rms_norm_fake(x, weight, eps, unit_offset):  # noqa: ANN001, ANN202
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the extension builds and loads here (asked once per process); where it does
+    not, its callers use torch ops instead."""
+    try:
+        load()
+    except RuntimeError as exc:
+        log.warning("tandem CPU kernels unavailable, using torch ops: %s", exc)
+        return False
+    return True
 
 
 def best_isa() -> int:

@@ -1,0 +1,103 @@
+// RMSNorm for CPU, one kernel for both decode paths (the compiled step and the eager
+// reference): inductor's decomposition and aten's fused rms_norm sum the squares in
+// different orders, and the last-bit difference now and then rounds an output element to
+// another bf16 value, which int8 activations turn into other tokens.
+//
+//   y = x / sqrt(mean(x^2) + eps) * (unit_offset ? 1 + w : w)
+//
+// over the last dimension of x (bf16 or fp32, any leading shape), fp32 inside: the squares
+// summed in four 8-lane accumulators in a fixed order, one rounding to x's dtype at the end.
+// Each row's arithmetic is the same whatever rows come with it.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace tandem_kernels {
+namespace {
+
+inline __m256 norm_load8(const at::BFloat16* p) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+
+inline __m256 norm_load8(const float* p) { return _mm256_loadu_ps(p); }
+
+inline float norm_hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
+template <typename T>
+void norm_rows(const T* x, const float* w, T* y, int64_t rows, int64_t dim, float eps) {
+  const int64_t d32 = dim / 32 * 32, d8 = dim / 8 * 8;
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* xr = x + r * dim;
+      __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                     _mm256_setzero_ps()};
+      int64_t d = 0;
+      for (; d < d32; d += 32) {
+        for (int i = 0; i < 4; ++i) {
+          const __m256 v = norm_load8(xr + d + 8 * i);
+          a[i] = _mm256_fmadd_ps(v, v, a[i]);
+        }
+      }
+      for (; d < d8; d += 8) {
+        const __m256 v = norm_load8(xr + d);
+        a[0] = _mm256_fmadd_ps(v, v, a[0]);
+      }
+      float sum = norm_hsum8(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
+      for (; d < dim; ++d) {
+        const float v = static_cast<float>(xr[d]);
+        sum += v * v;
+      }
+      const float inv = 1.0f / std::sqrt(sum / static_cast<float>(dim) + eps);
+      T* yr = y + r * dim;
+      for (int64_t i = 0; i < dim; ++i) yr[i] = static_cast<T>(static_cast<float>(xr[i]) * inv * w[i]);
+    }
+  });
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, bool unit_offset) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat,
+              "rms_norm: x must be bf16 or fp32");
+  TORCH_CHECK(x.dim() >= 1 && weight.dim() == 1 && weight.size(0) == x.size(-1),
+              "rms_norm: weight must be [x.size(-1)]");
+  const at::Tensor xc = x.contiguous();
+  at::Tensor w = weight.to(at::kFloat).contiguous();
+  if (unit_offset) w = w + 1.0f;
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  const int64_t dim = x.size(-1), rows = dim == 0 ? 0 : x.numel() / dim;
+  if (rows == 0) return y;
+  if (x.scalar_type() == at::kBFloat16) {
+    norm_rows(xc.data_ptr<at::BFloat16>(), w.data_ptr<float>(), y.data_ptr<at::BFloat16>(), rows,
+              dim, static_cast<float>(eps));
+  } else {
+    norm_rows(xc.data_ptr<float>(), w.data_ptr<float>(), y.data_ptr<float>(), rows, dim,
+              static_cast<float>(eps));
+  }
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(tandem_kernels, lib) {
+  lib.def("rms_norm(Tensor x, Tensor weight, float eps, bool unit_offset) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(tandem_kernels, CPU, lib) { lib.impl("rms_norm", &rms_norm); }
+
+TORCH_LIBRARY_IMPL(tandem_kernels, Autograd, lib) {
+  lib.impl("rms_norm", torch::CppFunction::makeFallthrough());
+}
+
+}  // namespace tandem_kernels
