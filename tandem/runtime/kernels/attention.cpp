@@ -151,6 +151,7 @@ void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
   const int64_t rows = q.size(0), heads = q.size(1), hd = q.size(2);
   const int64_t kv_heads = k.size(1), group = heads / kv_heads;
   const T* qp = q.data_ptr<T>();
+  const int64_t qs0 = q.stride(0), qs1 = q.stride(1);
   const T* kp = k.data_ptr<T>();
   const T* vp = v.data_ptr<T>();
   T* op = out.data_ptr<T>();
@@ -163,7 +164,7 @@ void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
       const int64_t first = window > 0 ? std::max<int64_t>(0, last - window + 1) : 0;
       const int64_t n = last - first + 1;
       for (int64_t g = 0; g < group; ++g) {
-        const T* src = qp + (t * heads + kh * group + g) * hd;
+        const T* src = qp + t * qs0 + (kh * group + g) * qs1;
         for (int64_t d = 0; d < hd; ++d) qf[g * hd + d] = to_float(src[d]) * sc;
       }
       scores.resize(group * n);
@@ -218,7 +219,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
     TORCH_CHECK(slp[t] >= 0 && slp[t] < k.size(0), "decode_attention: slot out of range");
     TORCH_CHECK(pp[t] >= 0 && pp[t] < k.size(2), "decode_attention: position out of range");
   }
-  const at::Tensor qc = q.contiguous();
+  const at::Tensor qc = q.stride(2) == 1 ? q : q.contiguous();  // rows/heads read strided
   at::Tensor out = at::empty(q.sizes(), q.options());
   if (rows == 0) return out;
   if (q.scalar_type() == at::kBFloat16) {

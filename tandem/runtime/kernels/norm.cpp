@@ -36,12 +36,15 @@ inline float norm_hsum8(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-template <typename T>
-void norm_rows(const T* x, const float* w, T* y, int64_t rows, int64_t dim, float eps) {
+// Row r of x starts at x + r * stride (unit stride inside a row); y is contiguous. The weight
+// (W: bf16 or fp32) is read as it is stored, so a call allocates nothing but y.
+template <typename T, typename W>
+void norm_rows(const T* x, int64_t stride, const W* w, bool unit_offset, T* y, int64_t rows,
+               int64_t dim, float eps) {
   const int64_t d32 = dim / 32 * 32, d8 = dim / 8 * 8;
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const T* xr = x + r * dim;
+      const T* xr = x + r * stride;
       __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
                      _mm256_setzero_ps()};
       int64_t d = 0;
@@ -62,9 +65,24 @@ void norm_rows(const T* x, const float* w, T* y, int64_t rows, int64_t dim, floa
       }
       const float inv = 1.0f / std::sqrt(sum / static_cast<float>(dim) + eps);
       T* yr = y + r * dim;
-      for (int64_t i = 0; i < dim; ++i) yr[i] = static_cast<T>(static_cast<float>(xr[i]) * inv * w[i]);
+      const float offset = unit_offset ? 1.0f : 0.0f;
+      for (int64_t i = 0; i < dim; ++i) {
+        yr[i] = static_cast<T>(static_cast<float>(xr[i]) * inv * (offset + static_cast<float>(w[i])));
+      }
     }
   });
+}
+
+template <typename T>
+void norm_any_weight(const at::Tensor& x, int64_t stride, const at::Tensor& w, bool unit_offset,
+                     at::Tensor& y, int64_t rows, int64_t dim, float eps) {
+  if (w.scalar_type() == at::kBFloat16) {
+    norm_rows(x.data_ptr<T>(), stride, w.data_ptr<at::BFloat16>(), unit_offset, y.data_ptr<T>(),
+              rows, dim, eps);
+  } else {
+    norm_rows(x.data_ptr<T>(), stride, w.data_ptr<float>(), unit_offset, y.data_ptr<T>(), rows,
+              dim, eps);
+  }
 }
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, bool unit_offset) {
@@ -72,18 +90,22 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, b
               "rms_norm: x must be bf16 or fp32");
   TORCH_CHECK(x.dim() >= 1 && weight.dim() == 1 && weight.size(0) == x.size(-1),
               "rms_norm: weight must be [x.size(-1)]");
-  const at::Tensor xc = x.contiguous();
-  at::Tensor w = weight.to(at::kFloat).contiguous();
-  if (unit_offset) w = w + 1.0f;
-  at::Tensor y = at::empty(x.sizes(), x.options());
   const int64_t dim = x.size(-1), rows = dim == 0 ? 0 : x.numel() / dim;
+  // Rows evenly strided (e.g. q heads sliced out of a fused qkv [T, H + 2 KVH, hd]) are read
+  // in place; anything else is made contiguous first.
+  const bool in_place = x.dim() == 2 && x.stride(1) == 1;
+  const at::Tensor xc = in_place ? x : x.contiguous();
+  const int64_t stride = in_place ? x.stride(0) : dim;
+  at::Tensor w = weight;
+  if (w.scalar_type() != at::kBFloat16 && w.scalar_type() != at::kFloat) w = w.to(at::kFloat);
+  w = w.contiguous();
+  at::Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   if (rows == 0) return y;
+  const float e = static_cast<float>(eps);
   if (x.scalar_type() == at::kBFloat16) {
-    norm_rows(xc.data_ptr<at::BFloat16>(), w.data_ptr<float>(), y.data_ptr<at::BFloat16>(), rows,
-              dim, static_cast<float>(eps));
+    norm_any_weight<at::BFloat16>(xc, stride, w, unit_offset, y, rows, dim, e);
   } else {
-    norm_rows(xc.data_ptr<float>(), w.data_ptr<float>(), y.data_ptr<float>(), rows, dim,
-              static_cast<float>(eps));
+    norm_any_weight<float>(xc, stride, w, unit_offset, y, rows, dim, e);
   }
   return y;
 }
