@@ -29,22 +29,10 @@
 namespace tandem_kernels {
 namespace {
 
-inline __m256 load8(const at::BFloat16* p) {
-  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
-}
-
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+#include "vec8.h"
 
 inline float to_float(at::BFloat16 x) { return static_cast<float>(x); }
 inline float to_float(float x) { return x; }
-
-inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  return _mm_cvtss_f32(s);
-}
 
 // exp(x) for x <= 0 (softmax after subtracting the max): 2^n * p(r), x = n ln2 + r,
 // |r| <= ln2 / 2, p a degree-6 Taylor polynomial; below -87 the result is 0.

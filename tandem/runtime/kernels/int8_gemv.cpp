@@ -63,12 +63,7 @@ struct Problem {
   at::BFloat16* y16;  // [M, N] when the output is bf16
 };
 
-inline __m256 load8(const at::BFloat16* src) {
-  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
-}
-
-inline __m256 load8(const float* src) { return _mm256_loadu_ps(src); }
+#include "vec8.h"
 
 inline float hmax8(__m256 v) {
   __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));

@@ -22,19 +22,7 @@
 namespace tandem_kernels {
 namespace {
 
-inline __m256 norm_load8(const at::BFloat16* p) {
-  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
-}
-
-inline __m256 norm_load8(const float* p) { return _mm256_loadu_ps(p); }
-
-inline float norm_hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  return _mm_cvtss_f32(s);
-}
+#include "vec8.h"
 
 // Row r of x starts at x + r * stride (unit stride inside a row); y is contiguous. The weight
 // (W: bf16 or fp32) is read as it is stored, so a call allocates nothing but y.
@@ -50,15 +38,15 @@ void norm_rows(const T* x, int64_t stride, const W* w, bool unit_offset, T* y, i
       int64_t d = 0;
       for (; d < d32; d += 32) {
         for (int i = 0; i < 4; ++i) {
-          const __m256 v = norm_load8(xr + d + 8 * i);
+          const __m256 v = load8(xr + d + 8 * i);
           a[i] = _mm256_fmadd_ps(v, v, a[i]);
         }
       }
       for (; d < d8; d += 8) {
-        const __m256 v = norm_load8(xr + d);
+        const __m256 v = load8(xr + d);
         a[0] = _mm256_fmadd_ps(v, v, a[0]);
       }
-      float sum = norm_hsum8(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
+      float sum = hsum8(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
       for (; d < dim; ++d) {
         const float v = static_cast<float>(xr[d]);
         sum += v * v;
