@@ -254,17 +254,18 @@ class DecoderModel(nn.Module):
         self.device = torch.device(device)
         return self
 
-    def compile_decode(self, slots: int = 16) -> None:
+    def compile_decode(self, slots: int = 16, cpp_wrapper: bool = True) -> None:
         """From now on, new caches are static slots (up to `slots` sequences; more get
         dynamic caches) and decode steps over them run as compiled graphs
-        (tandem.runtime.compiled). The eager path stays the reference. On CUDA the
-        step is replayed as CUDA graphs over the same static slots."""
+        (tandem.runtime.compiled; `cpp_wrapper`: inductor's C++ wrapper, faster steps,
+        slower first compile). The eager path stays the reference. On CUDA the step is
+        replayed as CUDA graphs over the same static slots."""
         if self.device.type == "cuda":
             from tandem.runtime.compiled import CudaGraphDecode
 
             self.compiled = CudaGraphDecode(self, slots)
             return
-        self.compiled = CompiledDecode(self, slots)
+        self.compiled = CompiledDecode(self, slots, cpp_wrapper=cpp_wrapper)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -43,6 +43,8 @@ def test_batched_decode_matches_eager(arch):
         for g, w in zip(got, want, strict=True):
             torch.testing.assert_close(g.logits, w.logits, atol=1e-4, rtol=1e-4)
     assert fast.compiled is not None and (0, fast.cfg.n_layers) in fast.compiled._graphs
+    # The steps after the first called dynamo's compiled code directly (no frame hook).
+    assert (0, fast.cfg.n_layers) in fast.compiled._direct
     for s, r in zip(seqs[1], seqs[0], strict=True):
         assert_same_kv(s.kv, r.kv, fast.cfg.n_layers)
 
