@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import subprocess
 import sys
 import time
@@ -65,10 +66,25 @@ class EdgeRow:
     eager_agreement: float | None = None  # the same, compiled against Tandem's eager path
     bpc: float | None = None
     extra: dict = field(default_factory=dict)
+    # Decode tok/s [Tandem, llama.cpp] of each round (--rounds): the pair's processes run
+    # again, in alternating order, and the row reports medians (the host's bandwidth drifts
+    # between the minutes each side runs in).
+    decode_rounds: list[list[float]] = field(default_factory=list)
 
     def ratio(self, attr: str) -> float | None:
+        if attr == "decode_tok_s" and len(self.decode_rounds) > 1:
+            return statistics.median(o / c for o, c in self.decode_rounds)
         a, b = getattr(self.ours, attr), getattr(self.cpp, attr)
         return a / b if a and b else None
+
+    def add_round(self, other: EdgeRow) -> None:
+        """Another round's decode speeds; the row's decode tok/s become the medians."""
+        if not self.decode_rounds and self.ours.decode_tok_s and self.cpp.decode_tok_s:
+            self.decode_rounds.append([self.ours.decode_tok_s, self.cpp.decode_tok_s])
+        if other.ours.decode_tok_s and other.cpp.decode_tok_s and self.decode_rounds:
+            self.decode_rounds.append([other.ours.decode_tok_s, other.cpp.decode_tok_s])
+            self.ours.decode_tok_s = statistics.median(o for o, _ in self.decode_rounds)
+            self.cpp.decode_tok_s = statistics.median(c for _, c in self.decode_rounds)
 
 
 def _run_side(
@@ -118,7 +134,7 @@ def prompts(codec) -> tuple[list[int], list[int]]:
     return codec.encode(DECODE_PROMPT), ids[:PREFILL_TOKENS]
 
 
-def bench_model(model_id: str, a: argparse.Namespace) -> EdgeRow:
+def bench_model(model_id: str, a: argparse.Namespace, tandem_first: bool = False) -> EdgeRow:
     from bench.weight_bytes import gguf_decode_bytes
     from tandem.models.convert import ensure_converted
     from tandem.models.fetch import gguf_path
@@ -137,30 +153,39 @@ def bench_model(model_id: str, a: argparse.Namespace) -> EdgeRow:
         "decode_prompt": decode_prompt,
         "prefill_prompt": prefill_prompt,
     }
-    cpp_res, cpp_err = None, None
-    if a.no_llamacpp:
-        cpp_err = "llama.cpp skipped (--no-llamacpp)"
-    elif not LLAMACPP_PYTHON.exists():
-        cpp_err = "llama.cpp NOT RUN: .venv-llamacpp is missing (run `make llamacpp-venv`)"
-    else:
-        cpp_res, cpp_err = _run_side(
+
+    def run_cpp() -> tuple[dict | None, str | None]:
+        if a.no_llamacpp:
+            return None, "llama.cpp skipped (--no-llamacpp)"
+        if not LLAMACPP_PYTHON.exists():
+            return None, "llama.cpp NOT RUN: .venv-llamacpp is missing (run `make llamacpp-venv`)"
+        return _run_side(
             [str(LLAMACPP_PYTHON), str(ROOT / "bench" / "llamacpp_side.py")],
             {**job, "gguf": str(gguf.resolve())},
             f"{model_id} llama.cpp",
         )
+
+    def run_ours() -> tuple[dict | None, str | None]:
+        return _run_side(
+            [sys.executable, "-m", "bench.tandem_side"],
+            {
+                **job,
+                "model": model_id,
+                "compiled": not a.eager,
+                "check_eager": not a.eager and not getattr(a, "speed_only", False),
+                "quality_texts": a.quality_texts,
+            },
+            f"{model_id} tandem",
+        )
+
+    if tandem_first:
+        ours_res, ours_err = run_ours()
+        cpp_res, cpp_err = run_cpp()
+    else:
+        cpp_res, cpp_err = run_cpp()
+        ours_res, ours_err = run_ours()
     if cpp_err:
         print(f"[bench-edge] WARNING {model_id}: {cpp_err}", file=sys.stderr)
-    ours_res, ours_err = _run_side(
-        [sys.executable, "-m", "bench.tandem_side"],
-        {
-            **job,
-            "model": model_id,
-            "compiled": not a.eager,
-            "check_eager": not a.eager,
-            "quality_texts": a.quality_texts,
-        },
-        f"{model_id} tandem",
-    )
     if ours_err:
         print(f"[bench-edge] WARNING {model_id}: {ours_err}", file=sys.stderr)
     ours = Side(error=ours_err)
@@ -239,7 +264,16 @@ def render(data: dict) -> str:
         "(held-out corpus text) into an empty cache: `ExitDecoder.prefill` / `Llama.eval`. "
         "**RSS**: VmRSS of each side's process after its timed runs (the GGUF mmap counts for "
         "llama.cpp). Tandem runs as served: registry default quantization, exits at the "
-        f"default tau; {'compiled' if s['compiled'] else 'eager (--eager)'} decode path.",
+        f"default tau; {'compiled' if s['compiled'] else 'eager (--eager)'} decode path."
+        + (
+            f" **Rounds**: each model's pair of processes ran {s['rounds']} times, llama.cpp "
+            "first in odd rounds and Tandem first in even ones; decode tok/s are the medians "
+            "over the rounds and the decode ratio the median of the rounds' ratios (the "
+            "host's bandwidth drifts between the minutes the two sides run in). Prefill, RSS "
+            "and the quality checks are from the first round."
+            if s.get("rounds", 1) > 1
+            else ""
+        ),
         "",
         "| model | quant / tau | Tandem decode tok/s | llama.cpp decode tok/s | decode ratio |"
         " Tandem prefill tok/s | llama.cpp prefill tok/s | prefill ratio |"
@@ -254,6 +288,18 @@ def render(data: dict) -> str:
             f"{_f(r.ratio('prefill_tok_s'), '{:.2f}×')} | {_f(r.ours.rss_mb, '{:.0f}')} | "
             f"{_f(r.cpp.rss_mb, '{:.0f}')} | {_f(r.ours.warmup_s)} |"
         )
+    if any(len(r.decode_rounds) > 1 for r in rows):
+        lines += [
+            "",
+            "Decode ratio of each round (Tandem tok/s / llama.cpp tok/s):",
+            "",
+            "| model | " + " | ".join(f"round {i + 1}" for i in range(s["rounds"])) + " |",
+            "|---|" + "---|" * s["rounds"],
+        ]
+        for r in rows:
+            cells = [f"{o / c:.2f}× ({o:.1f} / {c:.1f})" for o, c in r.decode_rounds]
+            cells += ["—"] * (s["rounds"] - len(cells))
+            lines.append(f"| {r.model} | " + " | ".join(cells) + " |")
     errors = [(r.model, side) for r in rows for side in (r.ours, r.cpp) if side.error]
     if errors:
         lines += ["", "**Rows that did not run:**", ""]
@@ -397,6 +443,12 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default="smollm2,gemma3,qwen05,qwen15")
     p.add_argument("--repeats", type=int, default=3, help="timed passes per side (best of)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="runs of each model's pair of processes, in alternating order (median ratio)",
+    )
     p.add_argument("--eager", action="store_true", help="Tandem's eager reference path")
     p.add_argument("--quality-texts", type=int, default=4, help="0: skip bits/char")
     p.add_argument("--no-llamacpp", action="store_true", help="Tandem side only")
@@ -415,6 +467,11 @@ def main(argv: list[str] | None = None) -> None:
         bw_between.append(read_bandwidth_gbs(threads=THREADS))
         rows.append(bench_model(m, a))
         print(f"[bench-edge] {asdict(rows[-1])}", file=sys.stderr)
+        light = argparse.Namespace(**{**vars(a), "quality_texts": 0, "speed_only": True})
+        for r in range(1, a.rounds):  # decode speeds only: no quality, no eager check
+            again = bench_model(m, light, tandem_first=r % 2 == 1)
+            rows[-1].add_round(again)
+            print(f"[bench-edge] {m} round {r + 1}: {rows[-1].decode_rounds}", file=sys.stderr)
     bw_after = read_bandwidth_gbs(threads=THREADS)
     data = {
         "machine": f"{cpu_name()}, torch {torch.__version__}",
@@ -427,6 +484,7 @@ def main(argv: list[str] | None = None) -> None:
             "new_tokens": NEW_TOKENS,
             "prefill_tokens": PREFILL_TOKENS,
             "repeats": a.repeats,
+            "rounds": a.rounds,
             "compiled": not a.eager,
             "check_eager": not a.eager,
             "quality_texts": a.quality_texts,

@@ -42,6 +42,25 @@ def test_edge_report_ratios_and_bandwidth_fraction():
     assert "did not run" not in md
 
 
+def test_edge_rounds_report_median_ratio_of_rounds():
+    """Three rounds: the decode ratio is the median of the rounds' own ratios, the tok/s
+    columns the medians of each side; each round's ratio is listed."""
+    data = _edge_data()
+    row = edge._row_from_json(data["rows"][0])
+    for ours, cpp in ((50.0, 40.0), (90.0, 30.0)):  # rounds 2, 3 (round 1: 60 / 30)
+        again = edge._row_from_json(data["rows"][0])
+        again.ours.decode_tok_s, again.cpp.decode_tok_s = ours, cpp
+        row.add_round(again)
+    assert row.decode_rounds == [[60.0, 30.0], [50.0, 40.0], [90.0, 30.0]]
+    assert row.ratio("decode_tok_s") == 2.0  # median of 2.0, 1.25, 3.0
+    assert (row.ours.decode_tok_s, row.cpp.decode_tok_s) == (60.0, 30.0)
+    data["rows"] = [asdict(row)]
+    data["settings"]["rounds"] = 3
+    md = edge.render(data)
+    assert "**2.00×**" in md and "1.25× (50.0 / 40.0)" in md and "3.00× (90.0 / 30.0)" in md
+    assert "ran 3 times" in md
+
+
 def test_edge_report_says_loudly_when_llamacpp_did_not_run():
     md = edge.render(_edge_data(cpp_missing=True))
     assert "**smollm2: llama.cpp NOT RUN" in md
