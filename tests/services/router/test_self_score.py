@@ -126,26 +126,10 @@ def models():
 
 @contextlib.asynccontextmanager
 async def edges(models):
-    from services.edge_node.engine import EdgeEngine, EngineConfig
-    from services.edge_node.grpc_server import start_grpc_server
-    from tandem.runtime.decoder import ExitDecoder
-    from tests.tiny import ByteCodec
+    from tests.services.router.tiny_edges import tiny_edge_servers
 
-    engines, servers = {}, {}
-    for name, model in models.items():
-        engine = EdgeEngine(
-            name, ExitDecoder(model), ByteCodec(), EngineConfig(max_batch=4, max_context=256)
-        )
-        engine.start()
-        engines[name] = engine
-        servers[name] = await start_grpc_server(engine, "127.0.0.1", 0)
-    try:
+    async with tiny_edge_servers(models, max_context=256) as servers:
         yield {e: f"127.0.0.1:{s.port}" for e, s in servers.items()}
-    finally:
-        for s in servers.values():
-            await s.stop(grace=None)
-        for e in engines.values():
-            e.stop()
 
 
 def test_the_edge_returns_the_offline_prompt_score(models) -> None:

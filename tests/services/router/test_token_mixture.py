@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from services.edge_node.engine import EdgeEngine, EngineConfig
-from services.edge_node.grpc_server import start_grpc_server
 from services.router.report import RouteReport
 from services.router.token_mixture import (
     AGGREGATION,
@@ -27,6 +26,7 @@ from services.router.token_mixture import (
 from tandem.runtime.decoder import ExitDecoder
 from tandem.runtime.sampling import SamplingParams
 from tandem_proto.edge.v1 import edge_pb2_grpc
+from tests.services.router.tiny_edges import tiny_edge_servers
 from tests.tiny import ByteCodec, tiny_model
 
 PROMPT = "mixing experts"
@@ -41,26 +41,13 @@ def models():
 
 @contextlib.asynccontextmanager
 async def cluster(models):
-    engines, servers, channels, stubs = {}, {}, [], {}
-    for name, model in models.items():
-        engine = EdgeEngine(
-            name, ExitDecoder(model), ByteCodec(), EngineConfig(max_batch=4, max_context=128)
-        )
-        engine.start()
-        engines[name] = engine
-        servers[name] = await start_grpc_server(engine, "127.0.0.1", 0)
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{servers[name].port}")
-        channels.append(channel)
-        stubs[name] = edge_pb2_grpc.EdgeNodeStub(channel)
-    try:
-        yield stubs, servers
-    finally:
-        for c in channels:
-            await c.close()
-        for s in servers.values():
-            await s.stop(grace=None)
-        for e in engines.values():
-            e.stop()
+    async with tiny_edge_servers(models, max_context=128) as servers:
+        channels = {n: grpc.aio.insecure_channel(f"127.0.0.1:{s.port}") for n, s in servers.items()}
+        try:
+            yield {n: edge_pb2_grpc.EdgeNodeStub(c) for n, c in channels.items()}, servers
+        finally:
+            for c in channels.values():
+                await c.close()
 
 
 def streams(stubs, top_k: int = 0):
