@@ -360,8 +360,14 @@ class PoolClient:
 
             w.stub.LoadKV(messages(), timeout=60, metadata=w.metadata)
 
-    def release(self, session_id: str) -> None:
-        """Free the session on every worker (best effort: a dead worker holds nothing)."""
+    def release(self, session_id: str, timeout_s: float = 5.0) -> None:
+        """Free the session on every worker (best effort: a dead worker holds nothing), once
+        the loads queued before it have gone out: a load that reached a worker after the
+        release would hold the session's KV again, and nothing would free it."""
+        sent = threading.Event()
+        self._loads.put(sent)
+        if not sent.wait(timeout_s):
+            log.warning("release of %r: queued KV loads did not drain", session_id)
         for w in self.workers:
             try:
                 w.stub.Release(
