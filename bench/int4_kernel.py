@@ -29,7 +29,8 @@ WORKING_SET = 96 << 20  # bytes of weights cycled per shape (> L3)
 
 
 def weight_bytes(k: int, n: int) -> int:
-    return n * k // 2 + n * (k // 32) * 4  # 4-bit q + 16-bit scale and min per 32
+    # 4-bit q + 8-bit scale and min codes per 32 + fp16 units per 256
+    return n * k // 2 + n * (k // 32) * 2 + n * -(-k // 256) * 4
 
 
 def copies_of(layer: nn.Module, count: int) -> list[nn.Module]:

@@ -63,11 +63,11 @@ def load() -> None:
         ) from err
 
     @torch.library.register_fake("tandem_kernels::int4_mm")
-    def _int4_mm_fake(x, qweight, scales, mins, n, bias=None, isa=0):  # noqa: ANN001, ANN202
+    def _int4_mm_fake(x, qweight, scodes, mcodes, supers, n, bias=None, isa=0):  # noqa: ANN001, ANN202
         return x.new_empty(x.shape[0], n)
 
     @torch.library.register_fake("tandem_kernels::int4_dequant")
-    def _int4_dequant_fake(qweight, scales, mins, n):  # noqa: ANN001, ANN202
+    def _int4_dequant_fake(qweight, scodes, mcodes, supers, n):  # noqa: ANN001, ANN202
         return qweight.new_empty(n, qweight.shape[1] * INT4_GROUP, dtype=torch.float32)
 
     @torch.library.register_fake("tandem_kernels::int8_mm")

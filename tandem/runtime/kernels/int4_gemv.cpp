@@ -1,18 +1,23 @@
 // Int4 weight x int8 activation GEMV/GEMM for CPU decode (M = 1..16 rows).
 //
 // Weight format (built by tandem/runtime/kernels/int4.py, `pack_int4`):
-//   w[n, k] ~= scale[n, b] * q[n, k] + min[n, b],  q in [0, 15],  b = k / 32.
+//   w[n, k] ~= scale[n, b] * q[n, k] + min[n, b],  q in [0, 15],  b = k / 32, with
+//   scale[n, b] = scode[n, b] * d[n, s] and min[n, b] = mcode[n, b] * dmin[n, s]: 8-bit codes
+//   per block and fp16 units per super-block s = b / 8 of 256 input channels (Q4_K's layout,
+//   with 8-bit instead of 6-bit codes). Both products are exact in fp32.
 //   Output rows are padded to a multiple of 16 and stored in groups of 16 rows (g = n / 16).
 //   qweight: uint8 [G, KB, 256]. For block b of group g, 4 chunks of 64 bytes; chunk i byte
 //            (4 * r + t) (r = row in group 0..15, t = 0..3) holds
 //            q[16g + r, 32b + 4i + t] in its low nibble and q[16g + r, 32b + 16 + 4i + t]
 //            in its high nibble. So one int32 lane = 4 consecutive k of one row, and a
 //            256-bit half of a chunk = 8 rows (AVX2), the whole chunk = 16 rows (AVX-512).
-//   scales, mins: fp16 [G, KB, 16]. Total 4 + 1 bits per weight.
+//   scodes: uint8 [G, KB, 16]; mcodes: int8 [G, KB, 16]; supers: fp16 [G, SB, 2, 16]
+//            (d, then dmin, for the 16 rows; SB = ceil(KB / 8), the last one may be short).
+//   Total 4 + 0.5 + 0.125 bits per weight.
 //
 // Activations are quantized per block of 32 to int8 (Q8_0 style: d = max|x| / 127) with the
 // per-block sum s = d * sum(xq) precomputed, so that
-//   y[m, n] = sum_b scale[n,b] * d[m,b] * dot_int(q[n,b], xq[m,b]) + min[n,b] * s[m,b].
+//   y[m, n] = sum_b scale[n,b] * dx[m,b] * dot_int(q[n,b], xq[m,b]) + min[n,b] * s[m,b].
 // Integer dot products: AVX2 maddubs (u8 x s8 -> s16, summed in s16: 8 * 2 * 15 * 127 fits)
 // + madd; AVX-512 VNNI dpbusd. The path is picked at run time (`isa` = 0) with
 // __builtin_cpu_supports; the file itself is built for baseline AVX2 + FMA + F16C.
@@ -36,6 +41,7 @@ namespace {
 constexpr int kRows = 16;    // output rows per group
 constexpr int kBlock = 32;   // k per quantization block
 constexpr int kBlockBytes = 256;
+constexpr int kSuper = 8;    // blocks per super-block (one fp16 d and dmin per row)
 constexpr int kMaxMcAvx2 = 4;  // activation rows per pass over a group's weights (AVX-512: 8)
 
 #include "cpu_isa.h"
@@ -48,10 +54,11 @@ struct QuantX {
 
 struct Problem {
   const uint8_t* qw;
-  const uint16_t* scales;
-  const uint16_t* mins;
+  const uint8_t* scodes;
+  const int8_t* mcodes;
+  const uint16_t* supers;
   const QuantX* x;
-  int64_t m, n, kb;
+  int64_t m, n, kb, sb;
   const float* bias;  // [N] or nullptr
   float* y32;         // [M, N] when the output is fp32
   at::BFloat16* y16;  // [M, N] when the output is bf16
@@ -137,7 +144,8 @@ inline void store_rows(const Problem& p, int64_t m, int64_t g, const float* acc1
 #endif
 // Software prefetch a few blocks ahead in all three streams (a group's blocks are contiguous,
 // and so are consecutive groups, so this also warms the next group's start).
-inline void prefetch_ahead(const uint8_t* w, const uint16_t* sc, const uint16_t* mn) {
+// (The super-block units are one 64-byte line per 8 blocks, left to the hardware prefetcher.)
+inline void prefetch_ahead(const uint8_t* w, const uint8_t* sc, const int8_t* mn) {
   constexpr int ahead = TANDEM_PREFETCH_BLOCKS;
   if constexpr (ahead > 0) {
     const char* pw = reinterpret_cast<const char*>(w + ahead * kBlockBytes);
@@ -145,6 +153,18 @@ inline void prefetch_ahead(const uint8_t* w, const uint16_t* sc, const uint16_t*
     _mm_prefetch(reinterpret_cast<const char*>(sc + ahead * kRows), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(mn + ahead * kRows), _MM_HINT_T0);
   }
+}
+
+// Row r's scale and min of block b in row group g, as the SIMD paths compute them.
+inline float block_scale(const Problem& p, int64_t g, int64_t b, int r) {
+  const uint16_t* sup = p.supers + (g * p.sb + b / kSuper) * 2 * kRows;
+  return static_cast<float>(p.scodes[(g * p.kb + b) * kRows + r]) * half_to_float(sup[r]);
+}
+
+inline float block_min(const Problem& p, int64_t g, int64_t b, int r) {
+  const uint16_t* sup = p.supers + (g * p.sb + b / kSuper) * 2 * kRows;
+  return static_cast<float>(p.mcodes[(g * p.kb + b) * kRows + r]) *
+         half_to_float(sup[kRows + r]);
 }
 
 // The quantized activations of rows m0 .. m0 + MC: int8 values, block scales, block sums.
@@ -169,8 +189,6 @@ void group_scalar(const Problem& p, int64_t g) {
     float acc[kRows] = {};
     for (int64_t b = 0; b < p.kb; ++b) {
       const uint8_t* w = p.qw + (g * p.kb + b) * kBlockBytes;
-      const uint16_t* sc = p.scales + (g * p.kb + b) * kRows;
-      const uint16_t* mn = p.mins + (g * p.kb + b) * kRows;
       const int8_t* xq = p.x->q.data() + m * k + b * kBlock;
       const float d = p.x->d[m * p.kb + b];
       const float s = p.x->s[m * p.kb + b];
@@ -182,7 +200,8 @@ void group_scalar(const Problem& p, int64_t g) {
             dot += (byte & 0xF) * xq[4 * i + t] + (byte >> 4) * xq[16 + 4 * i + t];
           }
         }
-        acc[r] += half_to_float(sc[r]) * d * static_cast<float>(dot) + half_to_float(mn[r]) * s;
+        acc[r] += block_scale(p, g, b, r) * d * static_cast<float>(dot) +
+                  block_min(p, g, b, r) * s;
       }
     }
     store_rows(p, m, g, acc);
@@ -200,10 +219,20 @@ void group_avx2_mc(const Problem& p, int64_t g, int64_t m0) {
   }
   const ActivationRows<MC> x(p, m0);
   const uint8_t* w = p.qw + g * p.kb * kBlockBytes;
-  const uint16_t* sc = p.scales + g * p.kb * kRows;
-  const uint16_t* mn = p.mins + g * p.kb * kRows;
+  const uint8_t* sc = p.scodes + g * p.kb * kRows;
+  const int8_t* mn = p.mcodes + g * p.kb * kRows;
+  const uint16_t* sup = p.supers + g * p.sb * 2 * kRows;
+  __m256 du[2], dmu[2];  // the current super-block's units, per half
   for (int64_t b = 0; b < p.kb; ++b, w += kBlockBytes, sc += kRows, mn += kRows) {
     prefetch_ahead(w, sc, mn);
+    if (b % kSuper == 0) {
+      for (int h = 0; h < 2; ++h) {
+        du[h] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sup + 8 * h)));
+        dmu[h] = _mm256_cvtph_ps(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(sup + kRows + 8 * h)));
+      }
+      sup += 2 * kRows;
+    }
     for (int h = 0; h < 2; ++h) {
       __m256i s16[MC];
       for (int m = 0; m < MC; ++m) s16[m] = _mm256_setzero_si256();
@@ -220,8 +249,14 @@ void group_avx2_mc(const Problem& p, int64_t g, int64_t m0) {
           s16[m] = _mm256_add_epi16(s16[m], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(xh)));
         }
       }
-      const __m256 wsc = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + 8 * h)));
-      const __m256 wmn = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mn + 8 * h)));
+      const __m256 wsc = _mm256_mul_ps(
+          _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
+              _mm_loadl_epi64(reinterpret_cast<const __m128i*>(sc + 8 * h)))),
+          du[h]);
+      const __m256 wmn = _mm256_mul_ps(
+          _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+              _mm_loadl_epi64(reinterpret_cast<const __m128i*>(mn + 8 * h)))),
+          dmu[h]);
       for (int m = 0; m < MC; ++m) {
         const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16[m], ones));
         const __m256 f = _mm256_mul_ps(wsc, _mm256_set1_ps(x.d[m][b]));
@@ -249,10 +284,17 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void group_avx51
   for (int m = 0; m < MC; ++m) acc[m] = accm[m] = _mm512_setzero_ps();
   const ActivationRows<MC> x(p, m0);
   const uint8_t* w = p.qw + g * p.kb * kBlockBytes;
-  const uint16_t* sc = p.scales + g * p.kb * kRows;
-  const uint16_t* mn = p.mins + g * p.kb * kRows;
+  const uint8_t* sc = p.scodes + g * p.kb * kRows;
+  const int8_t* mn = p.mcodes + g * p.kb * kRows;
+  const uint16_t* sup = p.supers + g * p.sb * 2 * kRows;
+  __m512 du = _mm512_setzero_ps(), dmu = _mm512_setzero_ps();  // the super-block's units
   for (int64_t b = 0; b < p.kb; ++b, w += kBlockBytes, sc += kRows, mn += kRows) {
     prefetch_ahead(w, sc, mn);
+    if (b % kSuper == 0) {
+      du = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sup)));
+      dmu = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sup + kRows)));
+      sup += 2 * kRows;
+    }
     __m512i dot[MC][CH];
     for (int m = 0; m < MC; ++m) {
       for (int c = 0; c < CH; ++c) dot[m][c] = _mm512_setzero_si512();
@@ -270,8 +312,14 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void group_avx51
         dot[m][chh] = _mm512_dpbusd_epi32(dot[m][chh], hi, _mm512_set1_epi32(xh));
       }
     }
-    const __m512 wsc = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc)));
-    const __m512 wmn = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mn)));
+    const __m512 wsc = _mm512_mul_ps(
+        _mm512_cvtepi32_ps(
+            _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc)))),
+        du);
+    const __m512 wmn = _mm512_mul_ps(
+        _mm512_cvtepi32_ps(
+            _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mn)))),
+        dmu);
     for (int m = 0; m < MC; ++m) {
       __m512i d = dot[m][0];
       for (int c = 1; c < CH; ++c) d = _mm512_add_epi32(d, dot[m][c]);
@@ -315,28 +363,44 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void group_avx51
   }
 }
 
-at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                   const at::Tensor& mins, int64_t n, const c10::optional<at::Tensor>& bias,
-                   int64_t isa) {
+// The packed weight's tensors, checked against each other (contiguous copies where needed).
+struct Weight {
+  at::Tensor q, scodes, mcodes, supers;
+  int64_t groups, kb, sb;
+};
+
+Weight check_weight(const at::Tensor& qweight, const at::Tensor& scodes, const at::Tensor& mcodes,
+                    const at::Tensor& supers, int64_t n, const char* op) {
+  TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.dim() == 3 &&
+                  qweight.size(2) == kBlockBytes,
+              op, ": qweight must be uint8 [G, KB, 256]");
+  const int64_t groups = qweight.size(0), kb = qweight.size(1);
+  const int64_t sb = (kb + kSuper - 1) / kSuper;
+  TORCH_CHECK(scodes.scalar_type() == at::kByte && mcodes.scalar_type() == at::kChar,
+              op, ": scodes must be uint8 and mcodes int8");
+  TORCH_CHECK(scodes.sizes() == at::IntArrayRef({groups, kb, kRows}) &&
+                  mcodes.sizes() == scodes.sizes(),
+              op, ": scodes/mcodes must be [G, KB, 16]");
+  TORCH_CHECK(supers.scalar_type() == at::kHalf &&
+                  supers.sizes() == at::IntArrayRef({groups, sb, 2, kRows}),
+              op, ": supers must be fp16 [G, ceil(KB / 8), 2, 16]");
+  TORCH_CHECK(n > (groups - 1) * kRows && n <= groups * kRows, op, ": n=", n,
+              " does not match ", groups, " row groups");
+  return {qweight.contiguous(), scodes.contiguous(), mcodes.contiguous(), supers.contiguous(),
+          groups, kb, sb};
+}
+
+at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scodes,
+                   const at::Tensor& mcodes, const at::Tensor& supers, int64_t n,
+                   const c10::optional<at::Tensor>& bias, int64_t isa) {
   TORCH_CHECK(x.dim() == 2, "int4_mm: x must be [M, K]");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat,
               "int4_mm: x must be bf16 or fp32");
-  TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.dim() == 3 &&
-                  qweight.size(2) == kBlockBytes,
-              "int4_mm: qweight must be uint8 [G, KB, 256]");
-  const int64_t groups = qweight.size(0), kb = qweight.size(1);
-  TORCH_CHECK(scales.scalar_type() == at::kHalf && mins.scalar_type() == at::kHalf,
-              "int4_mm: scales/mins must be fp16");
-  TORCH_CHECK(scales.sizes() == at::IntArrayRef({groups, kb, kRows}) &&
-                  mins.sizes() == scales.sizes(),
-              "int4_mm: scales/mins must be [G, KB, 16]");
-  TORCH_CHECK(x.size(1) == kb * kBlock, "int4_mm: x has K=", x.size(1), ", weight has ",
-              kb * kBlock);
-  TORCH_CHECK(n > (groups - 1) * kRows && n <= groups * kRows, "int4_mm: n=", n,
-              " does not match ", groups, " row groups");
+  const Weight wt = check_weight(qweight, scodes, mcodes, supers, n, "int4_mm");
+  TORCH_CHECK(x.size(1) == wt.kb * kBlock, "int4_mm: x has K=", x.size(1), ", weight has ",
+              wt.kb * kBlock);
   const Isa path = resolve_isa(isa, "int4_mm");
   const at::Tensor xc = x.contiguous();
-  const at::Tensor qc = qweight.contiguous(), sc = scales.contiguous(), mc = mins.contiguous();
   const int64_t m = xc.size(0), k = xc.size(1);
 
   QuantX xqt;
@@ -352,18 +416,20 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   }
   const bool out16 = xc.scalar_type() == at::kBFloat16;
   at::Tensor y = at::empty({m, n}, xc.options());
-  Problem p{qc.data_ptr<uint8_t>(),
-            reinterpret_cast<const uint16_t*>(sc.data_ptr<at::Half>()),
-            reinterpret_cast<const uint16_t*>(mc.data_ptr<at::Half>()),
+  Problem p{wt.q.data_ptr<uint8_t>(),
+            wt.scodes.data_ptr<uint8_t>(),
+            wt.mcodes.data_ptr<int8_t>(),
+            reinterpret_cast<const uint16_t*>(wt.supers.data_ptr<at::Half>()),
             &xqt,
             m,
             n,
-            kb,
+            wt.kb,
+            wt.sb,
             bias32.defined() ? bias32.data_ptr<float>() : nullptr,
             out16 ? nullptr : y.data_ptr<float>(),
             out16 ? y.data_ptr<at::BFloat16>() : nullptr};
   if (m > 0) {
-    at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, wt.groups, 1, [&](int64_t begin, int64_t end) {
       for (int64_t g = begin; g < end; ++g) {
         if (path == kAvx512) {
           group_avx512(p, g);
@@ -379,25 +445,33 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
 }
 
 // Dequantize to fp32 [N, K] (for tests, dequantized() and a prefill fallback).
-at::Tensor int4_dequant(const at::Tensor& qweight, const at::Tensor& scales,
-                        const at::Tensor& mins, int64_t n) {
-  const at::Tensor qc = qweight.contiguous(), sc = scales.contiguous(), mc = mins.contiguous();
-  const int64_t groups = qc.size(0), kb = qc.size(1), k = kb * kBlock;
-  TORCH_CHECK(n > (groups - 1) * kRows && n <= groups * kRows, "int4_dequant: bad n");
-  at::Tensor out = at::empty({n, k}, qc.options().dtype(at::kFloat));
-  const uint8_t* w = qc.data_ptr<uint8_t>();
-  const uint16_t* s = reinterpret_cast<const uint16_t*>(sc.data_ptr<at::Half>());
-  const uint16_t* mn = reinterpret_cast<const uint16_t*>(mc.data_ptr<at::Half>());
+at::Tensor int4_dequant(const at::Tensor& qweight, const at::Tensor& scodes,
+                        const at::Tensor& mcodes, const at::Tensor& supers, int64_t n) {
+  const Weight wt = check_weight(qweight, scodes, mcodes, supers, n, "int4_dequant");
+  const int64_t kb = wt.kb, k = kb * kBlock;
+  at::Tensor out = at::empty({n, k}, wt.q.options().dtype(at::kFloat));
+  Problem p{wt.q.data_ptr<uint8_t>(),
+            wt.scodes.data_ptr<uint8_t>(),
+            wt.mcodes.data_ptr<int8_t>(),
+            reinterpret_cast<const uint16_t*>(wt.supers.data_ptr<at::Half>()),
+            nullptr,
+            0,
+            n,
+            kb,
+            wt.sb,
+            nullptr,
+            nullptr,
+            nullptr};
   float* o = out.data_ptr<float>();
-  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, wt.groups, 1, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
       for (int64_t b = 0; b < kb; ++b) {
-        const uint8_t* blk = w + (g * kb + b) * kBlockBytes;
+        const uint8_t* blk = p.qw + (g * kb + b) * kBlockBytes;
         for (int r = 0; r < kRows; ++r) {
           const int64_t row = g * kRows + r;
           if (row >= n) break;
-          const float d = half_to_float(s[(g * kb + b) * kRows + r]);
-          const float mm = half_to_float(mn[(g * kb + b) * kRows + r]);
+          const float d = block_scale(p, g, b, r);
+          const float mm = block_min(p, g, b, r);
           float* dst = o + row * k + b * kBlock;
           for (int i = 0; i < 4; ++i) {
             for (int t = 0; t < 4; ++t) {
@@ -419,9 +493,11 @@ int64_t best_isa() { return static_cast<int64_t>(resolve_isa(kAuto, "best_isa"))
 
 TORCH_LIBRARY(tandem_kernels, lib) {
   lib.def(
-      "int4_mm(Tensor x, Tensor qweight, Tensor scales, Tensor mins, int n, Tensor? bias=None, "
-      "int isa=0) -> Tensor");
-  lib.def("int4_dequant(Tensor qweight, Tensor scales, Tensor mins, int n) -> Tensor");
+      "int4_mm(Tensor x, Tensor qweight, Tensor scodes, Tensor mcodes, Tensor supers, int n, "
+      "Tensor? bias=None, int isa=0) -> Tensor");
+  lib.def(
+      "int4_dequant(Tensor qweight, Tensor scodes, Tensor mcodes, Tensor supers, int n) -> "
+      "Tensor");
   lib.def("best_isa() -> int", &best_isa);
 }
 
