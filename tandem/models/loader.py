@@ -12,6 +12,7 @@ from tandem.models.registry import ModelSpec
 from tandem.models.tokenizer import TextCodec
 from tandem.runtime.decoder import ExitDecoder
 from tandem.runtime.exit_head import ExitHead, load_heads
+from tandem.runtime.memory import own_mapped_tensors, release_free_memory
 from tandem.runtime.model import DecoderModel
 from tandem.runtime.quant import QuantMode, make_quantizer, quantize_model
 
@@ -84,7 +85,9 @@ def load_model(spec: ModelSpec, opts: LoadOptions) -> LoadedModel:
         model.lm_head = make_quantizer(head_quant, device=gpu)(model.lm_head)
     for head in heads:
         quantize_model(head, opts.quant, skip=("other", "down", "up"), device=gpu)
+    own_mapped_tensors(model)  # then the weights file's map can go
     if opts.compiled:
         model.compile_decode(opts.kv_slots)
+    release_free_memory()  # the bf16 weights the quantized layers replaced
     codec = TextCodec(path, model.cfg.eos_ids)
     return LoadedModel(spec, model, heads, codec, opts.quant)
