@@ -15,6 +15,7 @@ from torch import nn
 
 from tandem.models.convert import ensure_converted
 from tandem.models.registry import ModelSpec
+from tandem.runtime.memory import own_mapped_tensors, release_free_memory
 from tandem.runtime.model import DecoderModel
 from tandem.runtime.quant import QuantMode, quantize_model
 
@@ -67,6 +68,8 @@ def load_upper_half(
     if gpu is not None:
         model.to_device(gpu)
     quantize_model(model, quant, device=gpu)
+    own_mapped_tensors(model)  # then the weights file's map (the lower half too) can go
+    release_free_memory()
     held = tensor_bytes(model)
     log.info(
         "%s: holding layers [%d, %d) + norm + lm_head (%s): %.0f MiB of %.0f MiB",
