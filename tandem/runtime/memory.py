@@ -18,27 +18,30 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
-import logging
 
+import torch
 from torch import nn
-
-log = logging.getLogger(__name__)
 
 
 def own_mapped_tensors(module: nn.Module) -> int:
     """Replace every CPU parameter and buffer of `module` whose storage it does not own (a
-    view of a memory map: not resizable) with a copy; returns the bytes copied."""
+    view of a memory map: not resizable) with a copy; returns the bytes copied. Tensors that
+    viewed the same bytes (a tied LM head) share one copy."""
+    copies: dict[tuple, torch.Tensor] = {}
     copied = 0
     for mod in module.modules():
         for table in (mod._parameters, mod._buffers):
             for name, t in table.items():
                 if t is None or t.device.type != "cpu" or t.untyped_storage().resizable():
                     continue
+                key = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+                if key not in copies:
+                    copies[key] = t.detach().clone()
+                    copied += t.numel() * t.element_size()
                 if isinstance(t, nn.Parameter):
-                    t.data = t.data.clone()
+                    t.data = copies[key]
                 else:
-                    table[name] = t.clone()
-                copied += t.numel() * t.element_size()
+                    table[name] = copies[key]
     return copied
 
 

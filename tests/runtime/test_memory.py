@@ -73,3 +73,23 @@ def test_own_mapped_tensors_lets_the_weights_file_go(tmp_path) -> None:
     assert all(t.untyped_storage().resizable() for t in model.state_dict().values())
     after = model.logits(model.run_sequence(model.embed(ids), model.new_kv(), 0, 0, 2))
     assert torch.equal(before, after)
+
+
+def test_tied_lm_head_keeps_one_copy(tmp_path) -> None:
+    """A tied LM head left in bf16 views the same bytes as the embedding: one copy serves both."""
+    ref = tiny_reference("llama")  # tie_word_embeddings
+    state = {k: v.bfloat16() for k, v in ref.state_dict().items() if k != "lm_head.weight"}
+    save_file(state, tmp_path / "w.st")
+    model = DecoderModel.from_state_dict(
+        ArchConfig.from_hf(ref.config.to_dict()), load_file(tmp_path / "w.st"), torch.bfloat16
+    )
+    assert model.lm_head.weight.data_ptr() == model.embed_tokens.weight.data_ptr()
+    mapped = {
+        t.data_ptr(): t.numel() * t.element_size()
+        for t in model.state_dict().values()
+        if not t.untyped_storage().resizable()
+    }
+    assert model.embed_tokens.weight.data_ptr() in mapped
+    assert own_mapped_tensors(model) == sum(mapped.values())
+    assert model.embed_tokens.weight.untyped_storage().resizable()
+    assert model.lm_head.weight.data_ptr() == model.embed_tokens.weight.data_ptr()
