@@ -86,9 +86,10 @@ def pack_int4(weight: torch.Tensor) -> PackedInt4:
     tiny = 2.0**-24  # the smallest fp16 subnormal
     d = _half_at_least((per_super(scale) / 255).clamp(min=tiny))
     dmin = _half_at_least((per_super(lo.abs()) / 127).clamp(min=tiny))
-    scode = torch.round(scale / per_group(d)).clamp(1, 255)
-    mcode = torch.round(lo / per_group(dmin)).clamp(-127, 127)
-    eff_scale, eff_min = scode * per_group(d), mcode * per_group(dmin)
+    d_g, dmin_g = per_group(d), per_group(dmin)
+    scode = torch.round(scale / d_g).clamp(1, 255)
+    mcode = torch.round(lo / dmin_g).clamp(-127, 127)
+    eff_scale, eff_min = scode * d_g, mcode * dmin_g
     q = torch.round((g - eff_min[..., None]) / eff_scale[..., None]).clamp(0, 15)
     q = q.to(torch.uint8).reshape(n_pad // ROWS, ROWS, kb, 2, 4, 4)  # [G, r, b, half, i, t]
     q = q.permute(0, 2, 4, 1, 5, 3)  # [G, b, i, r, t, half]
