@@ -3,11 +3,12 @@
 # virtualenv, the llama.cpp side of `make bench-edge` (bench/llamacpp_side.py runs in it, so the
 # project's .venv never imports llama_cpp and each side's RSS is its own process).
 #
-# Portable x86-64 build: GGML_NATIVE=OFF with the instruction sets named explicitly, AMX off.
-# A -DGGML_NATIVE=ON build died with "Illegal instruction" on an Intel host with AMX; this one
-# targets AVX/AVX2/FMA/F16C/BMI2 + AVX-512 F/VNNI/BF16, which the AMD EPYC (Zen 4) and the Intel
-# (Sapphire Rapids) hosts of this machine kind both have. AVX512-VBMI and AVX-VNNI (the VEX one)
-# stay off. The mtmd (llava) library is not built (LLAVA_BUILD=OFF): the bench is text only and
+# GGML_NATIVE=OFF with the instruction sets named explicitly, AMX off. A -DGGML_NATIVE=ON build
+# died with "Illegal instruction" on an Intel host with AMX. The build targets AVX/AVX2/FMA/
+# F16C/BMI2, plus AVX-512 F/VNNI/BF16 where this CPU has all three (the AMD EPYC Zen 4 and
+# Intel Sapphire Rapids hosts of this machine kind do; an AMD EPYC Zen 3 host has AVX2 only,
+# and an AVX-512 build dies there). The chosen set is part of the stamp, so the venv is rebuilt
+# on a host that needs another. AVX512-VBMI and AVX-VNNI (the VEX one) stay off. The mtmd (llava) library is not built (LLAVA_BUILD=OFF): the bench is text only and
 # llama_cpp imports it lazily.
 #
 # The build takes ~13 min on 2 cores (CMAKE_BUILD_PARALLEL_LEVEL, default 2; run it under nice).
@@ -35,7 +36,13 @@ for tool in cmake gcc g++; do
 done
 
 py_version="$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
-stamp_sha="$(cat scripts/llamacpp_venv.sh <(echo "$py_version") | sha256sum | cut -c1-16)"
+avx512=OFF
+cpu_flags="$(grep -m1 '^flags' /proc/cpuinfo || true)"
+if [[ " $cpu_flags " == *" avx512f "* && " $cpu_flags " == *" avx512_vnni "* \
+      && " $cpu_flags " == *" avx512_bf16 "* ]]; then
+    avx512=ON
+fi
+stamp_sha="$(cat scripts/llamacpp_venv.sh <(echo "$py_version avx512=$avx512") | sha256sum | cut -c1-16)"
 STAMP="$VENV/.stamp-$stamp_sha"
 
 if [[ -f "$STAMP" && -x "$VENV/bin/python" ]]; then
@@ -53,7 +60,7 @@ fi
 CMAKE_FLAGS=(
     -DGGML_NATIVE=OFF
     -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
-    -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON
+    -DGGML_AVX512=$avx512 -DGGML_AVX512_VNNI=$avx512 -DGGML_AVX512_BF16=$avx512
     -DGGML_AVX512_VBMI=OFF -DGGML_AVX_VNNI=OFF
     -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
     -DGGML_BACKEND_DL=OFF -DGGML_CPU_ALL_VARIANTS=OFF

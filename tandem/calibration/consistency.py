@@ -15,6 +15,7 @@ CALM-style consistency classifier that makes tau read as the target agreement.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -37,16 +38,32 @@ def choose_shortlist(feats: Features, k: int, vocab: int, eos_ids: Sequence[int]
     return order[: min(k, vocab)].clone()
 
 
-def soft_targets(feats: Features, shortlist: torch.Tensor, vocab: int) -> torch.Tensor:
-    """[N, K + 1] fp16: renormalised top-8 final probabilities on shortlist classes/other."""
+@dataclass(frozen=True)
+class SoftTargets:
+    """[N, K + 1] targets kept sparse (each row's top-8 classes and their mass: 48 bytes a
+    row, against 8 kB dense at K = 4096, so a million rows fit); rows are made dense on
+    indexing, one batch at a time."""
+
+    classes: torch.Tensor  # [N, TOP_K] int32, shortlist class or K ("other")
+    probs: torch.Tensor  # [N, TOP_K] fp16, renormalised
+    n_classes: int  # K + 1
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        cls, p = self.classes[idx], self.probs[idx].float()
+        out = torch.zeros(*cls.shape[:-1], self.n_classes)
+        return out.scatter_add_(-1, cls.long(), p).half()
+
+    def dense(self) -> torch.Tensor:
+        return self[:]
+
+
+def soft_targets(feats: Features, shortlist: torch.Tensor, vocab: int) -> SoftTargets:
+    """The final top-8 probabilities renormalised, each on its shortlist class or "other"."""
     k = shortlist.shape[0]
-    cls_of = torch.full((vocab,), k, dtype=torch.long)
-    cls_of[shortlist] = torch.arange(k)
+    cls_of = torch.full((vocab,), k, dtype=torch.int32)
+    cls_of[shortlist] = torch.arange(k, dtype=torch.int32)
     p = feats.top_p.float()
-    p = p / p.sum(-1, keepdim=True)
-    out = torch.zeros(feats.n, k + 1)
-    out.scatter_add_(1, cls_of[feats.top_ids], p)
-    return out.half()
+    return SoftTargets(cls_of[feats.top_ids], (p / p.sum(-1, keepdim=True)).half(), k + 1)
 
 
 def split_by_prompt(

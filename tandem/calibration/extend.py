@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from tandem.calibration.selfdistill import Features, run_batch
+from tandem.calibration.selfdistill import Features, load_for_collection, run_batch
 
 
 @dataclass(frozen=True)
@@ -100,17 +100,16 @@ def _atomic_save(obj_save, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from tandem.data.instructions import load_instructions
-    from tandem.models.loader import LoadOptions, load_model
-    from tandem.models.registry import ModelRegistry
     from tandem.runtime.engine_api import ChatMessage
 
     p = argparse.ArgumentParser(prog="python -m tandem.calibration.extend")
     p.add_argument("--model", required=True)
     p.add_argument("--base", required=True, help="the existing <model>.train.pt")
     p.add_argument("--pool", type=int, default=4000, help="prompts in the list drawn from")
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--batch", type=int, default=16)
     p.add_argument("--max-batches", type=int, help="stop after this many new parts")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--engine", choices=["compiled", "eager"], default="compiled")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     base = Path(args.base)
@@ -123,8 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     out = extras_dir(base)
     out.mkdir(exist_ok=True)
     done = sum(p.n_prompts for p in list_parts(out))
-    spec = ModelRegistry().get(args.model)
-    lm = load_model(spec, LoadOptions(quant=meta["quant"], exits=False))
+    spec, lm, dec = load_for_collection(args.model, meta["quant"], args.engine, args.batch)
     log = f"[extend {args.model} {meta['quant']}]"
     print(f"{log} {done}/{len(todo)} new prompts already collected", file=sys.stderr)
     t0 = time.perf_counter()
@@ -139,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             meta["max_new"],
             lm.codec.eos_ids,
             first_index=meta["prompts"] + done,
+            dec=dec,
         )
         stem = out / f"part-{done:05d}"
         _atomic_save(feats.save, stem.with_suffix(".pt"))

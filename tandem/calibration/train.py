@@ -94,7 +94,8 @@ def train_head(
     cfg: TrainConfig,
     log_prefix: str | None = None,
 ) -> dict:
-    """Train `head` in place on rows of `hidden` [N, d] / `targets` [N, K + 1]."""
+    """Train `head` in place on rows of `hidden` [N, d] / `targets` [N, K + 1] (a tensor,
+    or anything whose rows come dense on indexing, as `consistency.SoftTargets`)."""
     decay = [head.down.weight, head.up.weight]
     rest = [p for p in head.parameters() if p.requires_grad and all(p is not q for q in decay)]
     opt = torch.optim.AdamW(
