@@ -8,14 +8,20 @@ from pathlib import Path
 
 
 def cpu_name() -> str:
-    """e.g. 'AMD EPYC 7B13 (2 cores)'."""
+    """e.g. 'AMD EPYC 7B13 (2 cores, AVX2 only)': the vector ISA matters here (the int4
+    kernels and llama.cpp both pick AVX-512 paths where the CPU has them)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+        info = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return platform.processor() or platform.machine()
+    name = next((x.split(":", 1)[1].strip() for x in info if x.startswith("model name")), "")
+    flags = set(next((x.split(":", 1)[1].split() for x in info if x.startswith("flags")), []))
+    isa = (
+        "AVX-512 VNNI"
+        if {"avx512f", "avx512_vnni"} <= flags
+        else ("AVX2 only" if "avx2" in flags else "no AVX2")
+    )
+    return f"{name or platform.machine()} ({os.cpu_count()} cores, {isa})"
 
 
 def read_bandwidth_gbs(mbytes: int = 512, threads: int = 2, repeats: int = 7) -> float:
