@@ -63,8 +63,9 @@ test: setup proto redis
 # Exit heads. smollm2, gemma3: distilled on corpus text (tandem.calibration). qwen05, qwen15:
 # self-distilled on their own greedy answers to chat prompts, with a consistency classifier
 # (tandem.calibration.selfdistill -> sd_heads -> freerun -> report_sd). Prompt counts are
-# fixed (deterministic data); on 2 shared cores a batch of 32 prompts takes ~4 min (qwen05)
-# and ~12 min (qwen15).
+# fixed (deterministic data). Collection runs compiled (static slots, a graph per layer range;
+# `--engine eager` is the reference and records the same rows): 16 qwen05 prompts took 19 s
+# against 26 s eager on the 2-core AVX2 host (plus one compile, ~45 s cold).
 SD_PROMPTS ?= qwen05=160 qwen15=64
 calibrate: setup
 	$(PY) -m tandem.calibration --models smollm2,gemma3 --out artifacts/exits --report docs/bench

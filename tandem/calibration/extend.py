@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     out = extras_dir(base)
     out.mkdir(exist_ok=True)
     done = sum(p.n_prompts for p in list_parts(out))
-    spec, lm, dec = load_for_collection(args.model, meta["quant"], args.engine, args.batch)
+    spec, lm = load_for_collection(args.model, meta["quant"], args.engine, args.batch)
     log = f"[extend {args.model} {meta['quant']}]"
     print(f"{log} {done}/{len(todo)} new prompts already collected", file=sys.stderr)
     t0 = time.perf_counter()
@@ -137,7 +137,6 @@ def main(argv: list[str] | None = None) -> int:
             meta["max_new"],
             lm.codec.eos_ids,
             first_index=meta["prompts"] + done,
-            dec=dec,
         )
         stem = out / f"part-{done:05d}"
         _atomic_save(feats.save, stem.with_suffix(".pt"))
