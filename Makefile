@@ -66,7 +66,7 @@ test: setup proto redis
 # fixed (deterministic data). Collection runs compiled (static slots, a graph per layer range;
 # `--engine eager` is the reference and records the same rows): 16 qwen05 prompts took 19 s
 # against 26 s eager on the 2-core AVX2 host (plus one compile, ~45 s cold).
-SD_PROMPTS ?= qwen05=160 qwen15=64
+SD_PROMPTS ?= qwen05=928 qwen15=64
 calibrate: setup
 	$(PY) -m tandem.calibration --models smollm2,gemma3 --out artifacts/exits --report docs/bench
 	for mp in $(SD_PROMPTS); do \
