@@ -8,8 +8,9 @@
 # F16C/BMI2, plus AVX-512 F/VNNI/BF16 where this CPU has all three (the AMD EPYC Zen 4 and
 # Intel Sapphire Rapids hosts of this machine kind do; an AMD EPYC Zen 3 host has AVX2 only,
 # and an AVX-512 build dies there). The chosen set is part of the stamp, so the venv is rebuilt
-# on a host that needs another. AVX512-VBMI and AVX-VNNI (the VEX one) stay off. The mtmd (llava) library is not built (LLAVA_BUILD=OFF): the bench is text only and
-# llama_cpp imports it lazily.
+# on a host that needs another. AVX512-VBMI and AVX-VNNI (the VEX one) stay off. The mtmd
+# (llava) library is not built (LLAVA_BUILD=OFF): the bench is text only and llama_cpp imports
+# it lazily.
 #
 # The build takes ~13 min on 2 cores (CMAKE_BUILD_PARALLEL_LEVEL, default 2; run it under nice).
 # A stamp file .venv-llamacpp/.stamp-<sha> (hash of this script and the Python version) makes a
