@@ -56,6 +56,9 @@ class SafeTop1Config:
     seed: int = 0
 
 
+RESIDUAL_FLOOR = 1e-9  # mean squared standardised residual that counts as on the subspace
+
+
 @dataclass
 class Support:
     """The standardised features' top principal subspace of a training set, and how far off
@@ -76,7 +79,10 @@ class Support:
         _, _, vt = np.linalg.svd(zs, full_matrices=False)
         out = Support(mean, std, vt[:k], math.inf)
         if cfg.support < 1.0:
-            out.limit = float(np.quantile(out.residual(x), cfg.support))
+            # floored: where the subspace spans the features, every residual is rounding
+            # (~1e-30), and a quantile of rounding would cover a prompt by chance
+            q = float(np.quantile(out.residual(x), cfg.support))
+            out.limit = max(q, RESIDUAL_FLOOR)
         return out
 
     def project(self, features: np.ndarray) -> np.ndarray:

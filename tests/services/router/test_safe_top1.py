@@ -13,7 +13,14 @@ import services.router.gate_lodo as lodo
 from services.router.gate import GateConfig
 from services.router.gate_data import GateData
 from services.router.gate_lodo import bootstrap_delta, evaluate_subset, restrict
-from services.router.safe_top1 import SafeTop1, SafeTop1Config, Support, fit_threshold, route
+from services.router.safe_top1 import (
+    RESIDUAL_FLOOR,
+    SafeTop1,
+    SafeTop1Config,
+    Support,
+    fit_threshold,
+    route,
+)
 
 EXPERTS = ("a", "b")
 LN2 = math.log(2)
@@ -78,7 +85,15 @@ def test_state_round_trip_and_missing_scores() -> None:
 def test_gate_mode_routes_a_real_signal_by_the_gates_margin() -> None:
     d = data(signal=True, seed=4)
     safe = SafeTop1.fit(
-        EXPERTS, d.features, d.nll, d.chars, d.categories, [EXPERTS], mode="gate", gate_config=FAST
+        EXPERTS,
+        d.features,
+        d.nll,
+        d.chars,
+        d.categories,
+        [EXPERTS],
+        SafeTop1Config(pca=6),  # fewer components than the 8 features: a real residual
+        mode="gate",
+        gate_config=FAST,
     )
     assert safe.mode == "gate" and math.isfinite(safe.taus[EXPERTS])
     logits = np.stack([np.zeros(len(d)), np.where(d.features[:, 0] > 0, 5.0, -5.0)], 1)
@@ -99,20 +114,37 @@ def test_bootstrap_delta_is_zero_for_identical_methods() -> None:
 
 
 def test_a_prompt_off_the_training_support_goes_to_the_prior() -> None:
+    """Training features of rank 4 in 12 dimensions (as real gate features, which span far
+    fewer directions than they have), the support fitted on 4 principal components."""
     d = data(signal=True, seed=5)
-    safe = SafeTop1.fit(EXPERTS, d.features, d.nll, d.chars, d.categories, [EXPERTS])
-    inside = d.features[d.features[:, 0] > 1.0][:5]
+    mix = np.random.default_rng(1).normal(size=(8, 12))
+    mix[:, 4:] = mix[:, :4] @ np.random.default_rng(2).normal(size=(4, 8)) / 2.0
+    feats = (d.features @ mix).astype(np.float32)
+    feats[:, 0] = d.features[:, 0]  # the signal stays readable
+    cfg = SafeTop1Config(pca=5)
+    safe = SafeTop1.fit(EXPERTS, feats, d.nll, d.chars, d.categories, [EXPERTS], cfg)
+    inside = feats[feats[:, 0] > 1.0][:5]
+    assert safe.support.covers(inside).all()
     assert safe.choose(inside, EXPERTS) == ["b"] * 5  # a large margin, like the training text
     # The same margin direction, far off the training features' principal subspace: a
     # direction (with huge values) the fit never saw.
     far = inside.copy()
-    far[:, 1:] += 40.0 * np.sign(np.random.default_rng(0).normal(size=(5, 7)))
+    far[:, 1:] += 40.0 * np.sign(np.random.default_rng(0).normal(size=(5, 11)))
     assert not safe.support.covers(far).any()
     assert safe.choose(far, EXPERTS) == ["a"] * 5
     off = SafeTop1.fit(
-        EXPERTS, d.features, d.nll, d.chars, d.categories, [EXPERTS], SafeTop1Config(support=1.0)
+        EXPERTS, feats, d.nll, d.chars, d.categories, [EXPERTS], SafeTop1Config(support=1.0)
     )
     assert off.support.covers(far).all()
+
+
+def test_where_the_subspace_spans_the_features_every_prompt_is_covered() -> None:
+    """8 features, 16 components: residuals are rounding, and the floor covers them all
+    (a quantile of rounding covered prompts by chance, differently on different CPUs)."""
+    d = data(signal=True, seed=5)
+    safe = SafeTop1.fit(EXPERTS, d.features, d.nll, d.chars, d.categories, [EXPERTS])
+    assert safe.support.limit >= RESIDUAL_FLOOR
+    assert safe.support.covers(d.features).all()
 
 
 def test_support_keeps_the_quantile_of_training_residuals() -> None:
