@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tandem.runtime.kv_slots import SlotKV
 from tandem.runtime.model import DecoderModel
 
 TOP_K = 8
@@ -157,15 +158,10 @@ def run_batch(
             if t not in eos_ids and len(answers[j]) < max_new:
                 still.append(j)
         active = still
-    for kv in kvs:
-        _release(kv)
+    for kv in kvs:  # give compiled slots back now, not when collected (as warm_up does)
+        if isinstance(kv, SlotKV):
+            kv.release()
     return Features.cat(parts), answers
-
-
-def _release(kv) -> None:
-    """Give a compiled slot back now rather than when it is collected."""
-    if hasattr(kv, "release"):
-        kv.release()
 
 
 def collect(
@@ -201,17 +197,18 @@ def collect(
     return Features.cat(parts), answers
 
 
-def load_for_collection(model_id: str, quant: str, engine: str, batch: int):
-    """The model to collect with: compiled (`engine` "compiled": a static KV slot per
-    sequence of a batch, the graphs of the layer ranges between the exits warmed up) or the
-    eager reference. Both record the same rows; on the AVX2 host the compiled one took 19 s
-    where eager took 26 s (qwen05, 16 prompts)."""
+def load_for_collection(model_id: str, quant: str | None, engine: str, batch: int):
+    """The model to collect with (`quant` None: its serving quantization), compiled
+    (`engine` "compiled": a static KV slot per sequence of a batch, the graphs of the layer
+    ranges between the exits warmed up) or the eager reference. Both record the same rows; on
+    the AVX2 host the compiled one took 19 s where eager took 26 s (qwen05, 16 prompts)."""
     from tandem.models.loader import LoadOptions, load_model
     from tandem.models.registry import ModelRegistry
     from tandem.runtime.compiled import warm_up
 
     spec = ModelRegistry().get(model_id)
     compiled = engine == "compiled"
+    quant = quant or spec.default_quant
     lm = load_model(spec, LoadOptions(quant=quant, exits=False, compiled=compiled, kv_slots=batch))
     if compiled:
         bounds = [0, *spec.exit_layers, lm.model.cfg.n_layers]
@@ -227,7 +224,6 @@ def main(argv: list[str] | None = None) -> int:
     from pathlib import Path
 
     from tandem.data.instructions import load_instructions
-    from tandem.models.registry import ModelRegistry
     from tandem.runtime.engine_api import ChatMessage
 
     p = argparse.ArgumentParser(prog="python -m tandem.calibration.selfdistill")
@@ -254,8 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     deadline = None if args.minutes is None else time.monotonic() + args.minutes * 60
-    quant = args.quant or ModelRegistry().get(args.model).default_quant
-    spec, lm = load_for_collection(args.model, quant, args.engine, args.batch)
+    spec, lm = load_for_collection(args.model, args.quant, args.engine, args.batch)
+    quant = lm.quant
     if args.split == "train":
         ins = load_instructions("train", args.prompts, args.seed)
     else:

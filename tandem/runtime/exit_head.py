@@ -137,12 +137,12 @@ def with_top_probability(logits: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     # case A: c <= exp(zt - lse): other = log(exp(zt) / c - exp(lse))
     x = (lse - zt + log_c).clamp(max=-1e-6)
     other_a = zt - log_c + torch.log(-torch.expm1(x))
-    need_sharpen = (lse - zt + log_c) > -1e-6
+    raise_top = (lse - zt + log_c) > -1e-6
     # case B: the top token's share among the tokens is below c
     rest = lse + torch.log(-torch.expm1((zt - lse).clamp(max=-1e-7)))  # lse of the others
     raised = tok.scatter(-1, top[..., None], (log_c - torch.log1p(-c) + rest)[..., None])
-    out_tok = torch.where((need_sharpen & top_is_token)[..., None], raised, tok)
-    new_other = torch.where(need_sharpen, torch.full_like(zt, -1e4), other_a)
+    out_tok = torch.where((raise_top & top_is_token)[..., None], raised, tok)
+    new_other = torch.where(raise_top, torch.full_like(zt, -1e4), other_a)
     new_other = torch.where(top_is_token, new_other, other)
     return torch.cat([out_tok, new_other[..., None]], -1)
 
