@@ -10,7 +10,12 @@ fraction of answers identical to full-depth greedy.
 
 `--split L` keeps only the heads at layers <= L: a token that no such head passes goes to
 full depth, which is what the cloud answers in CE-CoLLM (the deferred KV makes the two
-runs compute the same states), so its numbers are the collaborative edge's.
+runs compute the same states), so its numbers are the collaborative edge's. `--heads`
+keeps only the heads at the layers it names (a server can load fewer exits than trained).
+
+`--engine compiled` (the default) decodes as a server does (static KV slots, the layer
+ranges between the kept exits compiled and warmed up before timing); `--engine eager` is
+the reference path. Exits and agreement are the same on both; tokens/s differ.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import torch
 from tandem.data.instructions import load_instructions
 from tandem.models.loader import LoadOptions, load_model
 from tandem.models.registry import ModelRegistry
+from tandem.runtime.compiled import warm_up
 from tandem.runtime.decoder import ExitDecoder
 from tandem.runtime.engine_api import ChatMessage
 from tandem.runtime.exit_head import ExitHead
@@ -60,11 +66,20 @@ def head_cost_ms(heads: list[ExitHead], hidden_size: int, reps: int = 200) -> di
 def run(args: argparse.Namespace) -> dict:
     spec = ModelRegistry().get(args.model)
     quant = args.quant or spec.default_quant
-    lm = load_model(spec, LoadOptions(quant=quant, exits=True))
+    compiled = args.engine == "compiled"
+    lm = load_model(spec, LoadOptions(quant=quant, exits=True, compiled=compiled, kv_slots=2))
     cost = head_cost_ms(lm.heads, lm.model.cfg.hidden_size)
     print(f"[freerun {args.model}] head ms/token {cost}", file=sys.stderr, flush=True)
-    heads = [h for h in lm.heads if args.split is None or h.cfg.layer <= args.split]
+    heads = [
+        h
+        for h in lm.heads
+        if (args.split is None or h.cfg.layer <= args.split)
+        and (args.heads is None or h.cfg.layer in args.heads)
+    ]
     dec = ExitDecoder(lm.model, heads)
+    if compiled:
+        took = warm_up(lm.model, dec.ranges(use_exits=True))
+        print(f"[freerun {args.model}] compiled in {took:.0f} s", file=sys.stderr, flush=True)
     train = frozenset(x.prompt for x in load_instructions("train", args.train_prompts))
     ins = load_instructions("heldout", args.prompts, args.seed, exclude=train)
     prompts = [lm.codec.encode_chat([ChatMessage(role="user", content=x.prompt)]) for x in ins]
@@ -110,6 +125,7 @@ def run(args: argparse.Namespace) -> dict:
         "quant": quant,
         "split": args.split,
         "heads": [h.cfg.layer for h in heads],
+        "engine": args.engine,
         "prompts": len(prompts),
         "max_new": args.max_new,
         "threads": args.threads,
@@ -123,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True)
     p.add_argument("--quant")
     p.add_argument("--split", type=int)
+    p.add_argument("--heads", help="exit layers to keep, e.g. 18 (default: every head)")
+    p.add_argument("--engine", choices=["compiled", "eager"], default="compiled")
     p.add_argument("--taus", default="0.8,0.9,0.95")
     p.add_argument("--prompts", type=int, default=12)
     p.add_argument("--max-new", type=int, default=48)
@@ -132,13 +150,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report", default="docs/bench/exits_sd.json")
     args = p.parse_args(argv)
     args.taus = [float(t) for t in args.taus.split(",") if t]
+    args.heads = None if args.heads is None else {int(x) for x in args.heads.split(",") if x}
     torch.set_num_threads(args.threads)
     result = run(args)
     path = Path(args.report)
     blob = json.loads(path.read_text()) if path.exists() else {}
     entry = blob.setdefault("models", {}).setdefault(args.model, {})
     if result["rows"]:
-        entry["freerun" if args.split is None else f"freerun_split{args.split}"] = result
+        key = "freerun" if args.split is None else f"freerun_split{args.split}"
+        if args.heads is not None:
+            key += "_heads" + "_".join(str(x) for x in sorted(args.heads))
+        entry[key] = result
     entry["head_ms"] = result["head_ms"]
     path.write_text(json.dumps(blob, indent=1) + "\n")
     return 0
