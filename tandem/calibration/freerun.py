@@ -126,12 +126,32 @@ def run(args: argparse.Namespace) -> dict:
         "split": args.split,
         "heads": [h.cfg.layer for h in heads],
         "engine": args.engine,
+        "machine": machine(),
         "prompts": len(prompts),
         "max_new": args.max_new,
         "threads": args.threads,
         "head_ms": cost,
         "rows": rows,
     }
+
+
+def report_key(args: argparse.Namespace) -> str:
+    """Where a run goes in the report: "freerun" for the eager reference with every head
+    (the first run kept), then one key per variant."""
+    key = "freerun" if args.split is None else f"freerun_split{args.split}"
+    if args.heads is not None:
+        key += "_heads" + "_".join(str(x) for x in sorted(args.heads))
+    return key + ("_compiled" if args.engine == "compiled" else "")
+
+
+def machine() -> str:
+    try:  # the benchmarks' machine line, where the repository's bench package is at hand
+        from bench.machine import cpu_name
+    except ImportError:  # pragma: no cover - tandem installed without the repository
+        import platform
+
+        return platform.processor() or platform.machine()
+    return cpu_name()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,10 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     blob = json.loads(path.read_text()) if path.exists() else {}
     entry = blob.setdefault("models", {}).setdefault(args.model, {})
     if result["rows"]:
-        key = "freerun" if args.split is None else f"freerun_split{args.split}"
-        if args.heads is not None:
-            key += "_heads" + "_".join(str(x) for x in sorted(args.heads))
-        entry[key] = result
+        entry[report_key(args)] = result
     entry["head_ms"] = result["head_ms"]
     path.write_text(json.dumps(blob, indent=1) + "\n")
     return 0

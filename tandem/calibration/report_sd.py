@@ -113,15 +113,17 @@ def render_sd(models: dict) -> list[str]:
                 lines += ["", f"Split edge (heads up to layer {ev['split']} only):", ""]
                 lines += _cascade(ev, "cascade_split", layers)
             lines.append("")
-        for key in ("freerun", *[k for k in m if k.startswith("freerun_split")]):
+        for key in ("freerun", *sorted(k for k in m if k.startswith("freerun_"))):
             fr = m.get(key)
             if not fr:
                 continue
             what = "standalone" if fr["split"] is None else f"split edge (heads <= L{fr['split']})"
+            engine = f", {fr['engine']} decode path" if "engine" in fr else ""
+            where = f", {fr['machine']}" if "machine" in fr else ""
             lines += [
                 f"Free-running, {what}: {fr['prompts']} held-out prompts x {fr['max_new']} "
                 f"tokens, {fr['quant']}, heads at layers {fr['heads']}, "
-                f"{fr['threads']} threads:",
+                f"{fr['threads']} threads{engine}{where}:",
                 "",
             ]
             rows = [

@@ -47,8 +47,13 @@ class LoadedModel:
         self, max_deferred: int = 32, depth: int | None = None, split_only: bool = False
     ) -> ExitDecoder:
         """`depth` < n_layers: the edge half of a split model (collaborative mode);
-        `split_only`: without the exits before the split (speculative collaboration)."""
-        heads = [h for h in self.heads if h.cfg.layer == depth] if split_only else self.heads
+        `split_only`: without the exits before the split (speculative collaboration).
+        Standalone (no `depth`), only the spec's `served_exits`."""
+        heads = self.heads
+        if split_only:
+            heads = [h for h in heads if h.cfg.layer == depth]
+        elif depth is None and self.spec.served_exits is not None:
+            heads = [h for h in heads if h.cfg.layer in self.spec.served_exits]
         return ExitDecoder(self.model, heads, max_deferred, depth=depth)
 
 

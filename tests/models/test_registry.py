@@ -69,6 +69,7 @@ def test_default_spec_is_consistent(spec):
     # exits are strictly increasing, non-empty and start above layer 0
     assert spec.exit_layers and list(spec.exit_layers) == sorted(set(spec.exit_layers))
     assert spec.exit_layers[0] > 0
+    assert spec.served_exits is None or set(spec.served_exits) <= set(spec.exit_layers)
 
 
 def test_shas_are_distinct():
