@@ -265,9 +265,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vllm-eager", action="store_true", help="vLLM --enforce-eager (faster start)")
     p.add_argument("--no-vllm", action="store_true", help="Tandem side only")
     p.add_argument("--render-only", action="store_true", help="rewrite the reports from batch.json")
+    p.add_argument("--out", type=Path, default=OUT, help="folder of batch.{md,json,png}")
     a = p.parse_args(argv)
     if a.render_only:
-        write_reports(json.loads((OUT / "batch.json").read_text()))
+        write_reports(json.loads((a.out / "batch.json").read_text()), a.out)
         return
     a.sizes = [int(x) for x in a.sizes.split(",")]
     torch.set_num_threads(THREADS)
@@ -296,15 +297,15 @@ def main(argv: list[str] | None = None) -> None:
         },
         "rows": rows,
     }
-    write_reports(data)
+    write_reports(data, a.out)
 
 
-def write_reports(data: dict) -> None:
-    OUT.mkdir(parents=True, exist_ok=True)
+def write_reports(data: dict, out: Path = OUT) -> None:
+    out.mkdir(parents=True, exist_ok=True)
     md = render(data)
-    (OUT / "batch.md").write_text(md)
-    (OUT / "batch.json").write_text(json.dumps(data, indent=1))
-    plot(data, OUT / "batch.png")
+    (out / "batch.md").write_text(md)
+    (out / "batch.json").write_text(json.dumps(data, indent=1))
+    plot(data, out / "batch.png")
     print(md)
 
 
