@@ -66,15 +66,21 @@ test: setup proto redis
 # fixed (deterministic data). Collection runs compiled (static slots, a graph per layer range;
 # `--engine eager` is the reference and records the same rows): 16 qwen05 prompts took 19 s
 # against 26 s eager on the 2-core AVX2 host (plus one compile, ~45 s cold).
-SD_PROMPTS ?= qwen05=928 qwen15=64
+# qwen15's committed heads: 576 prompts, then 576 more through `extend` (18 parts of 32), as
+# they were collected (stop 21); QWEN15_EXTRA_PARTS=0 skips the extension.
+SD_PROMPTS ?= qwen05=928 qwen15=576
+QWEN15_EXTRA_PARTS ?= 18
 calibrate: setup
 	$(PY) -m tandem.calibration --models smollm2,gemma3 --out artifacts/exits --report docs/bench
 	for mp in $(SD_PROMPTS); do \
 	  m=$${mp%%=*}; n=$${mp#*=}; \
 	  $(PY) -m tandem.calibration.selfdistill --model $$m --prompts $$n || exit 1; \
 	done
+	$(PY) -m tandem.calibration.extend --model qwen15 --base .cache/exits/qwen15.train.pt \
+	  --batch 32 --max-batches $(QWEN15_EXTRA_PARTS) --threads 2
 	$(PY) -m tandem.calibration.sd_heads --models qwen05,qwen15
 	$(PY) -m tandem.calibration.freerun --model qwen05 --prompts 10 --taus 0.9,0.95
+	$(PY) -m tandem.calibration.freerun --model qwen05 --prompts 10 --taus 0.9,0.95 --heads 18
 	$(PY) -m tandem.calibration.freerun --model qwen15 --prompts 6 --max-new 32
 	$(PY) -m tandem.calibration.freerun --model qwen15 --split 14 --prompts 6 --max-new 32
 	$(PY) -m tandem.calibration.report_sd
