@@ -124,9 +124,11 @@ def confidence_stats(logits: torch.Tensor) -> torch.Tensor:
 def with_top_probability(logits: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """Logits [..., K + 1] whose softmax gives the top token probability `c` (rows whose
     top class is "other" are returned as they are). Token logits are kept where c is at
-    most their own top share (only "other" moves); else "other" goes to -1e4 and the top
-    token's logit alone rises to logit(c) + logsumexp(the other tokens), in closed form
-    (a few ops: a bisection that sharpened all token logits cost ~2 ms a call on CPU)."""
+    most their own top share (only "other" moves); else the top token's logit alone rises
+    to logit(c) + logsumexp(every other class, "other" included), in closed form (a few
+    ops: a bisection that sharpened all token logits cost ~2 ms a call on CPU). The rest
+    keep their proportions, so "other" (the tokens outside the shortlist) never drops to
+    zero: it had, at -1e4, and a scored text's off-shortlist tokens cost ~1e4 nats each."""
     logits = logits.float()
     c = c.float().clamp(1e-6, 1 - 1e-6)
     tok, other = logits[..., :-1], logits[..., -1]
@@ -139,10 +141,11 @@ def with_top_probability(logits: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     other_a = zt - log_c + torch.log(-torch.expm1(x))
     raise_top = (lse - zt + log_c) > -1e-6
     # case B: the top token's share among the tokens is below c
-    rest = lse + torch.log(-torch.expm1((zt - lse).clamp(max=-1e-7)))  # lse of the others
+    rest = lse + torch.log(-torch.expm1((zt - lse).clamp(max=-1e-7)))  # the other tokens
+    rest = torch.logaddexp(rest, other)  # and "other"
     raised = tok.scatter(-1, top[..., None], (log_c - torch.log1p(-c) + rest)[..., None])
     out_tok = torch.where((raise_top & top_is_token)[..., None], raised, tok)
-    new_other = torch.where(raise_top, torch.full_like(zt, -1e4), other_a)
+    new_other = torch.where(raise_top, other, other_a)
     new_other = torch.where(top_is_token, new_other, other)
     return torch.cat([out_tok, new_other[..., None]], -1)
 

@@ -87,6 +87,15 @@ def test_with_top_probability_sets_the_top_and_keeps_the_argmax():
     got = p.gather(1, top_tok[:, None]).squeeze(1)
     torch.testing.assert_close(got[token_top], c[token_top], atol=1e-4, rtol=0)
     torch.testing.assert_close(out[~token_top], logits[~token_top])
+    # "other" (every token outside the shortlist) never drops to 0; where the top token
+    # had to rise (c above its share among the tokens), the rest keep their proportions
+    assert bool((p[token_top, -1] > 1e-6).all())
+    raised = token_top & (logits[:, :-1].softmax(-1).amax(-1) < c)
+    assert 0 < int(raised.sum()) < int(token_top.sum())  # both cases are exercised
+    raw = logits.softmax(-1)[raised]
+    raw_top = raw.gather(1, top_tok[raised, None]).squeeze(1)
+    want_other = (1 - c[raised]) * raw[:, -1] / (1 - raw_top)
+    torch.testing.assert_close(p[raised, -1], want_other, atol=1e-5, rtol=1e-3)
 
 
 def _trained(model, feats):
