@@ -60,7 +60,7 @@ run-router: setup proto
 test: setup proto redis
 	TANDEM_TEST_REDIS_URL="$$(bash scripts/redis.sh url)" $(PY) -m pytest -q tests
 
-# Exit heads. smollm2, gemma3: distilled on corpus text (tandem.calibration). qwen05, qwen15:
+# Exit heads. smollm2: distilled on corpus text (tandem.calibration). gemma3, qwen05, qwen15:
 # self-distilled on their own greedy answers to chat prompts, with a consistency classifier
 # (tandem.calibration.selfdistill -> sd_heads -> freerun -> report_sd). Prompt counts are
 # fixed (deterministic data). Collection runs compiled (static slots, a graph per layer range;
@@ -68,17 +68,23 @@ test: setup proto redis
 # against 26 s eager on the 2-core AVX2 host (plus one compile, ~45 s cold).
 # qwen15's committed heads: 576 prompts, then 576 more through `extend` (18 parts of 32), as
 # they were collected (stop 21); QWEN15_EXTRA_PARTS=0 skips the extension.
-SD_PROMPTS ?= qwen05=928 qwen15=576
+# gemma3's: 928 prompts, then 928 more through `extend` (58 parts of 16), 11 min here.
+SD_PROMPTS ?= gemma3=928 qwen05=928 qwen15=576
 QWEN15_EXTRA_PARTS ?= 18
+GEMMA3_EXTRA_PARTS ?= 58
 calibrate: setup
-	$(PY) -m tandem.calibration --models smollm2,gemma3 --out artifacts/exits --report docs/bench
+	$(PY) -m tandem.calibration --models smollm2 --out artifacts/exits --report docs/bench
 	for mp in $(SD_PROMPTS); do \
 	  m=$${mp%%=*}; n=$${mp#*=}; \
 	  $(PY) -m tandem.calibration.selfdistill --model $$m --prompts $$n || exit 1; \
 	done
 	$(PY) -m tandem.calibration.extend --model qwen15 --base .cache/exits/qwen15.train.pt \
 	  --batch 32 --max-batches $(QWEN15_EXTRA_PARTS) --threads 2
-	$(PY) -m tandem.calibration.sd_heads --models qwen05,qwen15
+	$(PY) -m tandem.calibration.extend --model gemma3 --base .cache/exits/gemma3.train.pt \
+	  --batch 16 --max-batches $(GEMMA3_EXTRA_PARTS) --threads 2
+	$(PY) -m tandem.calibration.sd_heads --models gemma3,qwen05,qwen15
+	$(PY) -m tandem.calibration.freerun --model gemma3 --prompts 10 --taus 0.9,0.95
+	$(PY) -m tandem.calibration.freerun --model gemma3 --prompts 10 --taus 0.9,0.95 --heads 14
 	$(PY) -m tandem.calibration.freerun --model qwen05 --prompts 10 --taus 0.9,0.95
 	$(PY) -m tandem.calibration.freerun --model qwen05 --prompts 10 --taus 0.9,0.95 --heads 18
 	$(PY) -m tandem.calibration.freerun --model qwen15 --prompts 6 --max-new 32
