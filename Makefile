@@ -68,7 +68,8 @@ test: setup proto redis
 # against 26 s eager on the 2-core AVX2 host (plus one compile, ~45 s cold).
 # qwen15's committed heads: 576 prompts, then 576 more through `extend` (18 parts of 32), as
 # they were collected (stop 21); QWEN15_EXTRA_PARTS=0 skips the extension.
-# gemma3's: 928 prompts, then 928 more through `extend` (58 parts of 16), 11 min here.
+# gemma3's: 928 prompts, then 928 more through `extend` (58 parts of 16): 10.5 min of
+# collection on the 2-core Intel host.
 SD_PROMPTS ?= gemma3=928 qwen05=928 qwen15=576
 QWEN15_EXTRA_PARTS ?= 18
 GEMMA3_EXTRA_PARTS ?= 58

@@ -136,8 +136,8 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def report_key(args: argparse.Namespace) -> str:
-    """Where a run goes in the report: "freerun" for the eager reference with every head
-    (the first run kept), then one key per variant."""
+    """Where a run goes in the report: "freerun" is the eager path with every head; each
+    variant (split, a subset of heads, compiled) has a key of its own."""
     key = "freerun" if args.split is None else f"freerun_split{args.split}"
     if args.heads is not None:
         key += "_heads" + "_".join(str(x) for x in sorted(args.heads))

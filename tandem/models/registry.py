@@ -136,8 +136,8 @@ DEFAULT_MODELS: tuple[ModelSpec, ...] = (
         exit_layers=(6, 12, 18),
         default_quant="int4",
         # L18 alone: at tau 0.9 it exits 47% of tokens at 94.8% agreement, and decode runs
-        # at 1.15x full depth; with all three heads, 48% at 93.0% and 1.06x (the L6 and L12
-        # heads exit tokens L18 would mostly pass anyway). Compiled, Intel Xeon host,
+        # at 1.14-1.15x full depth; with all three heads, 48% at 93.0% and 1.05-1.06x (L6, L12
+        # exit tokens L18 would mostly pass anyway). Two runs, compiled, Intel Xeon host,
         # 10 held-out prompts x 48 tokens (docs/bench/exits.md).
         served_exits=(18,),
     ),
