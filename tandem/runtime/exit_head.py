@@ -128,7 +128,7 @@ def with_top_probability(logits: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     to logit(c) + logsumexp(every other class, "other" included), in closed form (a few
     ops: a bisection that sharpened all token logits cost ~2 ms a call on CPU). The rest
     keep their proportions, so "other" (the tokens outside the shortlist) never drops to
-    zero: it had, at -1e4, and a scored text's off-shortlist tokens cost ~1e4 nats each."""
+    zero, and a scored text's off-shortlist tokens keep a finite cost."""
     logits = logits.float()
     c = c.float().clamp(1e-6, 1 - 1e-6)
     tok, other = logits[..., :-1], logits[..., -1]
