@@ -67,22 +67,23 @@ test: setup proto redis
 # `--engine eager` is the reference and records the same rows): 16 qwen05 prompts took 19 s
 # against 26 s eager on the 2-core AVX2 host (plus one compile, ~45 s cold).
 # qwen15's committed heads: 576 prompts, then 576 more through `extend` (18 parts of 32), as
-# they were collected (stop 21); QWEN15_EXTRA_PARTS=0 skips the extension.
+# they were collected (stop 21); SD_EXTEND= skips every extension.
 # gemma3's: 928 prompts, then 928 more through `extend` (58 parts of 16): 10.5 min of
 # collection on the 2-core Intel host.
 SD_PROMPTS ?= gemma3=928 qwen05=928 qwen15=576
-QWEN15_EXTRA_PARTS ?= 18
-GEMMA3_EXTRA_PARTS ?= 58
+# model=BATCHxPARTS: new prompts through `extend`, PARTS batches of BATCH prompts each.
+SD_EXTEND ?= qwen15=32x18 gemma3=16x58
 calibrate: setup
 	$(PY) -m tandem.calibration --models smollm2 --out artifacts/exits --report docs/bench
 	for mp in $(SD_PROMPTS); do \
 	  m=$${mp%%=*}; n=$${mp#*=}; \
 	  $(PY) -m tandem.calibration.selfdistill --model $$m --prompts $$n || exit 1; \
 	done
-	$(PY) -m tandem.calibration.extend --model qwen15 --base .cache/exits/qwen15.train.pt \
-	  --batch 32 --max-batches $(QWEN15_EXTRA_PARTS) --threads 2
-	$(PY) -m tandem.calibration.extend --model gemma3 --base .cache/exits/gemma3.train.pt \
-	  --batch 16 --max-batches $(GEMMA3_EXTRA_PARTS) --threads 2
+	for me in $(SD_EXTEND); do \
+	  m=$${me%%=*}; bp=$${me#*=}; \
+	  $(PY) -m tandem.calibration.extend --model $$m --base .cache/exits/$$m.train.pt \
+	    --batch $${bp%%x*} --max-batches $${bp#*x} --threads 2 || exit 1; \
+	done
 	$(PY) -m tandem.calibration.sd_heads --models gemma3,qwen05,qwen15
 	$(PY) -m tandem.calibration.freerun --model gemma3 --prompts 10 --taus 0.9,0.95
 	$(PY) -m tandem.calibration.freerun --model gemma3 --prompts 10 --taus 0.9,0.95 --heads 14

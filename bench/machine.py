@@ -2,26 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import platform
-from pathlib import Path
+from tandem.machine import cpu_name
 
-
-def cpu_name() -> str:
-    """e.g. 'AMD EPYC 7B13 (2 cores, AVX2 only)': the vector ISA matters here (the int4
-    kernels and llama.cpp both pick AVX-512 paths where the CPU has them)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor() or platform.machine()
-    name = next((x.split(":", 1)[1].strip() for x in info if x.startswith("model name")), "")
-    flags = set(next((x.split(":", 1)[1].split() for x in info if x.startswith("flags")), []))
-    isa = (
-        "AVX-512 VNNI"
-        if {"avx512f", "avx512_vnni"} <= flags
-        else ("AVX2 only" if "avx2" in flags else "no AVX2")
-    )
-    return f"{name or platform.machine()} ({os.cpu_count()} cores, {isa})"
+__all__ = ["cpu_name", "read_bandwidth_gbs"]
 
 
 def read_bandwidth_gbs(mbytes: int = 512, threads: int = 2, repeats: int = 7) -> float:

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from tandem.data.instructions import load_instructions
+from tandem.machine import cpu_name
 from tandem.models.loader import LoadOptions, load_model
 from tandem.models.registry import ModelRegistry
 from tandem.runtime.compiled import warm_up
@@ -68,14 +69,14 @@ def run(args: argparse.Namespace) -> dict:
     quant = args.quant or spec.default_quant
     compiled = args.engine == "compiled"
     lm = load_model(spec, LoadOptions(quant=quant, exits=True, compiled=compiled, kv_slots=2))
-    cost = head_cost_ms(lm.heads, lm.model.cfg.hidden_size)
-    print(f"[freerun {args.model}] head ms/token {cost}", file=sys.stderr, flush=True)
     heads = [
         h
         for h in lm.heads
         if (args.split is None or h.cfg.layer <= args.split)
         and (args.heads is None or h.cfg.layer in args.heads)
     ]
+    cost = head_cost_ms(heads, lm.model.cfg.hidden_size)
+    print(f"[freerun {args.model}] head ms/token {cost}", file=sys.stderr, flush=True)
     dec = ExitDecoder(lm.model, heads)
     if compiled:
         took = warm_up(lm.model, dec.ranges(use_exits=True))
@@ -126,7 +127,7 @@ def run(args: argparse.Namespace) -> dict:
         "split": args.split,
         "heads": [h.cfg.layer for h in heads],
         "engine": args.engine,
-        "machine": machine(),
+        "machine": cpu_name(),
         "prompts": len(prompts),
         "max_new": args.max_new,
         "threads": args.threads,
@@ -142,16 +143,6 @@ def report_key(args: argparse.Namespace) -> str:
     if args.heads is not None:
         key += "_heads" + "_".join(str(x) for x in sorted(args.heads))
     return key + ("_compiled" if args.engine == "compiled" else "")
-
-
-def machine() -> str:
-    try:  # the benchmarks' machine line, where the repository's bench package is at hand
-        from bench.machine import cpu_name
-    except ImportError:  # pragma: no cover - tandem installed without the repository
-        import platform
-
-        return platform.processor() or platform.machine()
-    return cpu_name()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     entry = blob.setdefault("models", {}).setdefault(args.model, {})
     if result["rows"]:
         entry[report_key(args)] = result
-    entry["head_ms"] = result["head_ms"]
+    entry.setdefault("head_ms", {}).update(result["head_ms"])  # --heads measures a subset
     path.write_text(json.dumps(blob, indent=1) + "\n")
     return 0
 
