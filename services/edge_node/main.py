@@ -230,10 +230,17 @@ def build_engine(settings: EdgeSettings, registry: ModelRegistry) -> EdgeEngine:
     # speculative: drafts come from the split head only (every row reaches the split)
     decoder = loaded.decoder(config.max_deferred, depth=settings.split, split_only=speculative)
     if settings.compiled:
-        ranges = decoder.ranges(use_exits=settings.tau < 1.0 or settings.split is not None)
+        use_exits = settings.tau < 1.0 or settings.split is not None
+        ranges = decoder.ranges(use_exits=use_exits)
+        heads = [*decoder.heads, *filter(None, [decoder.split_head])] if use_exits else []
         try:
-            seconds = warm_up(loaded.model, ranges)
-            log.info("compiled the decode step for layer ranges %s in %.1f s", ranges, seconds)
+            seconds = warm_up(loaded.model, ranges, heads)
+            log.info(
+                "compiled the decode step for layer ranges %s and exit heads %s in %.1f s",
+                ranges,
+                [h.cfg.layer for h in heads],
+                seconds,
+            )
         except Exception as exc:  # e.g. no C++ compiler in the image: serve, but say so
             log.error("compiling the decode step failed, serving the eager path: %s", exc)
             loaded.model.compiled = None

@@ -14,8 +14,10 @@ runs compute the same states), so its numbers are the collaborative edge's. `--h
 keeps only the heads at the layers it names (a server can load fewer exits than trained).
 
 `--engine compiled` (the default) decodes as a server does (static KV slots, the layer
-ranges between the kept exits compiled and warmed up before timing); `--engine eager` is
-the reference path. Exits and agreement are the same on both; tokens/s differ.
+ranges between the kept exits and the exit heads compiled and warmed up before timing;
+`--eager-heads` keeps the heads eager); `--engine eager` is the reference path. Exits and
+agreement are the same on both (a compiled head's confidence may differ from eager's in
+the last bits, see tandem.runtime.compiled.CompiledHead); tokens/s differ.
 """
 
 from __future__ import annotations
@@ -35,7 +37,6 @@ from tandem.models.registry import ModelRegistry
 from tandem.runtime.compiled import warm_up
 from tandem.runtime.decoder import ExitDecoder
 from tandem.runtime.engine_api import ChatMessage
-from tandem.runtime.exit_head import ExitHead
 from tandem.runtime.generate import generate
 from tandem.runtime.sampling import SamplingParams
 
@@ -50,16 +51,18 @@ def full_depth_argmax(model, prompt: list[int], answer: list[int]) -> list[int]:
 
 
 @torch.inference_mode()
-def head_cost_ms(heads: list[ExitHead], hidden_size: int, reps: int = 200) -> dict[str, float]:
-    """ms per token of each served head (one bf16 row, this process's thread count)."""
+def head_cost_ms(dec: ExitDecoder, reps: int = 200) -> dict[str, float]:
+    """ms per token of each head, called as `dec` calls it (compiled where the model
+    decodes compiled), one bf16 row, this process's thread count."""
     out = {}
-    h = torch.randn(1, hidden_size, dtype=torch.bfloat16)
+    h = torch.randn(1, dec.model.cfg.hidden_size, dtype=torch.bfloat16)
+    heads = dec.heads + ([dec.split_head] if dec.split_head is not None else [])
     for head in heads:
         for _ in range(10):
-            head(h)
+            dec.call_head(head, h)
         t = time.perf_counter()
         for _ in range(reps):
-            head(h)
+            dec.call_head(head, h)
         out[f"L{head.cfg.layer}"] = round((time.perf_counter() - t) / reps * 1e3, 3)
     return out
 
@@ -75,12 +78,13 @@ def run(args: argparse.Namespace) -> dict:
         if (args.split is None or h.cfg.layer <= args.split)
         and (args.heads is None or h.cfg.layer in args.heads)
     ]
-    cost = head_cost_ms(heads, lm.model.cfg.hidden_size)
-    print(f"[freerun {args.model}] head ms/token {cost}", file=sys.stderr, flush=True)
     dec = ExitDecoder(lm.model, heads)
     if compiled:
-        took = warm_up(lm.model, dec.ranges(use_exits=True))
+        lm.model.compiled.compile_heads = not args.eager_heads
+        took = warm_up(lm.model, dec.ranges(use_exits=True), heads)
         print(f"[freerun {args.model}] compiled in {took:.0f} s", file=sys.stderr, flush=True)
+    cost = head_cost_ms(dec)
+    print(f"[freerun {args.model}] head ms/token {cost}", file=sys.stderr, flush=True)
     train = frozenset(x.prompt for x in load_instructions("train", args.train_prompts))
     ins = load_instructions("heldout", args.prompts, args.seed, exclude=train)
     prompts = [lm.codec.encode_chat([ChatMessage(role="user", content=x.prompt)]) for x in ins]
@@ -127,6 +131,7 @@ def run(args: argparse.Namespace) -> dict:
         "split": args.split,
         "heads": [h.cfg.layer for h in heads],
         "engine": args.engine,
+        "eager_heads": args.eager_heads,
         "machine": cpu_name(),
         "prompts": len(prompts),
         "max_new": args.max_new,
@@ -138,11 +143,14 @@ def run(args: argparse.Namespace) -> dict:
 
 def report_key(args: argparse.Namespace) -> str:
     """Where a run goes in the report: "freerun" is the eager path with every head; each
-    variant (split, a subset of heads, compiled) has a key of its own."""
+    variant (split, a subset of heads, compiled, compiled with eager heads) has a key of
+    its own."""
     key = "freerun" if args.split is None else f"freerun_split{args.split}"
     if args.heads is not None:
         key += "_heads" + "_".join(str(x) for x in sorted(args.heads))
-    return key + ("_compiled" if args.engine == "compiled" else "")
+    if args.engine == "compiled":
+        key += "_compiled_eager_heads" if args.eager_heads else "_compiled"
+    return key
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", type=int)
     p.add_argument("--heads", help="exit layers to keep, e.g. 18 (default: every head)")
     p.add_argument("--engine", choices=["compiled", "eager"], default="compiled")
+    p.add_argument(
+        "--eager-heads", action="store_true", help="compiled layers, eager exit heads (A/B)"
+    )
     p.add_argument("--taus", default="0.8,0.9,0.95")
     p.add_argument("--prompts", type=int, default=12)
     p.add_argument("--max-new", type=int, default=48)

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import time
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -51,6 +51,7 @@ from tandem.runtime.kernels import attention as attention_kernel
 from tandem.runtime.kv_slots import SlotKV, SlotPool
 
 if TYPE_CHECKING:
+    from tandem.runtime.exit_head import ExitHead
     from tandem.runtime.model import DecoderModel, Segment
 
 # One graph per layer range and model: dynamo's default of 8 entries per code object is
@@ -163,12 +164,23 @@ class CompiledDecode:
             cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, model.dtype, slots, model.max_context
         )
         self._graphs: dict[tuple[int, int], nn.Module] = {}
+        self._heads: dict[int, CompiledHead] = {}  # by id(head)
+        self.compile_heads = True  # False: exit heads run eager (an A/B switch for benches)
         self._guarded: set[tuple[int, int]] = set()  # ranges whose dynamic graph ran
         # Per range: dynamo's compiled code for its dynamic graph, called without dynamo.
         self._direct: dict[tuple[int, int], Callable[..., torch.Tensor]] = {}
 
     def new_kv(self, first_layer: int, last_layer: int) -> SlotKV | None:
         return self.pool.acquire(first_layer, last_layer)
+
+    def head(self, head: ExitHead) -> Callable[[torch.Tensor], torch.Tensor]:
+        """`head`'s forward as one graph (`CompiledHead`), made on first use."""
+        if not self.compile_heads:
+            return head
+        compiled = self._heads.get(id(head))
+        if compiled is None:
+            compiled = self._heads[id(head)] = CompiledHead(head, self.options)
+        return compiled
 
     def takes(self, segment: Segment, start: int, end: int) -> bool:
         """Whether this sequence's rows run compiled for layers [start, end): a slot of
@@ -245,6 +257,26 @@ class CompiledDecode:
         return out
 
 
+class CompiledHead:
+    """An exit head's forward (adapter, shortlist projection, consistency classifier and
+    the closed-form top-probability rewrite: ~70 small ops eager) as one inductor graph.
+
+    The projection is Tandem's int4/int8 matmul kernel, as in eager, and inductor keeps
+    eager's bf16 roundings, so the top token (the exited token) is eager's; the fp32
+    reductions of the confidence (softmax statistics, logsumexp) are summed in inductor's
+    order, so the exit probability can differ from eager's in the last bits (~1e-6), and a
+    row whose confidence lies that close to tau may exit on one path and not the other.
+    (Eager heads are no steadier: their fp32 adapter matmuls round differently for
+    different row counts.) Dynamic in the row count; one row is a graph of its own."""
+
+    def __init__(self, head: ExitHead, options: dict) -> None:
+        self.head = head
+        self.graph = torch.compile(head, dynamic=True, options=options)
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        return self.graph(h)
+
+
 def _direct_entry(
     module: nn.Module, h: torch.Tensor, slot: torch.Tensor, pos: torch.Tensor, length: int
 ) -> Callable[..., torch.Tensor] | None:
@@ -266,9 +298,12 @@ def _direct_entry(
     return None
 
 
-def warm_up(model: DecoderModel, ranges: list[tuple[int, int]]) -> float:
+def warm_up(
+    model: DecoderModel, ranges: list[tuple[int, int]], heads: Sequence[ExitHead] = ()
+) -> float:
     """Compile the decode graphs of `ranges` (one row and several rows) before the first
-    request, on a throwaway slot; returns the seconds it took."""
+    request, on a throwaway slot, and the graphs of the exit `heads` the decoder calls;
+    returns the seconds it took."""
     t = time.perf_counter()
     with torch.inference_mode():
         for a, b in ranges:
@@ -278,6 +313,10 @@ def warm_up(model: DecoderModel, ranges: list[tuple[int, int]]) -> float:
                 model.run_rows([(kv, kv.length(a), h)], a, b)
             if isinstance(kv, SlotKV):
                 kv.release()
+        if model.compiled is not None:
+            for head in heads:
+                for rows in (3, 1):
+                    model.compiled.head(head)(model.embed(torch.zeros(rows, dtype=torch.long)))
     return time.perf_counter() - t
 
 
@@ -326,6 +365,10 @@ class CudaGraphDecode(CompiledDecode):
         self._graphs: dict[tuple[int, int], nn.Module] = {}
         self._captured: dict[tuple[int, int, int, int], _Captured] = {}
         self._mempool = None  # one pool for every graph, made at the first capture
+
+    def head(self, head: ExitHead) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Exit heads stay eager on CUDA (not captured)."""
+        return head
 
     def _module(self, start: int, end: int) -> nn.Module:
         module = self._graphs.get((start, end))

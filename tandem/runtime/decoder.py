@@ -184,7 +184,7 @@ class ExitDecoder:
                 continue
             head = self.heads[head_idx]
             last = torch.cat([rows[i][1][-1:] for i in candidates])
-            head_logits = head(last)
+            head_logits = self.call_head(head, last)
             verdict = self.exit_rule(head_logits, head.shortlist, tau)
             for j, i in enumerate(candidates):
                 if bool(verdict.confident[j]):
@@ -207,6 +207,12 @@ class ExitDecoder:
             s.length += 1
         return [results[i] for i in range(len(seqs))]
 
+    def call_head(self, head: ExitHead, last: torch.Tensor) -> torch.Tensor:
+        """The head's logits for rows `last`: its compiled graph where the model decodes
+        compiled (tandem.runtime.compiled.CompiledHead), else eager."""
+        compiled = self.model.compiled
+        return head(last) if compiled is None else compiled.head(head)(last)
+
     def _run(
         self,
         seqs: list[SequenceState],
@@ -225,7 +231,7 @@ class ExitDecoder:
         lens's) verdict on each last row, plus the states to upload."""
         last = torch.cat([h[-1:] for _, h in rows])
         if self.split_head is not None:
-            logits, shortlist = self.split_head(last), self.split_head.shortlist
+            logits, shortlist = self.call_head(self.split_head, last), self.split_head.shortlist
             confident = self.exit_rule(logits, shortlist, tau).confident
             logits = logits[:, :-1]
         else:

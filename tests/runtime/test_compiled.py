@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tandem.runtime.decoder import ExitDecoder
+from tandem.runtime.exit_head import ExitHead, ExitHeadConfig
 from tandem.runtime.kernels.int8 import Int8KernelLinear
 from tandem.runtime.kv_cache import SequenceKV
 from tandem.runtime.kv_slots import SlotKV, SlotPool
@@ -70,6 +71,53 @@ def test_deferred_exits_are_exact_compiled():
     assert {(0, 2), (2, 3), (3, 5), (5, 6)} <= set(fast.compiled._graphs)
     torch.testing.assert_close(out[0].logits, expected.logits, atol=1e-4, rtol=1e-4)
     assert_same_kv(s.kv, r.kv, fast.cfg.n_layers)
+
+
+def _calibrated_heads(model, layers: tuple[int, ...]) -> list[ExitHead]:
+    """Heads with a consistency classifier and nonzero trained parts (random, seeded)."""
+    gen = torch.Generator().manual_seed(3)
+    heads = []
+    for layer in layers:
+        cfg = ExitHeadConfig(layer, model.cfg.hidden_size, 8, 16, calibrated=True)
+        head = ExitHead(cfg, 1e-6, False)
+        head.shortlist.copy_(torch.arange(16))
+        head.attach_lm_head(model.lm_head.weight)
+        with torch.no_grad():
+            for p in head.parameters():
+                if p.requires_grad:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+        heads.append(head.eval())
+    return heads
+
+
+def test_compiled_exit_heads_follow_eager():
+    """A compiled model's decoder calls each exit head as one graph: the same top class and
+    logits as the eager head up to fp32 summation order, alone or batched; the exits taken
+    (tau 0.5) and the final logits match the eager decoder."""
+    eager, fast = _pair("llama")
+    layers = (2, 4)
+    heads = _calibrated_heads(fast, layers)
+    dec, ref = ExitDecoder(fast, heads), ExitDecoder(eager, _calibrated_heads(eager, layers))
+    h = torch.randn(3, fast.cfg.hidden_size, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        for head in heads:
+            want, got = head(h), dec.call_head(head, h)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            assert torch.equal(got.argmax(-1), want.argmax(-1))
+            alone = torch.cat([dec.call_head(head, h[i : i + 1]) for i in range(3)])
+            torch.testing.assert_close(alone, want, atol=1e-5, rtol=1e-5)
+    assert len(fast.compiled._heads) == len(layers)
+    prompt, tokens = _ids(4, 7), _ids(10, 8)
+    s, r = dec.new_sequence(), ref.new_sequence()
+    dec.prefill([s], [prompt])
+    ref.prefill([r], [prompt])
+    exits = []
+    for tok in tokens:
+        got, want = dec.decode([s], [tok], tau=0.5)[0], ref.decode([r], [tok], tau=0.5)[0]
+        assert got.exit_layer == want.exit_layer
+        torch.testing.assert_close(got.logits, want.logits, atol=1e-4, rtol=1e-4)
+        exits.append(got.exit_layer)
+    assert len(set(exits)) > 1, exits  # the heads passed some tokens and not others
 
 
 def test_sequences_beyond_the_slots_fall_back_to_eager():
