@@ -26,6 +26,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -37,6 +38,7 @@ from tandem.models.registry import ModelRegistry
 from tandem.runtime.compiled import warm_up
 from tandem.runtime.decoder import ExitDecoder
 from tandem.runtime.engine_api import ChatMessage
+from tandem.runtime.exit_head import ExitHead
 from tandem.runtime.generate import generate
 from tandem.runtime.sampling import SamplingParams
 
@@ -51,18 +53,24 @@ def full_depth_argmax(model, prompt: list[int], answer: list[int]) -> list[int]:
 
 
 @torch.inference_mode()
-def head_cost_ms(dec: ExitDecoder, reps: int = 200) -> dict[str, float]:
-    """ms per token of each head, called as `dec` calls it (compiled where the model
-    decodes compiled), one bf16 row, this process's thread count."""
+def head_cost_ms(
+    heads: list[ExitHead],
+    hidden_size: int,
+    call: Callable[[ExitHead, torch.Tensor], torch.Tensor] | None = None,
+    reps: int = 200,
+) -> dict[str, float]:
+    """ms per token of each head (one bf16 row, this process's thread count), called as
+    `call(head, h)` does (e.g. `ExitDecoder.call_head`: compiled where the model decodes
+    compiled), else eager."""
     out = {}
-    h = torch.randn(1, dec.model.cfg.hidden_size, dtype=torch.bfloat16)
-    heads = dec.heads + ([dec.split_head] if dec.split_head is not None else [])
+    h = torch.randn(1, hidden_size, dtype=torch.bfloat16)
+    call = call or (lambda head, x: head(x))
     for head in heads:
         for _ in range(10):
-            dec.call_head(head, h)
+            call(head, h)
         t = time.perf_counter()
         for _ in range(reps):
-            dec.call_head(head, h)
+            call(head, h)
         out[f"L{head.cfg.layer}"] = round((time.perf_counter() - t) / reps * 1e3, 3)
     return out
 
@@ -83,7 +91,7 @@ def run(args: argparse.Namespace) -> dict:
         lm.model.compiled.compile_heads = not args.eager_heads
         took = warm_up(lm.model, dec.ranges(use_exits=True), heads)
         print(f"[freerun {args.model}] compiled in {took:.0f} s", file=sys.stderr, flush=True)
-    cost = head_cost_ms(dec)
+    cost = head_cost_ms(heads, lm.model.cfg.hidden_size, dec.call_head)
     print(f"[freerun {args.model}] head ms/token {cost}", file=sys.stderr, flush=True)
     train = frozenset(x.prompt for x in load_instructions("train", args.train_prompts))
     ins = load_instructions("heldout", args.prompts, args.seed, exclude=train)
