@@ -69,10 +69,12 @@ test: setup proto redis
 # qwen15's committed heads: 576 prompts, then 576 more through `extend` (18 parts of 32), as
 # they were collected (stop 21); SD_EXTEND= skips every extension.
 # gemma3's: 928 prompts, then 928 more through `extend` (58 parts of 16): 10.5 min of
-# collection on the 2-core Intel host.
+# collection on the 2-core Intel host. qwen05's: 928 prompts, then the rest of the
+# 4,000-prompt pool (3,070, the last part short) through `extend`: 584k rows, 23 min for
+# the extension on the 2-core Intel host (the base took 21 min beside other work).
 SD_PROMPTS ?= gemma3=928 qwen05=928 qwen15=576
 # model=BATCHxPARTS: new prompts through `extend`, PARTS batches of BATCH prompts each.
-SD_EXTEND ?= qwen15=32x18 gemma3=16x58
+SD_EXTEND ?= qwen15=32x18 gemma3=16x58 qwen05=32x96
 calibrate: setup
 	$(PY) -m tandem.calibration --models smollm2 --out artifacts/exits --report docs/bench
 	for mp in $(SD_PROMPTS); do \

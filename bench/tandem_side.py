@@ -54,7 +54,7 @@ def _compile(lm, dec, tau: float, opts: dict) -> float:
         return 0.0
     from tandem.runtime.compiled import warm_up
 
-    return warm_up(lm.model, dec.ranges(use_exits=tau < 1.0))
+    return warm_up(lm.model, dec.ranges(use_exits=tau < 1.0), dec.heads if tau < 1.0 else ())
 
 
 def run(job: dict) -> dict:

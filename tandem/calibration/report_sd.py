@@ -14,6 +14,10 @@ from tandem.calibration.evaluate import render_markdown
 TARGET_EXIT, TARGET_AGREE = 0.40, 0.95
 
 
+def _costs(head_ms: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.2f} ms" for k, v in head_ms.items())
+
+
 def _pct(x) -> str:
     return "–" if x is None else f"{100 * x:.1f}%"
 
@@ -119,6 +123,8 @@ def render_sd(models: dict) -> list[str]:
                 continue
             what = "standalone" if fr["split"] is None else f"split edge (heads <= L{fr['split']})"
             engine = f", {fr['engine']} decode path" if "engine" in fr else ""
+            if fr.get("engine") == "compiled" and "eager_heads" in fr:
+                engine += " with eager heads" if fr["eager_heads"] else " and heads"
             where = f", {fr['machine']}" if "machine" in fr else ""
             lines += [
                 f"Free-running, {what}: {fr['prompts']} held-out prompts x {fr['max_new']} "
@@ -126,11 +132,17 @@ def render_sd(models: dict) -> list[str]:
                 f"{fr['threads']} threads{engine}{where}:",
                 "",
             ]
+            decode = "decode_tok_per_s" in fr["rows"][0] if fr["rows"] else False
             rows = [
                 [
                     f"{r['tau']:.2f}",
                     "–" if r["tok_per_s"] is None else f"{r['tok_per_s']:.1f}",
                     "–" if r["speedup"] is None else f"{r['speedup']:.2f}x",
+                    *(
+                        [f"{r['decode_tok_per_s']:.1f}", f"{r['decode_speedup']:.2f}x"]
+                        if decode
+                        else []
+                    ),
                     _pct(r["exited"]),
                     _pct(r["exited_agreement"]),
                     ", ".join(f"L{k} {_pct(v)}" for k, v in r["by_layer"].items()) or "–",
@@ -138,14 +150,24 @@ def render_sd(models: dict) -> list[str]:
                 ]
                 for r in fr["rows"]
             ]
-            header = ["tau", "tok/s", "speed-up", "exited", "agreement (exited)"]
+            header = [
+                "tau",
+                "tok/s (prefill included)",
+                "speed-up",
+                *(["decode tok/s", "decode speed-up"] if decode else []),
+                "exited",
+                "agreement (exited)",
+            ]
             lines += _table([*header, "by layer", "answers identical"], rows)
             lines.append("")
             if fr.get("timing_note"):
                 lines += [fr["timing_note"], ""]
+            if fr.get("head_ms"):
+                what = "per call in this run (one row, as the decoder calls it)"
+                lines += [f"Head cost {what}: {_costs(fr['head_ms'])}.", ""]
         if m.get("head_ms"):
-            cost = ", ".join(f"{k} {v:.2f} ms" for k, v in m["head_ms"].items())
-            lines += [f"Head cost per token (served quantization, one row): {cost}.", ""]
+            what = "per token (served quantization, one row, eager)"
+            lines += [f"Head cost {what}: {_costs(m['head_ms'])}.", ""]
         if m.get("notes"):
             lines += [m["notes"], ""]
     return lines

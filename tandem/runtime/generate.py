@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from tandem.runtime.decoder import ExitDecoder, StepResult
@@ -12,6 +13,7 @@ from tandem.runtime.sampling import Sampler, SamplingParams
 class Generation:
     token_ids: tuple[int, ...]
     exit_layers: tuple[int, ...]
+    prefill_s: float = 0.0  # wall time of the prompt's prefill (its result is the first token)
 
 
 def pick(sampler: Sampler, step: StepResult) -> tuple[int, float]:
@@ -31,7 +33,9 @@ def generate(
 ) -> Generation:
     sampler = Sampler(params)
     seq = decoder.new_sequence()
+    t = time.perf_counter()
     step = decoder.prefill([seq], [list(prompt_ids)])[0]
+    prefill_s = time.perf_counter() - t
     ids, exits = [], []
     while True:
         tok, _ = pick(sampler, step)
@@ -40,4 +44,4 @@ def generate(
         if len(ids) >= params.max_tokens or (tok in eos_ids and not params.ignore_eos):
             break
         step = decoder.decode([seq], [tok], tau)[0]
-    return Generation(tuple(ids), tuple(exits))
+    return Generation(tuple(ids), tuple(exits), prefill_s)
