@@ -17,7 +17,7 @@ keeps only the heads at the layers it names (a server can load fewer exits than 
 ranges between the kept exits and the exit heads compiled and warmed up before timing;
 `--eager-heads` keeps the heads eager); `--engine eager` is the reference path. Exits and
 agreement are the same on both (a compiled head's confidence may differ from eager's in
-the last bits, see tandem.runtime.compiled.CompiledHead); tokens/s differ.
+the last bits, see tandem.runtime.compiled.CompiledDecode.head); tokens/s differ.
 """
 
 from __future__ import annotations

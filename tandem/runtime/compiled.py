@@ -164,7 +164,7 @@ class CompiledDecode:
             cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, model.dtype, slots, model.max_context
         )
         self._graphs: dict[tuple[int, int], nn.Module] = {}
-        self._heads: dict[int, CompiledHead] = {}  # by id(head)
+        self._heads: dict[ExitHead, nn.Module] = {}  # see head()
         self.compile_heads = True  # False: exit heads run eager (an A/B switch for benches)
         self._guarded: set[tuple[int, int]] = set()  # ranges whose dynamic graph ran
         # Per range: dynamo's compiled code for its dynamic graph, called without dynamo.
@@ -174,13 +174,23 @@ class CompiledDecode:
         return self.pool.acquire(first_layer, last_layer)
 
     def head(self, head: ExitHead) -> Callable[[torch.Tensor], torch.Tensor]:
-        """`head`'s forward as one graph (`CompiledHead`), made on first use."""
+        """An exit head's forward (adapter, shortlist projection, consistency classifier and
+        the closed-form top-probability rewrite: ~70 small ops eager) as one inductor graph,
+        dynamic in the row count (one row is a graph of its own), made on first use.
+
+        The projection is Tandem's int4/int8 matmul kernel, as in eager, and inductor keeps
+        eager's bf16 roundings, so the top token (the exited token) is eager's; the fp32
+        reductions of the confidence (softmax statistics, logsumexp) are summed in
+        inductor's order, so the exit probability can differ from eager's in the last bits
+        (~1e-6), and a row whose confidence lies that close to tau may exit on one path and
+        not the other. (Eager heads are no steadier: their fp32 adapter matmuls round
+        differently for different row counts.)"""
         if not self.compile_heads:
             return head
-        compiled = self._heads.get(id(head))
-        if compiled is None:
-            compiled = self._heads[id(head)] = CompiledHead(head, self.options)
-        return compiled
+        graph = self._heads.get(head)
+        if graph is None:
+            graph = self._heads[head] = torch.compile(head, dynamic=True, options=self.options)
+        return graph
 
     def takes(self, segment: Segment, start: int, end: int) -> bool:
         """Whether this sequence's rows run compiled for layers [start, end): a slot of
@@ -255,26 +265,6 @@ class CompiledDecode:
             for i in range(first, first + end - start):
                 s.kv.lengths[i] += s.count
         return out
-
-
-class CompiledHead:
-    """An exit head's forward (adapter, shortlist projection, consistency classifier and
-    the closed-form top-probability rewrite: ~70 small ops eager) as one inductor graph.
-
-    The projection is Tandem's int4/int8 matmul kernel, as in eager, and inductor keeps
-    eager's bf16 roundings, so the top token (the exited token) is eager's; the fp32
-    reductions of the confidence (softmax statistics, logsumexp) are summed in inductor's
-    order, so the exit probability can differ from eager's in the last bits (~1e-6), and a
-    row whose confidence lies that close to tau may exit on one path and not the other.
-    (Eager heads are no steadier: their fp32 adapter matmuls round differently for
-    different row counts.) Dynamic in the row count; one row is a graph of its own."""
-
-    def __init__(self, head: ExitHead, options: dict) -> None:
-        self.head = head
-        self.graph = torch.compile(head, dynamic=True, options=options)
-
-    def __call__(self, h: torch.Tensor) -> torch.Tensor:
-        return self.graph(h)
 
 
 def _direct_entry(

@@ -209,7 +209,7 @@ class ExitDecoder:
 
     def call_head(self, head: ExitHead, last: torch.Tensor) -> torch.Tensor:
         """The head's logits for rows `last`: its compiled graph where the model decodes
-        compiled (tandem.runtime.compiled.CompiledHead), else eager."""
+        compiled (tandem.runtime.compiled.CompiledDecode.head), else eager."""
         compiled = self.model.compiled
         return head(last) if compiled is None else compiled.head(head)(last)
 
