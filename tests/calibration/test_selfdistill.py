@@ -154,6 +154,7 @@ def test_features_save_load(tmp_path):
 
 
 def test_report_renders_every_table(tmp_path):
+    import copy
     import json
 
     from tandem.calibration.report_sd import write
@@ -196,8 +197,15 @@ def test_report_renders_every_table(tmp_path):
             ],
         },
     }
+    served = copy.deepcopy(entry["freerun"])  # a compiled run with decode-only timing
+    served.update(engine="compiled", eager_heads=False, head_ms={"L3": 0.25})
+    served["rows"][0].update(decode_tok_per_s=12.5, decode_speedup=1.0)
+    entry["freerun_compiled"] = served
     (tmp_path / "exits_sd.json").write_text(json.dumps({"models": {"tiny": entry}}))
     write(tmp_path)
     text = (tmp_path / "exits.md").read_text()
     assert "## tiny (self-distilled)" in text and "Reliability" in text
     assert "Split edge (heads up to layer 2 only)" in text and "Free-running, standalone" in text
+    assert "compiled decode path and heads" in text
+    assert "| 1.00 | 10.0 | 1.00x | 12.5 | 1.00x |" in text  # decode-only columns
+    assert "Head cost per call in this run (one row, as the decoder calls it): L3 0.25 ms." in text
