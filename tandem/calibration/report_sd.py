@@ -59,6 +59,8 @@ def render_sd(models: dict) -> list[str]:
         "  `heldout` split (disjoint from every training prompt), single sequence, the",
         "  serving quantization at every tau; agreement = the exited token equals the",
         "  full-depth argmax at its own prefix; speed-up against tau 1.0 in the same run.",
+        "  *tok/s (prefill included)* times whole generations; *decode tok/s* leaves each",
+        "  prompt's prefill out (as bench-edge times decode), where a run recorded it.",
         f"- Targets (issue 13): >= {TARGET_EXIT:.0%} of tokens exit with >= "
         f"{TARGET_AGREE:.0%} agreement; decode >= 1.3x faster than full depth.",
         "",
