@@ -48,13 +48,11 @@ def _greedy(step) -> int:
     return int(step.shortlist[idx]) if step.shortlist is not None else idx
 
 
-def _compile(lm, dec, tau: float, opts: dict) -> float:
+def _compile(dec, tau: float, opts: dict) -> float:
     """Compile the decode graphs as a server does at start (seconds; 0 on the eager path)."""
     if not opts.get("compiled"):
         return 0.0
-    from tandem.runtime.compiled import warm_up
-
-    return warm_up(lm.model, dec.ranges(use_exits=tau < 1.0), dec.heads if tau < 1.0 else ())
+    return dec.warm_up(use_exits=tau < 1.0)
 
 
 def run(job: dict) -> dict:
@@ -73,7 +71,7 @@ def run(job: dict) -> dict:
     lm = load_model(spec, LoadOptions(**opts))
     load_s = time.perf_counter() - t
     dec = lm.decoder()
-    compile_s = _compile(lm, dec, tau, opts)
+    compile_s = _compile(dec, tau, opts)
     decode_prompt: list[int] = job["decode_prompt"]
     prefill_prompt: list[int] = job["prefill_prompt"]
     n = job["new_tokens"]
@@ -178,7 +176,7 @@ def run_batch(job: dict) -> dict:
     lm = load_model(spec, LoadOptions(**opts))
     load_s = time.perf_counter() - t
     dec = lm.decoder()
-    compile_s = _compile(lm, dec, tau, opts)
+    compile_s = _compile(dec, tau, opts)
     wb = WeightBytes.of(lm.model, lm.heads)
     n = job["new_tokens"]
 

@@ -37,7 +37,6 @@ from tandem.config_file import Settings
 from tandem.energy.detect import describe, detect_meter
 from tandem.models.loader import LoadOptions, load_model
 from tandem.models.registry import ModelRegistry
-from tandem.runtime.compiled import warm_up
 from tandem.runtime.device import DeviceUnavailable, resolve_device
 from tandem.runtime.quant import QuantMode
 from tandem.transport.grpc_tls import TlsConfig, tls_from_env_or
@@ -231,14 +230,12 @@ def build_engine(settings: EdgeSettings, registry: ModelRegistry) -> EdgeEngine:
     decoder = loaded.decoder(config.max_deferred, depth=settings.split, split_only=speculative)
     if settings.compiled:
         use_exits = settings.tau < 1.0 or settings.split is not None
-        ranges = decoder.ranges(use_exits=use_exits)
-        heads = [*decoder.heads, *filter(None, [decoder.split_head])] if use_exits else []
         try:
-            seconds = warm_up(loaded.model, ranges, heads)
+            seconds = decoder.warm_up(use_exits)
             log.info(
-                "compiled the decode step for layer ranges %s and exit heads %s in %.1f s",
-                ranges,
-                [h.cfg.layer for h in heads],
+                "compiled the decode step for layer ranges %s%s in %.1f s",
+                decoder.ranges(use_exits),
+                " and the exit heads" if use_exits else "",
                 seconds,
             )
         except Exception as exc:  # e.g. no C++ compiler in the image: serve, but say so

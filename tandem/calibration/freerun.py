@@ -35,7 +35,6 @@ from tandem.data.instructions import load_instructions
 from tandem.machine import cpu_name
 from tandem.models.loader import LoadOptions, load_model
 from tandem.models.registry import ModelRegistry
-from tandem.runtime.compiled import warm_up
 from tandem.runtime.decoder import ExitDecoder
 from tandem.runtime.engine_api import ChatMessage
 from tandem.runtime.exit_head import ExitHead
@@ -89,7 +88,7 @@ def run(args: argparse.Namespace) -> dict:
     dec = ExitDecoder(lm.model, heads)
     if compiled:
         lm.model.compiled.compile_heads = not args.eager_heads
-        took = warm_up(lm.model, dec.ranges(use_exits=True), heads)
+        took = dec.warm_up(use_exits=True)
         print(f"[freerun {args.model}] compiled in {took:.0f} s", file=sys.stderr, flush=True)
     cost = head_cost_ms(heads, lm.model.cfg.hidden_size, dec.call_head)
     print(f"[freerun {args.model}] head ms/token {cost}", file=sys.stderr, flush=True)

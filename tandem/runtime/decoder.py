@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tandem.runtime.compiled import warm_up
 from tandem.runtime.exit_head import ExitDecision, ExitHead, decide
 from tandem.runtime.kv_cache import SequenceKV
 from tandem.runtime.model import DecoderModel
@@ -121,6 +122,13 @@ class ExitDecoder:
         model compiles): the whole depth, and the stretches between exits when they are on."""
         bounds = [0, *self.exit_layers, self.depth] if use_exits else [0, self.depth]
         return sorted({(0, self.depth), *zip(bounds, bounds[1:], strict=False)})
+
+    def warm_up(self, use_exits: bool) -> float:
+        """On a compiled model, compile before the first request what `decode` will call:
+        the layer ranges and, with exits on, the exit heads (the split head included);
+        returns the seconds it took."""
+        heads = [*self.heads, *filter(None, [self.split_head])] if use_exits else []
+        return warm_up(self.model, self.ranges(use_exits), heads)
 
     def new_sequence(self) -> SequenceState:
         return SequenceState(kv=self.model.new_kv(0, self.depth))
