@@ -70,11 +70,12 @@ test: setup proto redis
 # they were collected (stop 21); SD_EXTEND= skips every extension.
 # gemma3's: 928 prompts, then 928 more through `extend` (58 parts of 16): 10.5 min of
 # collection on the 2-core Intel host. qwen05's: 928 prompts, then the rest of the
-# 4,000-prompt pool (3,070, the last part short) through `extend`: 584k rows, 23 min for
-# the extension on the 2-core Intel host (the base took 21 min beside other work).
+# 7,200-prompt pool (TRAIN_POOL, in tandem.data.instructions) through `extend`: 196 parts
+# of 32, the last short. The first 96 (584k rows with the base) took 23 min on the 2-core
+# Intel host (the base took 21 min beside other work); the other 100: see exits.md.
 SD_PROMPTS ?= gemma3=928 qwen05=928 qwen15=576
 # model=BATCHxPARTS: new prompts through `extend`, PARTS batches of BATCH prompts each.
-SD_EXTEND ?= qwen15=32x18 gemma3=16x58 qwen05=32x96
+SD_EXTEND ?= qwen15=32x18 gemma3=16x58 qwen05=32x196
 calibrate: setup
 	$(PY) -m tandem.calibration --models smollm2 --out artifacts/exits --report docs/bench
 	for mp in $(SD_PROMPTS); do \
@@ -87,10 +88,13 @@ calibrate: setup
 	    --batch $${bp%%x*} --max-batches $${bp#*x} --threads 2 || exit 1; \
 	done
 	$(PY) -m tandem.calibration.sd_heads --models gemma3,qwen05,qwen15
+	# qwen05's served exit, L18: rank 512 and a 8,192-token shortlist (L6, L12 stay rank 128)
+	$(PY) -m tandem.calibration.sd_heads --models qwen05 --layers 18 --rank 512 \
+	  --shortlist 8192 --replace
 	$(PY) -m tandem.calibration.freerun --model gemma3 --prompts 10 --taus 0.9,0.95
 	$(PY) -m tandem.calibration.freerun --model gemma3 --prompts 10 --taus 0.9,0.95 --heads 14
 	$(PY) -m tandem.calibration.freerun --model qwen05 --prompts 10 --taus 0.9,0.95
-	$(PY) -m tandem.calibration.freerun --model qwen05 --prompts 10 --taus 0.9,0.95 --heads 18
+	$(PY) -m tandem.calibration.freerun --model qwen05 --prompts 10 --taus 0.85,0.9,0.95 --heads 18
 	$(PY) -m tandem.calibration.freerun --model qwen15 --prompts 6 --max-new 32
 	$(PY) -m tandem.calibration.freerun --model qwen15 --split 14 --prompts 6 --max-new 32
 	$(PY) -m tandem.calibration.report_sd

@@ -99,13 +99,13 @@ def _atomic_save(obj_save, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tandem.data.instructions import load_instructions
+    from tandem.data.instructions import TRAIN_POOL, load_instructions
     from tandem.runtime.engine_api import ChatMessage
 
     p = argparse.ArgumentParser(prog="python -m tandem.calibration.extend")
     p.add_argument("--model", required=True)
     p.add_argument("--base", required=True, help="the existing <model>.train.pt")
-    p.add_argument("--pool", type=int, default=4000, help="prompts in the list drawn from")
+    p.add_argument("--pool", type=int, default=TRAIN_POOL, help="prompts in the list drawn from")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--max-batches", type=int, help="stop after this many new parts")
     p.add_argument("--threads", type=int, default=1)

@@ -3,10 +3,10 @@ greedy on held-out instruction prompts, with exits at several tau against full d
 
 Per tau: tokens/s of single-sequence decoding (tandem.runtime.generate, the same
 quantization at every tau, tau 1.0 = full depth = the baseline, measured in the same
-process), the fraction of tokens that exited (per exit layer), and their agreement with
-full depth: each generated sequence is teacher-forced once through the full model and an
-exited token agrees when it equals the full-depth argmax at its own prefix. Also the
-fraction of answers identical to full-depth greedy.
+process, each prompt at every tau in turn), the fraction of tokens that exited (per exit
+layer), and their agreement with full depth: each generated sequence is teacher-forced
+once through the full model and an exited token agrees when it equals the full-depth
+argmax at its own prefix. Also the fraction of answers identical to full-depth greedy.
 
 `--split L` keeps only the heads at layers <= L: a token that no such head passes goes to
 full depth, which is what the cloud answers in CE-CoLLM (the deferred KV makes the two
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from tandem.data.instructions import load_instructions
+from tandem.data.instructions import TRAIN_POOL, load_instructions
 from tandem.machine import cpu_name
 from tandem.models.loader import LoadOptions, load_model
 from tandem.models.registry import ModelRegistry
@@ -59,8 +59,8 @@ def head_cost_ms(
     reps: int = 200,
 ) -> dict[str, float]:
     """ms per token of each head (one bf16 row, this process's thread count), called as
-    `call(head, h)` does (e.g. `ExitDecoder.call_head`: compiled where the model decodes
-    compiled), else eager."""
+    `call(head, h)` does (e.g. `ExitDecoder.judge`: the head and the exit rule, compiled
+    where the model decodes compiled), else the head alone, eager."""
     out = {}
     h = torch.randn(1, hidden_size, dtype=torch.bfloat16)
     call = call or (lambda head, x: head(x))
@@ -90,28 +90,33 @@ def run(args: argparse.Namespace) -> dict:
         lm.model.compiled.compile_heads = not args.eager_heads
         took = dec.warm_up(use_exits=True)
         print(f"[freerun {args.model}] compiled in {took:.0f} s", file=sys.stderr, flush=True)
-    cost = head_cost_ms(heads, lm.model.cfg.hidden_size, dec.call_head)
+    cost = head_cost_ms(heads, lm.model.cfg.hidden_size, lambda hd, x: dec.judge(hd, x, 0.9))
     print(f"[freerun {args.model}] head ms/token {cost}", file=sys.stderr, flush=True)
     train = frozenset(x.prompt for x in load_instructions("train", args.train_prompts))
     ins = load_instructions("heldout", args.prompts, args.seed, exclude=train)
     prompts = [lm.codec.encode_chat([ChatMessage(role="user", content=x.prompt)]) for x in ins]
     params = SamplingParams(max_tokens=args.max_new, temperature=0.0)
     generate(dec, prompts[0][:16], SamplingParams(max_tokens=4, temperature=0.0))  # warm-up
-    full: list[tuple[int, ...]] = []
-    rows = []
-    for tau in [1.0, *args.taus] if args.taus else []:
-        n_tok, n_exit, n_agree, same, secs, prefill_s = 0, 0, 0, 0, 0.0, 0.0
-        per_layer: dict[int, int] = {}
-        for i, p in enumerate(prompts):
+    taus = [1.0, *args.taus] if args.taus else []
+    # Each prompt runs at every tau, in an order rotated per prompt, so the host's drift
+    # (its speed moves by several percent within minutes) weighs on every tau alike.
+    gens: dict[float, list] = {tau: [None] * len(prompts) for tau in taus}
+    secs = dict.fromkeys(taus, 0.0)
+    for i, p in enumerate(prompts):
+        for k in range(len(taus)):
+            tau = taus[(i + k) % len(taus)]
             t = time.perf_counter()
-            g = generate(dec, p, params, tau, lm.codec.eos_ids)
-            secs += time.perf_counter() - t
-            prefill_s += g.prefill_s
+            gens[tau][i] = generate(dec, p, params, tau, lm.codec.eos_ids)
+            secs[tau] += time.perf_counter() - t
+    rows = []
+    for tau in taus:
+        n_tok, n_exit, n_agree, same = 0, 0, 0, 0
+        per_layer: dict[int, int] = {}
+        for i, (p, g) in enumerate(zip(prompts, gens[tau], strict=True)):
             n_tok += len(g.token_ids)
             if tau == 1.0:
-                full.append(g.token_ids)
                 continue
-            same += g.token_ids == full[i]
+            same += g.token_ids == gens[1.0][i].token_ids
             exited = [j for j, e in enumerate(g.exit_layers) if e < lm.model.cfg.n_layers]
             if exited:
                 ref = full_depth_argmax(lm.model, p, list(g.token_ids))
@@ -119,12 +124,13 @@ def run(args: argparse.Namespace) -> dict:
             n_exit += len(exited)
             for j in exited:
                 per_layer[g.exit_layers[j]] = per_layer.get(g.exit_layers[j], 0) + 1
+        prefill_s = sum(g.prefill_s for g in gens[tau])
         row = {
             "tau": tau,
             "tokens": n_tok,
-            "tok_per_s": round(n_tok / secs, 2),
+            "tok_per_s": round(n_tok / secs[tau], 2),
             # decode steps only: each prompt's first token comes from its prefill
-            "decode_tok_per_s": round((n_tok - len(prompts)) / (secs - prefill_s), 2),
+            "decode_tok_per_s": round((n_tok - len(prompts)) / (secs[tau] - prefill_s), 2),
             "exited": round(n_exit / n_tok, 4) if tau < 1.0 else 0.0,
             "exited_agreement": round(n_agree / n_exit, 4) if n_exit else None,
             "by_layer": {str(k): round(v / n_tok, 4) for k, v in sorted(per_layer.items())},
@@ -178,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--taus", default="0.8,0.9,0.95")
     p.add_argument("--prompts", type=int, default=12)
     p.add_argument("--max-new", type=int, default=48)
-    p.add_argument("--train-prompts", type=int, default=4000)
+    p.add_argument("--train-prompts", type=int, default=TRAIN_POOL)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--report", default="docs/bench/exits_sd.json")

@@ -116,6 +116,25 @@ def evaluate(heads: list[ExitHead], feats: Features, split: int | None) -> dict:
     return out
 
 
+def with_kept_heads(
+    path: Path, heads: list[ExitHead], meta: dict, model: DecoderModel
+) -> list[ExitHead]:
+    """`heads` (bf16) and the heads of the artifact at `path` at other layers, by layer;
+    `meta` (the new artifact's) gets their configs and data size and every exit layer."""
+    cfg = model.cfg
+    old, old_meta = load_heads(
+        path, model.lm_head.weight, cfg.rms_eps, cfg.norm_unit_offset, torch.float32
+    )
+    layers = {h.cfg.layer for h in heads}
+    kept = [h.to(torch.bfloat16) for h in old if h.cfg.layer not in layers]
+    meta["kept_heads"] = [
+        {**vars(h.cfg), "rows": old_meta.get("rows"), "base_prompts": old_meta.get("base_prompts")}
+        for h in kept
+    ]
+    meta["exit_layers"] = sorted([*layers, *(h.cfg.layer for h in kept)])
+    return sorted([*heads, *kept], key=lambda h: h.cfg.layer)
+
+
 def run(model_id: str, args: argparse.Namespace) -> dict:
     log = f"[sd_heads {model_id}]"
     spec = ModelRegistry().get(model_id)
@@ -187,7 +206,10 @@ def run(model_id: str, args: argparse.Namespace) -> dict:
         "train_config": tcfg.to_dict(),
     }
     out = Path(args.out) / f"{model_id}.pt"
-    save_heads([copy.deepcopy(h).to(torch.bfloat16) for h in heads], out, meta)
+    saved = [copy.deepcopy(h).to(torch.bfloat16) for h in heads]
+    if args.replace and out.exists():
+        saved = with_kept_heads(out, saved, meta, model)
+    save_heads(saved, out, meta)
     size = out.stat().st_size
     print(f"{log} wrote {out} ({size / 1e6:.2f} MB) in {train_s:.0f} s", file=sys.stderr)
     entry = {
@@ -212,6 +234,7 @@ def run(model_id: str, args: argparse.Namespace) -> dict:
     served, _ = load_heads(
         out, model.lm_head.weight, cfg.rms_eps, cfg.norm_unit_offset, torch.bfloat16
     )
+    served = [h for h in served if h.cfg.layer in feats.layers]  # the heads trained here
     for h in served:  # as the loader serves them
         quantize_model(h, spec.default_quant, skip=("other", "down", "up"))
     entry["head_ms"] = head_cost_ms(served, cfg.hidden_size)
@@ -251,6 +274,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--layers", help="train only these exits, e.g. 14 (default: all)")
+    p.add_argument(
+        "--replace",
+        action="store_true",
+        help="with --layers: replace those heads in the existing artifact, keep its others",
+    )
     p.add_argument(
         "--max-parts", type=int, help="use at most this many extension parts (default: all)"
     )

@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     import json
     from pathlib import Path
 
-    from tandem.data.instructions import load_instructions
+    from tandem.data.instructions import TRAIN_POOL, load_instructions
     from tandem.runtime.engine_api import ChatMessage
 
     p = argparse.ArgumentParser(prog="python -m tandem.calibration.selfdistill")
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split", default="train", choices=["train", "heldout"])
-    p.add_argument("--train-prompts", type=int, default=4000, help="excluded from heldout")
+    p.add_argument("--train-prompts", type=int, default=TRAIN_POOL, help="excluded from heldout")
     p.add_argument("--out", default=".cache/exits")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -84,6 +84,12 @@ def instruction_of(sample: TextSample, max_chars: int = 400) -> Instruction:
     return Instruction("stdlib", i, _CODE_TASKS[i].format(text=text))
 
 
+# The training prompts: self-distillation draws its prompts from the first ones of
+# load_instructions("train", TRAIN_POOL) (a prefix of a longer list, so the pool can grow),
+# and evaluation on the heldout split excludes all of them.
+TRAIN_POOL = 7200
+
+
 def load_instructions(
     split: Split, n: int, seed: int = 0, max_chars: int = 400, exclude: frozenset[str] = frozenset()
 ) -> list[Instruction]:

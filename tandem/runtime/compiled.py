@@ -38,6 +38,7 @@ tests/runtime/test_compiled.py checks the equality on real models.
 
 from __future__ import annotations
 
+import functools
 import time
 import types
 from collections.abc import Callable, Sequence
@@ -51,8 +52,12 @@ from tandem.runtime.kernels import attention as attention_kernel
 from tandem.runtime.kv_slots import SlotKV, SlotPool
 
 if TYPE_CHECKING:
-    from tandem.runtime.exit_head import ExitHead
+    from tandem.runtime.decoder import ExitRule
+    from tandem.runtime.exit_head import ExitDecision, ExitHead
     from tandem.runtime.model import DecoderModel, Segment
+
+# A head and its exit rule as the decoder calls them: (rows, tau) -> (logits, verdict).
+HeadCall = Callable[[torch.Tensor, float], "tuple[torch.Tensor, ExitDecision]"]
 
 # One graph per layer range and model: dynamo's default of 8 entries per code object is
 # too few once several models (tests) or several exits exist.
@@ -164,7 +169,7 @@ class CompiledDecode:
             cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, model.dtype, slots, model.max_context
         )
         self._graphs: dict[tuple[int, int], nn.Module] = {}
-        self._heads: dict[ExitHead, nn.Module] = {}  # see head()
+        self._heads: dict[tuple[ExitHead, ExitRule], _CompiledHead] = {}  # see head()
         self.compile_heads = True  # False: exit heads run eager (an A/B switch for benches)
         self._guarded: set[tuple[int, int]] = set()  # ranges whose dynamic graph ran
         # Per range: dynamo's compiled code for its dynamic graph, called without dynamo.
@@ -173,10 +178,13 @@ class CompiledDecode:
     def new_kv(self, first_layer: int, last_layer: int) -> SlotKV | None:
         return self.pool.acquire(first_layer, last_layer)
 
-    def head(self, head: ExitHead) -> Callable[[torch.Tensor], torch.Tensor]:
+    def head(self, head: ExitHead, rule: ExitRule) -> HeadCall:
         """An exit head's forward (adapter, shortlist projection, consistency classifier and
-        the closed-form top-probability rewrite: ~70 small ops eager) as one inductor graph,
-        dynamic in the row count (one row is a graph of its own), made on first use.
+        the closed-form top-probability rewrite: ~70 small ops eager) and the exit `rule`
+        on its logits (`decide`: a softmax, a max and a comparison, ~0.25 ms a token as
+        eager ops between two graphs) as one inductor graph, dynamic in the row count (one
+        row is a graph of its own), made on first use; tau is a tensor input, so every tau
+        runs the same graph. The call returns the head's logits and the rule's verdict.
 
         The projection is Tandem's int4/int8 matmul kernel, as in eager, and inductor keeps
         eager's bf16 roundings, so the top token (the exited token) is eager's; the fp32
@@ -184,12 +192,12 @@ class CompiledDecode:
         inductor's order, so the exit probability can differ from eager's in the last bits
         (~1e-6), and a row whose confidence lies that close to tau may exit on one path and
         not the other. (Eager heads are no steadier: their fp32 adapter matmuls round
-        differently for different row counts.)"""
+        differently for different row counts.) The rule must be traceable (`decide` is)."""
         if not self.compile_heads:
-            return head
-        graph = self._heads.get(head)
+            return functools.partial(judge_eager, head, rule)
+        graph = self._heads.get((head, rule))
         if graph is None:
-            graph = self._heads[head] = torch.compile(head, dynamic=True, options=self.options)
+            graph = self._heads[head, rule] = _CompiledHead(head, rule, self.options)
         return graph
 
     def takes(self, segment: Segment, start: int, end: int) -> bool:
@@ -230,8 +238,12 @@ class CompiledDecode:
         on the rows beside it (tests/runtime/test_compiled.py), and two rows measured no
         slower than the one-row graph (smollm2 int4, interleaved on a quiet host: 7.3
         against 7.2 ms per step)."""
-        slot = torch.tensor([s.kv.slot for s in segments for _ in range(s.count)])
-        pos = torch.cat([torch.arange(s.start_pos, s.start_pos + s.count) for s in segments])
+        slots = [s.kv.slot for s in segments for _ in range(s.count)]
+        positions = [p for s in segments for p in range(s.start_pos, s.start_pos + s.count)]
+        if len(slots) == 1:
+            h, slots, positions = torch.cat([h, h]), slots * 2, positions * 2
+        # two small tensors made from lists: each eager op here costs ~5-20 us a step
+        slot, pos = torch.tensor(slots), torch.tensor(positions)
         length = max(s.start_pos + s.count for s in segments)
         graph = self._graphs.get((start, end))
         if graph is None:
@@ -239,8 +251,6 @@ class CompiledDecode:
             graph = self._graphs[start, end] = torch.compile(
                 module, dynamic=True, options=self.options
             )
-        if h.shape[0] == 1:
-            h, slot, pos = h.repeat(2, 1), slot.repeat(2), pos.repeat(2)
         # Once this range's dynamic graph exists, its guards (~50 us per layer: every weight
         # tensor) are not evaluated again: the inputs differ only in sizes the graph is
         # dynamic in. The guards on those sizes (TORCH_LOGS=guards) are rows >= 2 (always,
@@ -256,7 +266,7 @@ class CompiledDecode:
                 out = graph(h, slot, pos, length)
             if dynamic and not warm:
                 self._guarded.add(key)
-                entry = _direct_entry(graph._orig_mod, h, slot, pos, length)
+                entry = _direct_entry(graph._orig_mod, h=h, slot=slot, pos=pos, length=length)
                 if entry is not None:
                     self._direct[key] = entry
         out = out[: sum(s.count for s in segments)]
@@ -267,19 +277,17 @@ class CompiledDecode:
         return out
 
 
-def _direct_entry(
-    module: nn.Module, h: torch.Tensor, slot: torch.Tensor, pos: torch.Tensor, length: int
-) -> Callable[..., torch.Tensor] | None:
-    """The code dynamo runs for `module.forward(h, slot, pos, length)` (the cache entry
-    whose guards these inputs pass, evaluated here once) as a plain function of
-    (module, h, slot, pos, length): calling it skips dynamo's frame hook, cache lookup and
-    guards. Only for inputs that differ from these in the sizes the graph is dynamic in,
-    under inference mode (a guard of the entry); inductor still checks each input's
-    sizes and strides against the graph's. None where dynamo's cache cannot be read."""
+def _direct_entry(module: nn.Module, **inputs: object) -> Callable[..., torch.Tensor] | None:
+    """The code dynamo runs for `module.forward(**inputs)` (the cache entry whose guards
+    these inputs pass, evaluated here once) as a plain function of (module, *inputs):
+    calling it skips dynamo's frame hook, cache lookup and guards. Only for inputs that
+    differ from these in the sizes the graph is dynamic in, under inference mode (a guard
+    of the entry); inductor still checks each input's sizes and strides against the
+    graph's. None where dynamo's cache cannot be read."""
     if _debug_get_cache_entry_list is None or not torch.is_inference_mode_enabled():
         return None
     forward = type(module).forward
-    frame = {"self": module, "h": h, "slot": slot, "pos": pos, "length": length}
+    frame = {"self": module, **inputs}
     for entry in _debug_get_cache_entry_list(forward.__code__):
         if entry.guard_manager.check(frame):
             # The entry's code calls the compiled graph by a name dynamo put in the
@@ -288,12 +296,66 @@ def _direct_entry(
     return None
 
 
+def judge_eager(
+    head: ExitHead, rule: ExitRule, h: torch.Tensor, tau: float
+) -> tuple[torch.Tensor, ExitDecision]:
+    """The head's logits for rows `h` and `rule`'s verdict on them, eager."""
+    logits = head(h)
+    return logits, rule(logits, head.shortlist, tau)
+
+
+class _HeadVerdict(nn.Module):
+    """An exit head and its exit rule, the module compiled (`CompiledDecode.head`)."""
+
+    def __init__(self, head: ExitHead, rule: ExitRule) -> None:
+        super().__init__()
+        self.head = head
+        self.rule = rule
+
+    def forward(self, h: torch.Tensor, tau: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logits = self.head(h)
+        d = self.rule(logits, self.head.shortlist, tau)
+        return logits, d.confident, d.token, d.prob
+
+
+class _CompiledHead:
+    """An exit head and its rule compiled (`CompiledDecode.head`), called as `(h, tau)`.
+    Its graphs are dynamic in the row count, except one row (dynamo specialises a size of
+    1): once the graph for a kind of input (one row or several, its dtype and rank) has
+    run, later calls under inference mode go straight to the code dynamo compiled for it,
+    without dynamo's frame hook and guards (`_direct_entry`, as `CompiledDecode.run`)."""
+
+    def __init__(self, head: ExitHead, rule: ExitRule, options: dict) -> None:
+        from tandem.runtime.exit_head import ExitDecision  # (exit_head imports model)
+
+        self._decision = ExitDecision
+        self.graph = torch.compile(_HeadVerdict(head, rule), dynamic=True, options=options)
+        self._direct: dict[tuple[bool, torch.dtype, int], Callable[..., tuple]] = {}
+
+    def __call__(self, h: torch.Tensor, tau: float) -> tuple[torch.Tensor, ExitDecision]:
+        t = torch.tensor(tau, dtype=torch.float32)
+        key = (h.shape[0] == 1, h.dtype, h.dim())
+        direct = self._direct.get(key)
+        if direct is not None and torch.is_inference_mode_enabled():
+            out = direct(self.graph._orig_mod, h, t)
+        else:
+            out = self.graph(h, t)
+            entry = _direct_entry(self.graph._orig_mod, h=h, tau=t)
+            if entry is not None:
+                self._direct[key] = entry
+        logits, confident, token, prob = out
+        return logits, self._decision(confident, token, prob)
+
+
 def warm_up(
-    model: DecoderModel, ranges: list[tuple[int, int]], heads: Sequence[ExitHead] = ()
+    model: DecoderModel,
+    ranges: list[tuple[int, int]],
+    heads: Sequence[ExitHead] = (),
+    rule: ExitRule | None = None,
 ) -> float:
     """Compile the decode graphs of `ranges` (one row and several rows) before the first
-    request, on a throwaway slot, and the graphs of the exit `heads` the decoder calls;
-    returns the seconds it took."""
+    request, on a throwaway slot, and the graphs of the exit `heads` with their `rule`
+    that the decoder calls; returns the seconds it took."""
     t = time.perf_counter()
     with torch.inference_mode():
         for a, b in ranges:
@@ -303,10 +365,11 @@ def warm_up(
                 model.run_rows([(kv, kv.length(a), h)], a, b)
             if isinstance(kv, SlotKV):
                 kv.release()
-        if model.compiled is not None:
+        if model.compiled is not None and rule is not None:
             for head in heads:
                 for rows in (3, 1):
-                    model.compiled.head(head)(model.embed(torch.zeros(rows, dtype=torch.long)))
+                    h = model.embed(torch.zeros(rows, dtype=torch.long))
+                    model.compiled.head(head, rule)(h, 0.5)
     return time.perf_counter() - t
 
 
@@ -356,9 +419,9 @@ class CudaGraphDecode(CompiledDecode):
         self._captured: dict[tuple[int, int, int, int], _Captured] = {}
         self._mempool = None  # one pool for every graph, made at the first capture
 
-    def head(self, head: ExitHead) -> Callable[[torch.Tensor], torch.Tensor]:
+    def head(self, head: ExitHead, rule: ExitRule) -> HeadCall:
         """Exit heads stay eager on CUDA (not captured)."""
-        return head
+        return functools.partial(judge_eager, head, rule)
 
     def _module(self, start: int, end: int) -> nn.Module:
         module = self._graphs.get((start, end))

@@ -125,10 +125,13 @@ class ExitDecoder:
 
     def warm_up(self, use_exits: bool) -> float:
         """On a compiled model, compile before the first request what `decode` will call:
-        the layer ranges and, with exits on, the exit heads (the split head included);
+        the layer ranges and, with exits on, the exit heads with their rule (the split
+        head included);
         returns the seconds it took."""
         heads = [*self.heads, *filter(None, [self.split_head])] if use_exits else []
-        return warm_up(self.model, self.ranges(use_exits), heads)
+        # the heads compile with `decide` only (`judge`): other rules run them eager
+        rule = decide if self.exit_rule is decide else None
+        return warm_up(self.model, self.ranges(use_exits), heads, rule)
 
     def new_sequence(self) -> SequenceState:
         return SequenceState(kv=self.model.new_kv(0, self.depth))
@@ -192,8 +195,7 @@ class ExitDecoder:
                 continue
             head = self.heads[head_idx]
             last = torch.cat([rows[i][1][-1:] for i in candidates])
-            head_logits = self.call_head(head, last)
-            verdict = self.exit_rule(head_logits, head.shortlist, tau)
+            head_logits, verdict = self.judge(head, last, tau)
             for j, i in enumerate(candidates):
                 if bool(verdict.confident[j]):
                     start, hi = rows.pop(i)
@@ -215,11 +217,17 @@ class ExitDecoder:
             s.length += 1
         return [results[i] for i in range(len(seqs))]
 
-    def call_head(self, head: ExitHead, last: torch.Tensor) -> torch.Tensor:
-        """The head's logits for rows `last`: its compiled graph where the model decodes
-        compiled (tandem.runtime.compiled.CompiledDecode.head), else eager."""
+    def judge(
+        self, head: ExitHead, last: torch.Tensor, tau: float
+    ) -> tuple[torch.Tensor, ExitDecision]:
+        """The head's logits for rows `last` and the exit rule's verdict on them: one
+        compiled graph where the model decodes compiled and the rule is `decide`
+        (tandem.runtime.compiled.CompiledDecode.head), else eager."""
         compiled = self.model.compiled
-        return head(last) if compiled is None else compiled.head(head)(last)
+        if compiled is not None and self.exit_rule is decide:
+            return compiled.head(head, decide)(last, tau)
+        logits = head(last)
+        return logits, self.exit_rule(logits, head.shortlist, tau)
 
     def _run(
         self,
@@ -239,8 +247,8 @@ class ExitDecoder:
         lens's) verdict on each last row, plus the states to upload."""
         last = torch.cat([h[-1:] for _, h in rows])
         if self.split_head is not None:
-            logits, shortlist = self.call_head(self.split_head, last), self.split_head.shortlist
-            confident = self.exit_rule(logits, shortlist, tau).confident
+            logits, verdict = self.judge(self.split_head, last, tau)
+            shortlist, confident = self.split_head.shortlist, verdict.confident
             logits = logits[:, :-1]
         else:
             logits, shortlist = self.model.logits(last).float(), None

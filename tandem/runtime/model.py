@@ -40,6 +40,13 @@ class Segment:
     start_pos: int
 
 
+def _positions(segments: list[Segment], device: torch.device) -> torch.Tensor:
+    """Each row's position, segment after segment."""
+    return torch.cat(
+        [torch.arange(s.start_pos, s.start_pos + s.count, device=device) for s in segments]
+    )
+
+
 def _gather(h: torch.Tensor, segments: list[Segment]) -> tuple[torch.Tensor, list[Segment]]:
     """The rows of `segments` out of the flat batch `h`, and the segments renumbered to
     those rows."""
@@ -301,13 +308,16 @@ class DecoderModel(nn.Module):
     def run_layers(
         self,
         h: torch.Tensor,
-        positions: torch.Tensor,
+        positions: torch.Tensor | None,
         segments: list[Segment],
         start: int,
         end: int,
     ) -> torch.Tensor:
+        """Layers [start, end) for rows `h` of `segments` at `positions` (None: the
+        segments' own, made only where the eager layers need them)."""
         compiled = self.compiled
         if compiled is None or end <= start:
+            positions = _positions(segments, h.device) if positions is None else positions
             return self._eager_layers(h, positions, segments, start, end)
         fast, slow = [], []
         for s in segments:
@@ -321,7 +331,10 @@ class DecoderModel(nn.Module):
             _scatter(out, compiled.run(start, end, rows, group), group)
         if slow:
             rows, rebased = _gather(h, slow)
-            pos = torch.cat([positions[s.start : s.start + s.count] for s in slow])
+            if positions is None:
+                pos = _positions(slow, h.device)
+            else:
+                pos = torch.cat([positions[s.start : s.start + s.count] for s in slow])
             _scatter(out, self._eager_layers(rows, pos, rebased, start, end), slow)
         return out
 
@@ -344,15 +357,12 @@ class DecoderModel(nn.Module):
         """Layers [start, end) for several sequences' rows in one batch: each item is
         (its KV, the position of its first row, rows [n, d]) and continues that KV at every
         layer. Returns each sequence's output rows."""
-        segments, positions, off = [], [], 0
+        segments, off = [], 0
         for kv, start_pos, h in rows:
-            n = h.shape[0]
-            segments.append(Segment(kv, off, n, start_pos))
-            positions.append(torch.arange(start_pos, start_pos + n, device=h.device))
-            off += n
-        out = self.run_layers(
-            torch.cat([h for _, _, h in rows]), torch.cat(positions), segments, start, end
-        )
+            segments.append(Segment(kv, off, h.shape[0], start_pos))
+            off += h.shape[0]
+        h = rows[0][2] if len(rows) == 1 else torch.cat([h for _, _, h in rows])
+        out = self.run_layers(h, None, segments, start, end)
         return [out[seg.start : seg.start + seg.count] for seg in segments]
 
     def run_sequence(

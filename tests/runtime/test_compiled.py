@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tandem.runtime.decoder import ExitDecoder
-from tandem.runtime.exit_head import ExitHead, ExitHeadConfig
+from tandem.runtime.exit_head import ExitHead, ExitHeadConfig, decide
 from tandem.runtime.kernels.int8 import Int8KernelLinear
 from tandem.runtime.kv_cache import SequenceKV
 from tandem.runtime.kv_slots import SlotKV, SlotPool
@@ -101,11 +101,26 @@ def test_compiled_exit_heads_follow_eager():
     h = torch.randn(3, fast.cfg.hidden_size, generator=torch.Generator().manual_seed(5))
     with torch.inference_mode():
         for head in heads:
-            want, got = head(h), dec.call_head(head, h)
+            want = head(h)
+            got, verdict = dec.judge(head, h, 0.5)
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
             assert torch.equal(got.argmax(-1), want.argmax(-1))
-            alone = torch.cat([dec.call_head(head, h[i : i + 1]) for i in range(3)])
+            ref_verdict = decide(want, head.shortlist, 0.5)
+            assert torch.equal(verdict.token, ref_verdict.token)
+            torch.testing.assert_close(verdict.prob, ref_verdict.prob, atol=1e-5, rtol=1e-5)
+            alone = torch.cat([dec.judge(head, h[i : i + 1], 0.5)[0] for i in range(3)])
             torch.testing.assert_close(alone, want, atol=1e-5, rtol=1e-5)
+            # After the first call of each kind, calls skip dynamo (the code it compiled,
+            # called directly): the same bits as through dynamo, at a row count and a tau
+            # not seen (tau is an input of the graph, not a constant of it).
+            compiled = fast.compiled.head(head, decide)
+            assert len(compiled._direct) == 2
+            h5 = torch.randn(5, fast.cfg.hidden_size, generator=torch.Generator().manual_seed(6))
+            direct, through = dec.judge(head, h5, 0.37), compiled.graph(h5, torch.tensor(0.37))
+            assert torch.equal(direct[0], through[0])
+            assert torch.equal(direct[1].confident, through[1])
+            eager_verdict = decide(direct[0], head.shortlist, 0.37)
+            assert torch.equal(direct[1].confident, eager_verdict.confident)
     assert len(fast.compiled._heads) == len(layers)
     prompt, tokens = _ids(4, 7), _ids(10, 8)
     s, r = dec.new_sequence(), ref.new_sequence()
