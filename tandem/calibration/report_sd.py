@@ -74,7 +74,13 @@ def render_sd(models: dict) -> list[str]:
         lines += [
             f"`{m['upstream']}`; exits after layers {', '.join(map(str, layers))}; "
             f"shortlist K = {m['shortlist_size']} (+ other), adapter rank {m['rank']}, "
-            f"artifact `{m['artifact']['path']}` ({m['artifact']['bytes'] / 1e6:.2f} MB).",
+            f"artifact `{m['artifact']['path']}` ({m['artifact']['bytes'] / 1e6:.2f} MB)"
+            + "".join(
+                f"; it also keeps the L{k['layer']} head of an earlier run (rank {k['rank']}, "
+                f"K = {k['shortlist_size']}, {k['rows']} rows)"
+                for k in m.get("kept_heads", [])
+            )
+            + ".",
             f"Trained on {tr['rows']} rows ({tr['answer_rows']} answer tokens) from "
             f"{tr['prompts']} prompts; shortlist covers {_pct(tr['coverage_train'])} of the "
             f"final greedy tokens; training took {tr['train_s']:.0f} s on this machine.",

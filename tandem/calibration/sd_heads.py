@@ -230,6 +230,7 @@ def run(model_id: str, args: argparse.Namespace) -> dict:
         },
         "shortlist_size": int(shortlist.shape[0]),
         "rank": rank,
+        "kept_heads": meta.get("kept_heads", []),  # heads of the artifact not trained here
     }
     served, _ = load_heads(
         out, model.lm_head.weight, cfg.rms_eps, cfg.norm_unit_offset, torch.bfloat16
