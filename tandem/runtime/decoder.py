@@ -126,8 +126,7 @@ class ExitDecoder:
     def warm_up(self, use_exits: bool) -> float:
         """On a compiled model, compile before the first request what `decode` will call:
         the layer ranges and, with exits on, the exit heads with their rule (the split
-        head included);
-        returns the seconds it took."""
+        head included); returns the seconds it took."""
         heads = [*self.heads, *filter(None, [self.split_head])] if use_exits else []
         # the heads compile with `decide` only (`judge`): other rules run them eager
         rule = decide if self.exit_rule is decide else None
