@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tandem.runtime.compiled import warm_up
+from tandem.runtime.compiled import judge_eager, warm_up
 from tandem.runtime.exit_head import ExitDecision, ExitHead, decide
 from tandem.runtime.kv_cache import SequenceKV
 from tandem.runtime.model import DecoderModel
@@ -225,8 +225,7 @@ class ExitDecoder:
         compiled = self.model.compiled
         if compiled is not None and self.exit_rule is decide:
             return compiled.head(head, decide)(last, tau)
-        logits = head(last)
-        return logits, self.exit_rule(logits, head.shortlist, tau)
+        return judge_eager(head, self.exit_rule, last, tau)
 
     def _run(
         self,

@@ -331,10 +331,8 @@ class DecoderModel(nn.Module):
             _scatter(out, compiled.run(start, end, rows, group), group)
         if slow:
             rows, rebased = _gather(h, slow)
-            if positions is None:
-                pos = _positions(slow, h.device)
-            else:
-                pos = torch.cat([positions[s.start : s.start + s.count] for s in slow])
+            positions = _positions(segments, h.device) if positions is None else positions
+            pos = torch.cat([positions[s.start : s.start + s.count] for s in slow])
             _scatter(out, self._eager_layers(rows, pos, rebased, start, end), slow)
         return out
 
